@@ -1,0 +1,34 @@
+# llava-twist: `make demo` runs the main job, `make test` runs every test. Both install what they need.
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LLAVA := llava-torch==1.2.2.post1
+# Re-install when the install files change.
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,dev]"
+	$(PIP) install -q --no-deps $(LLAVA)
+	$(PY) -c "import llava_twist.model, scout_data, deepspeed, peft" >/dev/null
+	rm -f $(VENV)/.installed-* && touch $@
+	@echo "installed into $(VENV)"
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+demo: install
+	$(PY) -m llava_twist.smoke
+
+lint: install
+	$(VENV)/bin/ruff check llava_twist scout_data scripts playground tests
+
+clean:
+	rm -rf $(VENV) playground/data/demo

@@ -1,0 +1,338 @@
+"""Build TWIST from LLaVA-1.5 checkpoints; save and load full checkpoints and grounding-only deltas.
+
+``load_pretrained_model`` has LLaVA's signature and return value ``(tokenizer, model, image_processor,
+context_len)`` and loads, by what the folder holds (not by its name):
+
+- a full TWIST checkpoint (``config.json`` with ``model_type: llava_twist``);
+- a grounding-only delta (``twist_delta.safetensors`` + config) onto ``model_base``, the LLaVA
+  checkpoint it was trained from (refused when shapes or the base fingerprint differ);
+- a plain LLaVA-1.5 checkpoint, converted on the fly (grounding experts = copies; the untrained router
+  sends every prompt down the frozen route).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
+from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM, is_twist_param
+
+DELTA_WEIGHTS = "twist_delta.safetensors"
+LLAVA_LLAMA_TYPE = "llava_llama"
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "mm_hidden_size",
+    "mm_projector_type",
+)
+VISION_TOWER_PREFIX = "model.vision_tower."
+
+
+def read_config_json(model_path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is {model_path} a LLaVA-1.5 checkpoint folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def check_llava_llama(config: dict[str, Any], where: str) -> None:
+    """Refuse a base that is not a LLaVA-1.5 Llama checkpoint (TWIST twins Llama decoder layers)."""
+    model_type = config.get("model_type")
+    if model_type not in (LLAVA_LLAMA_TYPE, TWIST_MODEL_TYPE):
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not a LLaVA-1.5 Llama checkpoint ('llava_llama'); "
+            "TWIST twins Llama decoder layers (MPT, Mistral and plain language models are not supported)"
+        )
+    if "mm_vision_tower" not in config:
+        raise ValueError(f"{where}: no mm_vision_tower in config.json; this is a language model, not LLaVA")
+
+
+def twist_config_for(model_path: str | os.PathLike, **twist_kwargs: Any) -> TwistConfig:
+    """TwistConfig for a LLaVA-1.5 checkpoint folder with the given ``twist_*`` settings."""
+    from llava.model.language_model.llava_llama import LlavaConfig
+
+    raw = read_config_json(model_path)
+    check_llava_llama(raw, str(Path(model_path) / "config.json"))
+    if raw["model_type"] == TWIST_MODEL_TYPE:
+        config = TwistConfig.from_pretrained(str(model_path))
+        for key, value in twist_kwargs.items():
+            setattr(config, key, value)
+        config.validate_twist()
+        return config
+    return TwistConfig.from_llava_config(LlavaConfig.from_pretrained(str(model_path)), **twist_kwargs)
+
+
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = 0) -> contextlib.AbstractContextManager:
+    """``deepspeed.zero.GatheredParameters`` under ZeRO-3, a no-op otherwise."""
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def own_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """A module's original (non-``twist_``) parameters."""
+    return {n: p for n, p in module.named_parameters() if not is_twist_param(n)}
+
+
+@torch.no_grad()
+def init_twist_from_frozen(model: TwistLlavaLlamaForCausalLM) -> None:
+    """Make every grounding expert an exact copy of its frozen expert and reset router and mixes.
+
+    Works on partitioned parameters under ZeRO-3 (gathered, modified on rank 0, re-partitioned).
+    """
+    inner = model.get_model()
+    for layer in inner.twin_decoder_layers():
+        for frozen, copy in layer.grounding_modules():
+            src, dst = own_params(frozen), dict(copy.named_parameters())
+            if set(src) != set(dst):
+                raise RuntimeError(f"layer {layer.layer_idx}: expert and copy differ: {sorted(set(src) ^ set(dst))}")
+            with gathered(list(src.values()) + list(dst.values())):
+                for name, param in dst.items():
+                    param.data.copy_(src[name].data)
+    new = [p for n, p in model.named_parameters() if is_twist_param(n) and ".twist_expert." not in f".{n}"]
+    with gathered(new):
+        inner.reset_twist_router_and_mix()
+
+
+def freeze_all_but_twist(model: nn.Module) -> tuple[int, int]:
+    """Only ``twist_`` parameters train. Returns (trainable, total) parameter counts."""
+    trainable = total = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_twist_param(name))
+        n = getattr(param, "ds_numel", param.numel())
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def base_named_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters a LLaVA-1.5 checkpoint holds (not TWIST's, not the separately loaded vision tower)."""
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not is_twist_param(name) and not name.startswith(VISION_TOWER_PREFIX):
+            yield name, param
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """A fingerprint of the base weights: names, shapes and a strided sample of every tensor, compared in
+    bfloat16 so the same checkpoint matches whether loaded in fp32, fp16 or bf16."""
+    digest = hashlib.sha256()
+    for name, param in base_named_params(model):
+        with gathered([param], modifier_rank=None):
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].to("cpu", torch.bfloat16).view(torch.int16)
+            digest.update(f"{name}:{tuple(param.shape)}:".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def twist_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The TWIST weights only (gathered under ZeRO-3), on CPU."""
+    state = {}
+    for name, param in model.named_parameters():
+        if is_twist_param(name):
+            with gathered([param], modifier_rank=None):
+                state[name] = param.detach().to("cpu").clone().contiguous()
+    return state
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_twist_delta(
+    model: TwistLlavaLlamaForCausalLM, out_dir: str | os.PathLike, fingerprint: str | None = None
+) -> Path:
+    """Write the grounding-only delta: ``twist_delta.safetensors`` (the ``twist_`` weights) + ``config.json``
+    holding the TWIST settings and the base fingerprint it applies onto."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = fingerprint or model.config.twist_base_fingerprint or base_fingerprint(model)
+    state = twist_state_dict(model)
+    config = TwistConfig.from_dict(model.config.to_dict())
+    config.twist_base_fingerprint = fingerprint
+    config.save_pretrained(str(out))
+    _atomic_save_file(state, out / DELTA_WEIGHTS, {"format": "pt", "twist_base_fingerprint": fingerprint})
+    return out
+
+
+def is_twist_delta(model_path: str | os.PathLike) -> bool:
+    return (Path(model_path) / DELTA_WEIGHTS).is_file()
+
+
+def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.PathLike, check_base: bool = True) -> None:
+    """Load a grounding delta into a TWIST model built on its base; refuse a base that does not match."""
+    path = Path(delta_dir) / DELTA_WEIGHTS
+    state = load_file(str(path))
+    expected = {n: p for n, p in model.named_parameters() if is_twist_param(n)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{n}: delta {tuple(t.shape)} vs model {tuple(expected[n].shape)}" for n, t in state.items()
+             if tuple(t.shape) != tuple(getattr(expected[n], "ds_shape", expected[n].shape))]
+    if wrong:
+        raise ValueError(f"{path}: shapes differ from the base: {wrong[:5]}")
+    recorded = model.config.twist_base_fingerprint
+    if check_base and recorded:
+        actual = base_fingerprint(model)
+        if actual != recorded:
+            raise ValueError(
+                f"{path}: this delta was trained on another base (fingerprint {recorded[:12]}..., "
+                f"this base {actual[:12]}...); pass the LLaVA checkpoint it was made from as model_base"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            param = expected[name]
+            with gathered([param]):
+                param.data.copy_(tensor.to(param.dtype))
+
+
+@contextlib.contextmanager
+def _quiet_missing_weight_warnings() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_twist_model(
+    model_path: str | os.PathLike, config: TwistConfig | None = None, **from_pretrained_kwargs: Any
+) -> TwistLlavaLlamaForCausalLM:
+    """``from_pretrained`` into TWIST with checks: every base weight must load; a plain LLaVA checkpoint
+    gets its grounding experts copied from the frozen ones; a TWIST checkpoint must hold every TWIST weight."""
+    raw = read_config_json(model_path)
+    check_llava_llama(raw, str(Path(model_path) / "config.json"))
+    config = config or twist_config_for(model_path)
+    with _quiet_missing_weight_warnings():
+        model, info = TwistLlavaLlamaForCausalLM.from_pretrained(
+            str(model_path), config=config, output_loading_info=True, **from_pretrained_kwargs
+        )
+    missing = info["missing_keys"]
+    missing_base = [k for k in missing if not is_twist_param(k) and not k.startswith(VISION_TOWER_PREFIX)]
+    if missing_base:
+        raise ValueError(f"{model_path}: checkpoint lacks base weights {missing_base[:5]} ({len(missing_base)} in all)")
+    missing_twist = [k for k in missing if is_twist_param(k)]
+    if raw["model_type"] == TWIST_MODEL_TYPE and missing_twist:
+        raise ValueError(f"{model_path}: TWIST checkpoint lacks TWIST weights {missing_twist[:5]}")
+    if raw["model_type"] == LLAVA_LLAMA_TYPE:
+        init_twist_from_frozen(model)
+        if config.twist_base_fingerprint is None:
+            model.config.twist_base_fingerprint = base_fingerprint(model)
+    return model
+
+
+def convert_llava_to_twist(
+    model_path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, **twist_kwargs: Any
+) -> TwistLlavaLlamaForCausalLM:
+    """A TWIST model from a LLaVA-1.5 checkpoint folder, each grounding expert a copy of its frozen expert."""
+    return load_twist_model(model_path, twist_config_for(model_path, **twist_kwargs), torch_dtype=torch_dtype)
+
+
+def save_twist_checkpoint(model: TwistLlavaLlamaForCausalLM, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """A full TWIST checkpoint (loadable by TWIST, and by plain LLaVA as the original model)."""
+    out = Path(out_dir)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict = "auto",
+    device: str = "cuda",
+    use_flash_attn: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, TwistLlavaLlamaForCausalLM, Any, int]:
+    """LLaVA's ``load_pretrained_model``, for TWIST checkpoints, deltas (with ``model_base``) and plain
+    LLaVA-1.5 checkpoints. Extra ``twist_*`` keyword arguments override the TWIST settings;
+    ``torch_dtype`` defaults to float16 on CUDA and float32 elsewhere."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+
+    twist_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("twist_")}
+    load_kwargs: dict[str, Any] = {"device_map": device_map if device == "cuda" else {"": device}, **kwargs}
+    dtype = load_kwargs.pop("torch_dtype", torch.float16 if device == "cuda" else torch.float32)
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit,
+            load_in_4bit=load_4bit,
+            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+        )
+    else:
+        load_kwargs["torch_dtype"] = dtype
+    if use_flash_attn:
+        load_kwargs["attn_implementation"] = "flash_attention_2"
+
+    if is_twist_delta(model_path):
+        if model_base is None:
+            raise ValueError(
+                f"{model_path} is a grounding-only TWIST delta: pass model_base, the LLaVA-1.5 checkpoint it was "
+                "trained from (e.g. --model-base liuhaotian/llava-v1.5-7b)"
+            )
+        config = twist_config_for(model_path, **twist_kwargs)
+        base_config = read_config_json(model_base)
+        check_llava_llama(base_config, str(Path(model_base) / "config.json"))
+        differ = [f"{f}: delta {getattr(config, f, None)} vs base {base_config.get(f)}" for f in SHAPE_FIELDS
+                  if getattr(config, f, None) != base_config.get(f)]
+        if differ:
+            raise ValueError(f"{model_path}: delta does not fit base {model_base}: {'; '.join(differ)}")
+        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
+        model = load_twist_model(model_base, config, low_cpu_mem_usage=True, **load_kwargs)
+        apply_twist_delta(model, model_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+        config = twist_config_for(model_path, **twist_kwargs)
+        model = load_twist_model(model_path, config, low_cpu_mem_usage=True, **load_kwargs)
+
+    if getattr(model.config, "mm_use_im_patch_token", True):
+        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if getattr(model.config, "mm_use_im_start_end", False):
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    vision_tower = model.get_vision_tower()
+    if not vision_tower.is_loaded:
+        vision_tower.load_model(device_map=load_kwargs["device_map"])
+    if not (load_8bit or load_4bit):
+        vision_tower.to(device=device, dtype=dtype)
+    model.eval()
+    context_len = getattr(model.config, "max_sequence_length", 2048)
+    return tokenizer, model, vision_tower.image_processor, context_len

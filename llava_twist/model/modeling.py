@@ -1,0 +1,356 @@
+"""TWIST model classes: LLaVA-1.5 (Llama) with twin-expert decoder layers and a per-prompt router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
+from llava_twist.model.routing import (
+    RouteContext,
+    RouteDecision,
+    TwistCache,
+    TwistRouter,
+    mark_router_positions,
+    split_router_marks,
+)
+from llava_twist.model.twin_layer import TwinMix, TwistDecoderLayer
+
+RouteArg = str | torch.Tensor | None
+
+
+@dataclass
+class TwistModelOutput(BaseModelOutputWithPast):
+    router_logits: torch.Tensor | None = None
+    route: torch.Tensor | None = None
+    gate_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class TwistCausalLMOutput(CausalLMOutputWithPast):
+    lm_loss: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    route: torch.Tensor | None = None
+
+
+def is_twist_param(name: str) -> bool:
+    """True for the weights TWIST adds (and trains): every name with a ``twist_`` component."""
+    return any(part.startswith("twist_") for part in name.split("."))
+
+
+class TwistLlavaLlamaModel(LlavaLlamaModel):
+    config_class = TwistConfig
+
+    def __init__(self, config: TwistConfig) -> None:
+        super().__init__(config)
+        self.twist_context = RouteContext()
+        router_layer = config.router_layer_index()
+        self.twin_layers = config.twin_layer_indices()
+        for i in self.twin_layers:
+            self.layers[i] = TwistDecoderLayer(config, i, self.twist_context, is_router_layer=i == router_layer)
+        self.router_in_pass = router_layer == self.twin_layers[0]
+        self.twist_router = (
+            TwistRouter(config.hidden_size, config.twist_router_hidden) if config.twist_router == "prompt" else None
+        )
+        self.twist_last_decision: RouteDecision | None = None
+
+    def twin_decoder_layers(self) -> list[TwistDecoderLayer]:
+        return [self.layers[i] for i in self.twin_layers]
+
+    def reset_twist_router_and_mix(self) -> None:
+        if self.twist_router is not None:
+            self.twist_router.reset()
+        for layer in self.twin_decoder_layers():
+            for mix in layer.mixes():
+                mix.reset(self.config)
+
+    def _forced_route(self, twist_route: RouteArg, batch: int, device: torch.device) -> torch.Tensor | None:
+        if isinstance(twist_route, torch.Tensor):
+            if twist_route.shape != (batch,):
+                raise ValueError(f"twist_route tensor must have shape ({batch},), got {tuple(twist_route.shape)}")
+            return twist_route.to(device=device, dtype=torch.bool)
+        if twist_route in ("frozen", "grounding"):
+            return torch.full((batch,), twist_route == "grounding", dtype=torch.bool, device=device)
+        if twist_route != "auto":
+            raise ValueError(f"twist_route={twist_route!r}: expected 'auto', 'frozen', 'grounding' or a bool tensor")
+        if self.config.twist_router == "none":
+            raise ValueError("this TWIST model has no router (twist_router='none'): force twist_route")
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        twist_route: RouteArg = None,
+        twist_router_mask: torch.Tensor | None = None,
+    ) -> TwistModelOutput:
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, device = ref.shape[0], ref.device
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        cache = None
+        if use_cache:
+            cache = past_key_values
+            if not isinstance(cache, TwistCache):
+                cache = TwistCache.from_legacy(past_key_values)
+            cache.begin_step()
+
+        route = self._forced_route(twist_route if twist_route is not None else self.config.twist_route, batch, device)
+        forced = route is not None
+        if cache is not None and cache.route is not None:
+            if route is not None and not torch.equal(route, cache.route):
+                raise ValueError(
+                    "twist_route differs from the route this KV cache was built on; start a new sequence to change it"
+                )
+            route = cache.route
+        token_gate = self.config.twist_router == "token" and route is None
+        if token_gate:
+            route = torch.ones(batch, dtype=torch.bool, device=device)
+
+        router = self.twist_router
+        router_logits = None
+        if route is None and not self.router_in_pass:
+            router_logits = self._prefill_router(input_ids, attention_mask, position_ids, inputs_embeds,
+                                                 twist_router_mask)
+            route = torch.sigmoid(router_logits) > self.config.twist_router_threshold
+            router = None
+
+        ctx = self.twist_context
+        ctx.begin(route, router, twist_router_mask, self.config.twist_router_threshold,
+                  compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate)
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        router_logits = ctx.router_logits if router_logits is None else router_logits
+        route = ctx.route
+        if cache is not None:
+            cache.route = route
+        if router_logits is not None or forced:
+            prob = torch.sigmoid(router_logits) if router_logits is not None else route.float()
+            self.twist_last_decision = RouteDecision(prob=prob.detach(), grounding=route.detach(), forced=forced)
+        return TwistModelOutput(
+            last_hidden_state=out.last_hidden_state,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_logits=router_logits,
+            route=route,
+            gate_logits=tuple(ctx.gate_logits) or None,
+        )
+
+    def _prefill_router(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        router_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Router reading a layer after the first twin layer: a frozen-route prefill to get there."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        frozen = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
+        self.twist_context.begin(frozen, None, None, self.config.twist_router_threshold, compute_both=False)
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        hidden = out.hidden_states[self.config.router_layer_index()]
+        mask = router_mask if router_mask is not None and router_mask.shape == hidden.shape[:2] else None
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = mask | ~mask.any(dim=1, keepdim=True)
+        return self.twist_router(hidden, mask)
+
+
+class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
+    """LLaVA-1.5 with TWIST. ``twist_route`` on ``forward``/``generate``: ``"auto"`` (the router decides,
+    per prompt), ``"frozen"`` (the exact original LLaVA), ``"grounding"``, or a bool tensor per sample."""
+
+    config_class = TwistConfig
+
+    def __init__(self, config: TwistConfig) -> None:
+        super(LlamaForCausalLM, self).__init__(config)
+        self.model = TwistLlavaLlamaModel(config)
+        self.pretraining_tp = config.pretraining_tp
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self.model.reset_twist_router_and_mix()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, TwistRouter):
+            module.reset()
+        elif isinstance(module, TwinMix):
+            module.reset(self.config)
+        else:
+            super()._init_weights(module)
+
+    @property
+    def twist_last_route(self) -> RouteDecision | None:
+        """The route of the last prefill (``auto``: the router's probability and choice)."""
+        return self.get_model().twist_last_decision
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        images: torch.FloatTensor | None = None,
+        image_sizes: list[list[int]] | None = None,
+        return_dict: bool | None = None,
+        twist_route: RouteArg = None,
+        twist_router_mask: torch.Tensor | None = None,
+        twist_router_labels: torch.Tensor | None = None,
+    ) -> TwistCausalLMOutput | tuple:
+        if inputs_embeds is None:
+            marked = mark_router_positions(input_ids, labels, attention_mask)
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, marked = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, marked, images, image_sizes
+                )
+            )
+            labels, twist_router_mask = split_router_marks(marked, labels is not None)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            twist_route=twist_route,
+            twist_router_mask=twist_router_mask,
+        )
+        hidden_states = outputs.last_hidden_state
+        if self.config.pretraining_tp > 1:
+            slices = self.lm_head.weight.split(self.vocab_size // self.config.pretraining_tp, dim=0)
+            logits = torch.cat([F.linear(hidden_states, s) for s in slices], dim=-1)
+        else:
+            logits = self.lm_head(hidden_states)
+        logits = logits.float()
+
+        lm_loss = router_loss = None
+        if labels is not None:
+            shift_logits = logits[..., :-1, :].contiguous().view(-1, self.config.vocab_size)
+            shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
+            lm_loss = F.cross_entropy(shift_logits, shift_labels)
+        if twist_router_labels is not None:
+            router_loss = self.router_loss(outputs, twist_router_labels)
+        loss = lm_loss
+        if router_loss is not None:
+            weighted = self.config.twist_router_loss_weight * router_loss
+            loss = weighted if loss is None else loss + weighted
+
+        if not (return_dict if return_dict is not None else self.config.use_return_dict):
+            output = (logits, outputs.past_key_values)
+            return (loss,) + output if loss is not None else output
+        return TwistCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            lm_loss=lm_loss,
+            router_loss=router_loss,
+            router_logits=outputs.router_logits,
+            route=outputs.route,
+        )
+
+    @staticmethod
+    def router_loss(outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
+        """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label."""
+        target = router_labels.float()
+        if outputs.router_logits is not None:
+            return F.binary_cross_entropy_with_logits(outputs.router_logits, target.to(outputs.router_logits.device))
+        if outputs.gate_logits:
+            gates = torch.stack(outputs.gate_logits)  # (layers, B, T)
+            expanded = target.to(gates.device).view(1, -1, 1).expand_as(gates)
+            return F.binary_cross_entropy_with_logits(gates, expanded)
+        return None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        twist_route: RouteArg = None,
+        **kwargs: Any,
+    ) -> Any:
+        position_ids = kwargs.pop("position_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("`inputs_embeds` is not supported")
+        marked = mark_router_positions(inputs, None, attention_mask)
+        if images is not None:
+            inputs, position_ids, attention_mask, _, inputs_embeds, marked = self.prepare_inputs_labels_for_multimodal(
+                inputs, position_ids, attention_mask, None, marked, images, image_sizes=image_sizes
+            )
+        else:
+            inputs_embeds = self.get_model().embed_tokens(inputs)
+        _, router_mask = split_router_marks(marked, had_labels=False)
+        return super(LlavaLlamaForCausalLM, self).generate(
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            twist_route=twist_route,
+            twist_router_mask=router_mask,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs
+    ) -> dict[str, Any]:
+        twist_route = kwargs.pop("twist_route", None)
+        router_mask = kwargs.pop("twist_router_mask", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+        )
+        inputs["twist_route"] = twist_route
+        if past_key_values is None:
+            inputs["twist_router_mask"] = router_mask
+        return inputs
+
+
+AutoConfig.register(TWIST_MODEL_TYPE, TwistConfig)
+AutoModelForCausalLM.register(TwistConfig, TwistLlavaLlamaForCausalLM)

@@ -1,0 +1,224 @@
+"""Per-prompt routing: the router head, the per-forward route context and the route-aware KV cache.
+
+A route is a boolean per sample: ``True`` = grounding route, ``False`` = the exact original (frozen)
+computation. The router reads the hidden states entering one decoder layer, mean-pooled over the
+prompt's text after the image, and decides once per prompt; decode steps reuse the decision stored in
+the cache (`TwistCache.route`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+ROUTER_MARK = -2  # label value marking a router position while labels pass through LLaVA's multimodal prep
+
+
+@dataclass
+class RouteDecision:
+    """What the router saw and chose, per sample."""
+
+    prob: torch.Tensor  # (B,) router probability of the grounding route
+    grounding: torch.Tensor  # (B,) bool, the route taken
+    forced: bool  # True when the route was forced rather than chosen by the router
+
+    def routes(self) -> list[str]:
+        return ["grounding" if g else "frozen" for g in self.grounding.tolist()]
+
+
+class TwistRouter(nn.Module):
+    """Linear probe (or one-hidden-layer MLP) over pooled hidden states -> grounding logit."""
+
+    def __init__(self, hidden_size: int, router_hidden: int = 0) -> None:
+        super().__init__()
+        if router_hidden > 0:
+            self.net = nn.Sequential(nn.Linear(hidden_size, router_hidden), nn.GELU(), nn.Linear(router_hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(hidden_size, 1))
+
+    def reset(self, bias: float = -4.0) -> None:
+        """An untrained router sends every prompt down the frozen route (probability ~0.02)."""
+        last = self.net[-1]
+        with torch.no_grad():
+            for module in self.net:
+                if isinstance(module, nn.Linear) and module is not last:
+                    nn.init.normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+            nn.init.zeros_(last.weight)
+            last.bias.fill_(bias)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states (B, T, H), mask (B, T) bool -> logits (B,)."""
+        mask = mask.to(hidden_states.dtype).unsqueeze(-1)
+        pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.net(pooled.to(self.net[0].weight.dtype)).squeeze(-1).float()
+
+
+def mark_router_positions(
+    input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Labels with the router's positions set to ``ROUTER_MARK``.
+
+    Router positions: attended text tokens after the (last) image, before the first supervised label
+    (the prompt, not the answer). LLaVA's ``prepare_inputs_labels_for_multimodal`` carries labels
+    alongside the embeddings it builds, so the marks come out aligned with the multimodal sequence.
+    """
+    marked = labels.clone() if labels is not None else torch.full_like(input_ids, IGNORE_INDEX)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    last_image = torch.where(is_image, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
+    mask = positions > last_image
+    if labels is not None:
+        supervised = labels != IGNORE_INDEX
+        first_label = torch.where(supervised, positions, torch.full_like(positions, input_ids.shape[1]))
+        mask &= positions < first_label.min(dim=1, keepdim=True).values
+    if attention_mask is not None and attention_mask.shape == input_ids.shape:  # not a decode step
+        mask &= attention_mask.bool()
+    return marked.masked_fill(mask, ROUTER_MARK)
+
+
+def split_router_marks(marked: torch.Tensor, had_labels: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(labels or None, router mask) from labels marked by `mark_router_positions`."""
+    router_mask = marked == ROUTER_MARK
+    labels = marked.masked_fill(router_mask, IGNORE_INDEX) if had_labels else None
+    return labels, router_mask
+
+
+class RouteContext:
+    """State shared by a TWIST model and its twin layers for one forward pass.
+
+    ``LlamaModel.forward`` calls its layers with a fixed signature, so the route travels here: the
+    model fills it before running the layers; the router layer decides when the route is not given.
+    """
+
+    def __init__(self) -> None:
+        self.route: torch.Tensor | None = None  # (B,) bool
+        self.router: TwistRouter | None = None
+        self.router_mask: torch.Tensor | None = None
+        self.router_logits: torch.Tensor | None = None
+        self.threshold = 0.5
+        self.gate_logits: list[torch.Tensor] = []  # per-token gates (ablation), (B, T) per twin layer
+        self.compute_both = False  # ZeRO-3 / training: run both experts whatever the route
+        self.token_gate = False  # per-token gate ablation active
+
+    def begin(
+        self,
+        route: torch.Tensor | None,
+        router: TwistRouter | None,
+        router_mask: torch.Tensor | None,
+        threshold: float,
+        compute_both: bool,
+        token_gate: bool = False,
+    ) -> None:
+        self.route = route
+        self.router = router
+        self.router_mask = router_mask
+        self.router_logits = None
+        self.threshold = threshold
+        self.gate_logits = []
+        self.compute_both = compute_both
+        self.token_gate = token_gate
+
+    def decide(self, hidden_states: torch.Tensor) -> None:
+        """Run the router on the hidden states entering the router layer; fix the route if not given."""
+        if self.router is None:
+            return
+        mask = self.router_mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        empty = ~mask.any(dim=1, keepdim=True)
+        mask = mask | empty  # a prompt with no text after the image: pool over everything
+        self.router_logits = self.router(hidden_states, mask)
+        if self.route is None:
+            self.route = torch.sigmoid(self.router_logits) > self.threshold
+
+    def needs(self) -> tuple[bool, bool]:
+        """(some sample takes the frozen route, some takes the grounding route); both under compute_both."""
+        if self.compute_both or self.route is None:
+            return True, True
+        return not bool(self.route.all()), bool(self.route.any())
+
+
+class TwistCache(DynamicCache):
+    """A `DynamicCache` keyed by layer index, so grounding-expert layers (indices ``>= num_layers``)
+    keep their own entries and a skipped layer leaves no hole. It remembers the route decided at
+    prefill so decode steps follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.route: torch.Tensor | None = None
+        self._counted_step = False
+        self._past_length = 0
+
+    def begin_step(self) -> None:
+        """Called once per forward, before any layer: the tokens cached so far are the past."""
+        self._counted_step = False
+        self._past_length = max((k.shape[-2] for k in self.keys.values()), default=0)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._counted_step:
+            self.seen_tokens += key_states.shape[-2]
+            self._counted_step = True
+        if layer_idx in self.keys:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        else:
+            self.keys[layer_idx] = key_states
+            self.values[layer_idx] = value_states
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Cached length of ``layer_idx``; for layer 0 (the model-level query) the past length even when
+        layer 0's frozen entry is absent because its route runs the grounding copy only."""
+        if layer_idx in self.keys:
+            return self.keys[layer_idx].shape[-2]
+        return self._past_length if layer_idx == 0 else 0
+
+    def get_usable_length(self, new_seq_length: int, layer_idx: int | None = 0) -> int:
+        return self.get_seq_length(layer_idx)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx not in self.keys:
+            raise KeyError(f"TwistCache holds no entry for layer {layer_idx}")
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def __iter__(self):
+        for layer_idx in sorted(self.keys):
+            yield self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer_idx in self.keys:
+            device = self.keys[layer_idx].device
+            self.keys[layer_idx] = self.keys[layer_idx].index_select(0, beam_idx.to(device))
+            self.values[layer_idx] = self.values[layer_idx].index_select(0, beam_idx.to(device))
+        if self.route is not None:
+            self.route = self.route.index_select(0, beam_idx.to(self.route.device))
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        raise TypeError("a TwistCache holds grounding-expert entries that the legacy tuple format cannot carry")
+
+    @classmethod
+    def from_legacy(cls, past_key_values: Any) -> TwistCache:
+        cache = cls()
+        if past_key_values is not None:
+            for layer_idx, (key_states, value_states) in enumerate(past_key_values):
+                cache.keys[layer_idx] = key_states
+                cache.values[layer_idx] = value_states
+            cache.seen_tokens = cache._past_length = max((k.shape[-2] for k in cache.keys.values()), default=0)
+        return cache

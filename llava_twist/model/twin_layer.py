@@ -1,0 +1,147 @@
+"""The twin-expert decoder layer: the whole TWIST forward lives in this file.
+
+The original module stays where it was, under its original parameter names (as peft's LoRA layer
+keeps its base Linear); every new parameter sits under a ``twist_`` name. Per sample:
+
+    frozen route:     out = frozen(x)                                   (the exact original computation)
+    grounding route:  out = a * frozen(x) + (1 - a) * grounding(x)      (a: per-layer mix, may be 0)
+    per-token gate:   out = (1 - g_t) * frozen(x) + g_t * grounding-route(x)   (ablation)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
+
+from llava_twist.model.config import TwistConfig
+from llava_twist.model.routing import RouteContext
+
+
+class TwinMix(nn.Module):
+    """The learned (or fixed) mix ``a`` and, for the per-token ablation, the gate."""
+
+    def __init__(self, config: TwistConfig) -> None:
+        super().__init__()
+        self.learned = config.twist_mix == "learned"
+        self.fixed_value = config.twist_mix_init
+        if self.learned:
+            self.logit = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Linear(config.hidden_size, 1) if config.twist_router == "token" else None
+        self.reset(config)
+
+    def reset(self, config: TwistConfig) -> None:
+        with torch.no_grad():
+            if self.learned:
+                p = min(max(config.twist_mix_init, 1e-4), 1 - 1e-4)
+                self.logit.fill_(math.log(p / (1 - p)))
+            if self.gate is not None:
+                nn.init.zeros_(self.gate.weight)
+                self.gate.bias.fill_(-4.0)
+
+    def uses_frozen(self) -> bool:
+        """Whether the grounding route needs the frozen expert's output."""
+        return self.learned or self.fixed_value != 0.0
+
+    def grounding_route(self, frozen: torch.Tensor | None, grounding: torch.Tensor) -> torch.Tensor:
+        if not self.uses_frozen():
+            return grounding
+        a = torch.sigmoid(self.logit).to(grounding.dtype) if self.learned else self.fixed_value
+        return a * frozen + (1 - a) * grounding
+
+    def combine(
+        self, ctx: RouteContext, gate_input: torch.Tensor, frozen: torch.Tensor | None, grounding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-sample selection between the frozen output and the grounding-route output."""
+        if grounding is None:
+            return frozen
+        mixed = self.grounding_route(frozen, grounding)
+        if self.gate is not None and ctx.token_gate:
+            gate_logits = self.gate(gate_input).squeeze(-1)  # (B, T)
+            ctx.gate_logits.append(gate_logits.float())
+            g = torch.sigmoid(gate_logits).unsqueeze(-1).to(mixed.dtype)
+            mixed = frozen + g * (mixed - frozen)
+        if frozen is None or ctx.route is None:
+            return mixed
+        return torch.where(ctx.route.view(-1, 1, 1), mixed, frozen)
+
+
+def _run_twins(
+    ctx: RouteContext, mix: TwinMix, frozen_fn: Callable[[], Any], grounding_fn: Callable[[], Any]
+) -> tuple[Any, Any]:
+    """Run the experts the current route needs (both under ZeRO-3 or training: compute, then select)."""
+    some_frozen, some_grounding = ctx.needs()
+    frozen = frozen_fn() if some_frozen or (some_grounding and (mix.uses_frozen() or mix.gate is not None)) else None
+    grounding = grounding_fn() if some_grounding else None
+    return frozen, grounding
+
+
+class TwinExpertMLP(LlamaMLP):
+    """A LlamaMLP (the frozen expert, original weights and names) with a grounding copy beside it."""
+
+    def __init__(self, config: TwistConfig, ctx: RouteContext) -> None:
+        super().__init__(config)
+        self.twist_expert = LlamaMLP(config)
+        self.twist_mix = TwinMix(config)
+        self._ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen, grounding = _run_twins(self._ctx, self.twist_mix, lambda: super(TwinExpertMLP, self).forward(x),
+                                       lambda: self.twist_expert(x))
+        return self.twist_mix.combine(self._ctx, x, frozen, grounding)
+
+
+class TwistDecoderLayer(LlamaDecoderLayer):
+    """A LlamaDecoderLayer with a grounding expert: a copy of its FFN (``mlp``) or of the whole layer
+    (``layer``: attention, FFN and norms; its KV entries live at ``layer_idx + num_hidden_layers``)."""
+
+    def __init__(self, config: TwistConfig, layer_idx: int, ctx: RouteContext, is_router_layer: bool) -> None:
+        super().__init__(config, layer_idx)
+        self.layer_idx = layer_idx
+        self.twist_kind = config.twist_expert
+        self.is_router_layer = is_router_layer
+        self._ctx = ctx
+        if self.twist_kind == "mlp":
+            self.mlp = TwinExpertMLP(config, ctx)
+        else:
+            self.twist_expert = LlamaDecoderLayer(config, layer_idx + config.num_hidden_layers)
+            self.twist_mix = TwinMix(config)
+
+    def grounding_modules(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(frozen module, its grounding copy) pairs, for initialising the copy."""
+        if self.twist_kind == "mlp":
+            return [(self.mlp, self.mlp.twist_expert)]
+        return [(self, self.twist_expert)]
+
+    def mixes(self) -> list[TwinMix]:
+        return [self.mlp.twist_mix] if self.twist_kind == "mlp" else [self.twist_mix]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_value: Any = None,
+        output_attentions: bool | None = False,
+        use_cache: bool | None = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, ...]:
+        if self.is_router_layer:
+            self._ctx.decide(hidden_states)
+        layer_args = (hidden_states, attention_mask, position_ids, past_key_value, output_attentions, use_cache)
+        if self.twist_kind == "mlp":
+            return super().forward(*layer_args, **kwargs)
+        frozen, grounding = _run_twins(
+            self._ctx,
+            self.twist_mix,
+            lambda: super(TwistDecoderLayer, self).forward(*layer_args, **kwargs),
+            lambda: self.twist_expert(*layer_args, **kwargs),
+        )
+        hidden = self.twist_mix.combine(
+            self._ctx, hidden_states, None if frozen is None else frozen[0], None if grounding is None else grounding[0]
+        )
+        return (hidden,) + (frozen if frozen is not None else grounding)[1:]

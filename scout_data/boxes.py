@@ -1,0 +1,134 @@
+"""Box formats and frames: the one place where boxes change representation.
+
+Internally every box is pixel ``xyxy`` in the *original* image (``box_xyxy_px``). Text seen by
+the model is normalised ``xyxy`` in a *frame*:
+
+- ``padded`` (default): the square LLaVA-1.5 actually sees with ``image_aspect_ratio=pad``
+  (``expand2square``: the image centred on a ``max(w, h)`` square, offset ``(max - min) // 2``
+  on the short side);
+- ``original``: normalised by the image's own width and height.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+Box = tuple[float, float, float, float]
+FRAMES = ("padded", "original")
+DEFAULT_FRAME = "padded"
+
+BOX_TEXT_RE = re.compile(
+    r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"
+)
+
+
+def _check_frame(frame: str) -> None:
+    if frame not in FRAMES:
+        raise ValueError(f"unknown box frame {frame!r}; expected one of {FRAMES}")
+
+
+def _check_size(width: float, height: float) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+
+
+def pad_offset(width: int, height: int) -> tuple[int, int]:
+    """Pixel offset ``(dx, dy)`` of the original image inside LLaVA's padded square."""
+    side = max(width, height)
+    return (side - width) // 2, (side - height) // 2
+
+
+def frame_size(width: int, height: int, frame: str = DEFAULT_FRAME) -> tuple[int, int]:
+    """Width and height of the frame that normalised coordinates refer to."""
+    _check_frame(frame)
+    if frame == "padded":
+        side = max(width, height)
+        return side, side
+    return width, height
+
+
+def coco_xywh_to_xyxy(box_xywh: Sequence[float]) -> Box:
+    x, y, w, h = (float(v) for v in box_xywh)
+    return (x, y, x + w, y + h)
+
+
+def xyxy_to_xywh(box_xyxy: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+def clamp_xyxy_px(box_xyxy_px: Sequence[float], width: float, height: float) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy_px)
+    return (
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+        min(max(x2, 0.0), width),
+        min(max(y2, 0.0), height),
+    )
+
+
+def clamp_xyxy_norm(box_xyxy_norm: Sequence[float]) -> Box:
+    return tuple(min(max(float(v), 0.0), 1.0) for v in box_xyxy_norm)  # type: ignore[return-value]
+
+
+def is_degenerate(box_xyxy: Sequence[float], min_size: float = 0.0) -> bool:
+    """True when the box has no area (or a side not larger than ``min_size``)."""
+    x1, y1, x2, y2 = box_xyxy
+    return not (x2 - x1 > min_size and y2 - y1 > min_size)
+
+
+def box_problem_px(box_xyxy_px: Sequence[float], width: float, height: float) -> str | None:
+    """Why a pixel box is unusable in a ``width`` x ``height`` image, or None when it is fine."""
+    if len(box_xyxy_px) != 4:
+        return f"box needs 4 numbers, got {len(box_xyxy_px)}"
+    x1, y1, x2, y2 = box_xyxy_px
+    if x2 <= x1 or y2 <= y1:
+        return f"degenerate box {list(box_xyxy_px)} (x2 <= x1 or y2 <= y1)"
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        return f"box {list(box_xyxy_px)} lies outside the {width}x{height} image"
+    return None
+
+
+def box_xyxy_px_to_norm(
+    box_xyxy_px: Sequence[float], width: int, height: int, frame: str = DEFAULT_FRAME
+) -> Box:
+    """Original-image pixel xyxy -> normalised xyxy in ``frame`` (full precision, not rounded)."""
+    _check_size(width, height)
+    fw, fh = frame_size(width, height, frame)
+    dx, dy = pad_offset(width, height) if frame == "padded" else (0, 0)
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy_px)
+    return ((x1 + dx) / fw, (y1 + dy) / fh, (x2 + dx) / fw, (y2 + dy) / fh)
+
+
+def box_xyxy_norm_to_px(
+    box_xyxy_norm: Sequence[float], width: int, height: int, frame: str = DEFAULT_FRAME
+) -> Box:
+    """Normalised xyxy in ``frame`` -> original-image pixel xyxy (not clamped)."""
+    _check_size(width, height)
+    fw, fh = frame_size(width, height, frame)
+    dx, dy = pad_offset(width, height) if frame == "padded" else (0, 0)
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy_norm)
+    return (x1 * fw - dx, y1 * fh - dy, x2 * fw - dx, y2 * fh - dy)
+
+
+def format_box(box_xyxy_norm: Sequence[float], decimals: int = 2) -> str:
+    """LLaVA-1.5 box text: ``[x1, y1, x2, y2]``, normalised, ``decimals`` places, clamped to [0, 1]."""
+    return "[" + ", ".join(f"{v:.{decimals}f}" for v in clamp_xyxy_norm(box_xyxy_norm)) + "]"
+
+
+def format_box_px(
+    box_xyxy_px: Sequence[float], width: int, height: int, frame: str = DEFAULT_FRAME, decimals: int = 2
+) -> str:
+    return format_box(box_xyxy_px_to_norm(box_xyxy_px, width, height, frame), decimals)
+
+
+def find_box_texts(text: str) -> list[tuple[re.Match[str], Box]]:
+    """Every ``[x1, y1, x2, y2]`` in ``text`` with its match, as floats (not validated)."""
+    return [(m, tuple(float(g) for g in m.groups())) for m in BOX_TEXT_RE.finditer(text)]  # type: ignore[misc]
+
+
+def boxes_px_to_norm(
+    boxes_xyxy_px: Iterable[Sequence[float]], width: int, height: int, frame: str = DEFAULT_FRAME
+) -> list[Box]:
+    return [box_xyxy_px_to_norm(b, width, height, frame) for b in boxes_xyxy_px]

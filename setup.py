@@ -1,0 +1,44 @@
+"""llava-twist: visual grounding for LLaVA-1.5 without forgetting (TWIST & SCOUT, arXiv 2410.10491).
+
+`llava` itself is deliberately not an install requirement: its wheel (`llava-torch`) pins torch 2.0.1,
+transformers 4.36.2, gradio 4.16 and more, which would break this stack. Install it with
+`pip install --no-deps llava-torch==1.2.2.post1` (`make install` does).
+"""
+
+from setuptools import find_packages, setup
+
+LLAVA_STACK = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "transformers==4.37.2",
+    "tokenizers>=0.15,<0.16",
+    "huggingface-hub<1.0",
+    "accelerate==0.30.1",
+    "safetensors>=0.4",
+    "sentencepiece>=0.1.99",
+    "protobuf>=3.20",
+    "einops>=0.6",
+    "shortuuid>=1.0",
+]
+DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66"]
+
+setup(
+    name="llava-twist",
+    version="0.1.0",
+    description="TWIST & SCOUT for LLaVA-1.5: grounding experts that add visual grounding without forgetting",
+    long_description=__doc__,
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["llava_twist", "llava_twist.*", "scout_data", "scout_data.*", "playground"]),
+    install_requires=LLAVA_STACK + DATA,
+    extras_require={
+        "train": ["deepspeed==0.19.8", "peft==0.10.0"],
+        "demo": ["gradio==6.17.3", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "scout-data=scout_data.cli:main",
+            "llava-twist-tiny=llava_twist.tiny:main",
+        ]
+    },
+)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny LLaVA-1.5 checkpoints built locally (no hub), once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llava_twist.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "llava-v1.5-tiny")
+
+
+@pytest.fixture(scope="session")
+def other_tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same shapes as `tiny_llava`, other weights: the wrong base for a delta."""
+    from llava_twist.tiny import TinyLlavaSpec, build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("other-llava") / "llava-v1.5-tiny", TinyLlavaSpec(seed=1))
+
+
+@pytest.fixture()
+def seeded() -> None:
+    torch.manual_seed(0)
