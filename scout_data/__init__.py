@@ -1,0 +1,1 @@
+"""SCOUT: step-by-step grounding conversations for LLaVA (see DESIGN.md section 3)."""

@@ -1,0 +1,5 @@
+import sys
+
+from scout_data.cli import main
+
+sys.exit(main())

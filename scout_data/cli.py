@@ -1,0 +1,234 @@
+"""``python -m scout_data`` / ``scout-data``: generate, mix, validate, count and preview SCOUT data.
+
+Generating commands (``synth coco refcoco flickr30k vg``) share ``--out --seed --frame --resume
+--shard-size``; each source adds its own flags (``scout_data.sources.<name>.add_arguments``), and the
+source module is imported only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from scout_data.boxes import DEFAULT_FRAME, FRAMES
+from scout_data.output import (
+    OutputError,
+    atomic_write_text,
+    dumps_records,
+    format_summary,
+    prepare_out_dir,
+    write_dataset,
+)
+from scout_data.validate import DataError, load_records, validate_file
+
+PROG = "scout-data"
+SOURCE_COMMANDS = {
+    "synth": ("synthetic", "synthetic scenes (no download needed)"),
+    "coco": ("coco", "COCO instances: find-all, counting, relations"),
+    "refcoco": ("refcoco", "RefCOCO / RefCOCO+ / RefCOCOg referring expressions"),
+    "flickr30k": ("flickr30k", "Flickr30k Entities grounded captions"),
+    "vg": ("vg", "Visual Genome regions and objects"),
+}
+
+
+class CliError(Exception):
+    pass
+
+
+def _load_source(name: str) -> Any:
+    try:
+        return importlib.import_module(f"scout_data.sources.{name}")
+    except ImportError as exc:
+        raise CliError(f"source {name!r} is not available: {exc}") from None
+
+
+def _add_generate_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder (DIR/<split>.json, DIR/summary.json)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--frame",
+        choices=FRAMES,
+        default=DEFAULT_FRAME,
+        help="box frame of the text: padded (what LLaVA sees with image_aspect_ratio=pad) or original",
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue into a non-empty --out, skipping written ids"
+    )
+    g.add_argument("--shard-size", type=int, default=5000, help="records per shard while writing")
+    g.add_argument("--no-check-images", action="store_true", help="do not open each image before writing")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = argv[0] if argv else None
+    modules: dict[str, Any] = {}
+    for cmd, (module, help_) in SOURCE_COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_)
+        _add_generate_flags(p)
+        if cmd == wanted:
+            modules[cmd] = _load_source(module)
+            modules[cmd].add_arguments(p)
+
+    p = sub.add_parser("mix", help="merge SCOUT JSON with LLaVA instruction JSON (replay), tagging task")
+    p.add_argument("--scout", nargs="+", required=True, help="SCOUT JSON file(s)")
+    p.add_argument("--replay", required=True, help="LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
+    p.add_argument("--out", required=True, help="output JSON file")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, help="replay records per SCOUT record (default 0.2)")
+    amount.add_argument("--replay-fraction", type=float, help="share of replay records in the mix, in [0, 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scout-image-prefix", default="", help="joined before SCOUT image paths")
+    p.add_argument("--replay-image-prefix", default="", help="joined before replay image paths")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("validate", help="check LLaVA JSON; exits 1 if any record is bad")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--image-folder", help="check that each image exists and opens")
+    p.add_argument("--max-report", type=int, default=200, help="bad records printed per file")
+
+    p = sub.add_parser("stats", help="counts per task, kind, difficulty, split; steps and boxes")
+    p.add_argument("files", nargs="+")
+
+    p = sub.add_parser("preview", help="draw a record's boxes and steps onto its image (PNG)")
+    p.add_argument("file")
+    p.add_argument("--image-folder", required=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, default=0)
+    which.add_argument("--id")
+    p.add_argument("--out", required=True, help="PNG to write")
+    return parser, modules
+
+
+def _generate(args: argparse.Namespace, module: Any) -> int:
+    name = SOURCE_COMMANDS[args.command][0]
+    if hasattr(module, "check_args"):
+        module.check_args(args)
+    done = prepare_out_dir(args.out, args.resume)
+    args.skip_ids = done
+    folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
+    total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
+    info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
+    summary = write_dataset(
+        module.iter_samples(args),
+        args.out,
+        source=name,
+        image_folder=folder,
+        frame=args.frame,
+        shard_size=args.shard_size,
+        done_ids=done,
+        total=total,
+        check_images=not args.no_check_images,
+        info=info,
+        progress=False if args.quiet else None,
+    )
+    print(format_summary(summary))
+    return 0
+
+
+def _mix(args: argparse.Namespace) -> int:
+    from scout_data.mix import mix_records
+
+    out = os.path.abspath(args.out)
+    if out in {os.path.abspath(f) for f in [*args.scout, args.replay]}:
+        raise CliError(f"--out {args.out} is one of the inputs; inputs are never overwritten")
+    if os.path.exists(out) and not args.overwrite:
+        raise CliError(f"--out {args.out} exists; pass --overwrite to replace it")
+    scout = [r for f in args.scout for r in load_records(f)]
+    replay = load_records(args.replay)
+    ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
+    mixed = mix_records(
+        scout,
+        replay,
+        ratio=ratio,
+        replay_fraction=args.replay_fraction,
+        seed=args.seed,
+        scout_image_prefix=args.scout_image_prefix,
+        replay_image_prefix=args.replay_image_prefix,
+    )
+    atomic_write_text(out, dumps_records(mixed))
+    n_g = sum(r.get("task") == "grounding" for r in mixed)
+    print(f"mix: {len(mixed)} records ({n_g} grounding, {len(mixed) - n_g} understanding) -> {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    bad_total = 0
+    for path in args.files:
+        n, bad = validate_file(path, args.image_folder)
+        for b in bad[: args.max_report]:
+            print(b)
+        if len(bad) > args.max_report:
+            print(f"{path}: ... {len(bad) - args.max_report} more problems")
+        n_bad = len({b.index for b in bad})
+        bad_total += n_bad
+        print(f"{path}: {n} records, {n_bad} bad", file=sys.stderr)
+    return 1 if bad_total else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from scout_data.stats import dataset_stats
+
+    for path in args.files:
+        print(json.dumps({"file": path, **dataset_stats(load_records(path))}, indent=2))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from scout_data.preview import draw_record
+
+    records = load_records(args.file)
+    if args.id is not None:
+        matches = [r for r in records if isinstance(r, dict) and str(r.get("id")) == args.id]
+        if not matches:
+            raise CliError(f"{args.file}: no record with id={args.id}")
+        rec = matches[0]
+    else:
+        if not -len(records) <= args.index < len(records):
+            raise CliError(f"{args.file}: --index {args.index} out of range ({len(records)} records)")
+        rec = records[args.index]
+    if not isinstance(rec, dict) or "image" not in rec or not rec.get("conversations"):
+        raise CliError(
+            f"{args.file}: record id={rec.get('id') if isinstance(rec, dict) else '?'} has no image"
+        )
+    path = os.path.join(args.image_folder, rec["image"])
+    try:
+        with Image.open(path) as im:
+            out = draw_record(rec, im)
+    except OSError as exc:
+        raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    out.save(tmp, format="PNG")
+    os.replace(tmp, args.out)
+    print(f"preview of id={rec.get('id')} -> {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, modules = build_parser(argv)
+        args = parser.parse_args(argv)
+        if args.command in SOURCE_COMMANDS:
+            return _generate(args, modules[args.command])
+        return {"mix": _mix, "validate": _validate, "stats": _stats, "preview": _preview}[args.command](args)
+    except (CliError, DataError, OutputError, ValueError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (rerun with --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

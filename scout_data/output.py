@@ -1,0 +1,281 @@
+"""Write samples as LLaVA JSON: one file per split, sharded while running, resumable, atomic.
+
+Layout of an output folder ``DIR``::
+
+    DIR/train.json, DIR/val.json, DIR/test.json   one JSON list per split (what LLaVA's --data_path reads)
+    DIR/shards/<split>-00000.json                  shards written every --shard-size records of a split;
+                                                   merged into DIR/<split>.json and removed at the end
+    DIR/images/                                    rendered images (synthetic source only)
+    DIR/summary.json                               records per split, skips per reason, the image folder
+
+``resume=True`` reads the ids already in ``DIR`` (split files and shards) and skips them; without it a
+non-empty ``DIR`` is refused. A resumed run ends with the same records as a fresh one (records written
+before the interruption come first). Every file is written to a temp file and moved into place.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm import tqdm
+
+from scout_data.boxes import DEFAULT_FRAME
+from scout_data.schema import Sample, Skip
+from scout_data.validate import DataError, ImageChecker, load_json, record_problems
+from scout_data.writer import render_record
+
+SUMMARY = "summary.json"
+SHARDS = "shards"
+MAX_EXAMPLES = 5
+
+
+class OutputError(Exception):
+    """The output folder cannot be used as asked (e.g. not empty without ``--resume``)."""
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def dumps_records(records: Iterable[dict[str, Any]]) -> str:
+    """A JSON list with one record per line (diffable, and byte-identical for identical records)."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    return "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n"
+
+
+def atomic_write_records(path: str, records: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, dumps_records(records))
+
+
+def _split_files(out_dir: str) -> dict[str, str]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        name = os.path.basename(path)[: -len(".json")]
+        if name != SUMMARY[: -len(".json")]:
+            out[name] = path
+    return out
+
+
+def _shard_files(out_dir: str, split: str | None = None) -> list[str]:
+    pattern = f"{split}-*.json" if split else "*-*.json"
+    return sorted(glob.glob(os.path.join(out_dir, SHARDS, pattern)))
+
+
+def _read_list(path: str) -> list[dict[str, Any]]:
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def prepare_out_dir(out_dir: str, resume: bool) -> set[str]:
+    """Create ``out_dir`` or check it may be used; returns the ids already written (with ``resume``)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} exists and is not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    if not resume:
+        if os.listdir(out_dir):
+            raise OutputError(
+                f"--out {out_dir} is not empty; pass --resume to continue that run, or choose an empty folder"
+            )
+        return set()
+    done: set[str] = set()
+    for path in [*_split_files(out_dir).values(), *_shard_files(out_dir)]:
+        done.update(str(r.get("id")) for r in _read_list(path) if isinstance(r, dict))
+    return done
+
+
+def reason_key(reason: str) -> str:
+    """Group reasons that differ only in numbers (box values, sizes)."""
+    return re.sub(r"-?\d+(?:\.\d+)?", "#", reason)[:120]
+
+
+class DatasetWriter:
+    """Collects samples, renders and checks each record, writes shards and, on :meth:`close`, split files."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        source: str,
+        image_folder: str | None,
+        frame: str = DEFAULT_FRAME,
+        shard_size: int = 5000,
+        done_ids: set[str] | None = None,
+        check_images: bool = True,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.out_dir = out_dir
+        self.source = source
+        self.image_folder = image_folder
+        self.frame = frame
+        self.shard_size = max(1, shard_size)
+        self.done_ids = set(done_ids or ())
+        self.seen: set[str] = set()
+        self.images = ImageChecker(image_folder, verify=False) if (check_images and image_folder) else None
+        self.info = info or {}
+        self.buffers: dict[str, list[dict[str, Any]]] = {}
+        self.written: Counter[str] = Counter()
+        self.already_done = 0
+        self.skips: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.started = time.time()
+
+    def skip(self, ref: str, reason: str) -> None:
+        key = reason_key(reason)
+        self.skips[key] += 1
+        ex = self.examples.setdefault(key, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(f"{ref}: {reason}")
+
+    def add(self, item: Sample | Skip) -> None:
+        if isinstance(item, Skip):
+            self.skip(item.ref, item.reason)
+            return
+        if item.id in self.done_ids:
+            self.already_done += 1
+            return
+        if item.id in self.seen:
+            self.skip(item.id, "duplicate id")
+            return
+        try:
+            record = render_record(item, self.frame)
+        except (ValueError, ZeroDivisionError) as exc:
+            self.skip(item.id, f"cannot render: {exc}")
+            return
+        problems = record_problems(record, self.image_folder if self.images else None, self.images)
+        if problems:
+            self.skip(item.id, problems[0])
+            return
+        self.seen.add(item.id)
+        buf = self.buffers.setdefault(item.split, [])
+        buf.append(record)
+        self.written[item.split] += 1
+        if len(buf) >= self.shard_size:
+            self._flush(item.split)
+
+    def _flush(self, split: str) -> None:
+        buf = self.buffers.get(split)
+        if not buf:
+            return
+        existing = _shard_files(self.out_dir, split)
+        n = 1 + max((int(p.rsplit("-", 1)[1][:-5]) for p in existing), default=-1)
+        atomic_write_records(os.path.join(self.out_dir, SHARDS, f"{split}-{n:05d}.json"), buf)
+        self.buffers[split] = []
+
+    def _merge(self, split: str) -> int:
+        final = os.path.join(self.out_dir, f"{split}.json")
+        parts = ([final] if os.path.exists(final) else []) + _shard_files(self.out_dir, split)
+        ids: set[str] = set()
+        merged = []
+        for path in parts:
+            for r in _read_list(path):
+                if str(r.get("id")) not in ids:
+                    ids.add(str(r.get("id")))
+                    merged.append(r)
+        atomic_write_records(final, merged)
+        for path in parts[1 if parts and parts[0] == final else 0 :]:
+            os.remove(path)
+        return len(merged)
+
+    def close(self) -> dict[str, Any]:
+        """Flush, merge shards into split files, write and return the summary."""
+        for split in list(self.buffers):
+            self._flush(split)
+        splits = sorted(
+            {os.path.basename(p).rsplit("-", 1)[0] for p in _shard_files(self.out_dir)}
+            | set(_split_files(self.out_dir))
+        )
+        totals = {s: self._merge(s) for s in splits}
+        shard_dir = os.path.join(self.out_dir, SHARDS)
+        if os.path.isdir(shard_dir) and not os.listdir(shard_dir):
+            os.rmdir(shard_dir)
+        summary = {
+            "source": self.source,
+            "out_dir": os.path.abspath(self.out_dir),
+            "image_folder": os.path.abspath(self.image_folder) if self.image_folder else None,
+            "box_frame": self.frame,
+            "files": {s: os.path.abspath(os.path.join(self.out_dir, f"{s}.json")) for s in splits},
+            "records": totals,
+            "written_this_run": dict(sorted(self.written.items())),
+            "already_done": self.already_done,
+            "skipped": {
+                "total": sum(self.skips.values()),
+                "by_reason": dict(self.skips.most_common()),
+                "examples": self.examples,
+            },
+            "seconds": round(time.time() - self.started, 3),
+            **self.info,
+        }
+        atomic_write_text(
+            os.path.join(self.out_dir, SUMMARY), json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+        )
+        return summary
+
+
+def write_dataset(
+    items: Iterable[Sample | Skip],
+    out_dir: str,
+    *,
+    source: str,
+    image_folder: str | None,
+    frame: str = DEFAULT_FRAME,
+    shard_size: int = 5000,
+    done_ids: set[str] | None = None,
+    total: int | None = None,
+    check_images: bool = True,
+    info: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Consume ``items`` into ``out_dir`` (prepared by :func:`prepare_out_dir`); returns the summary."""
+    writer = DatasetWriter(
+        out_dir,
+        source=source,
+        image_folder=image_folder,
+        frame=frame,
+        shard_size=shard_size,
+        done_ids=done_ids,
+        check_images=check_images,
+        info=info,
+    )
+    bar = tqdm(total=total, unit="rec", desc=source, disable=None if progress is None else not progress)
+    try:
+        for item in items:
+            writer.add(item)
+            bar.update(1)
+    finally:
+        bar.close()
+    return writer.close()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{summary['source']}: wrote {sum(summary['written_this_run'].values())} records "
+        f"in {summary['seconds']:.1f} s"
+    ]
+    for split, n in summary["records"].items():
+        lines.append(f"  {split}: {n} records in {summary['files'][split]}")
+    if summary["already_done"]:
+        lines.append(f"  already written before (--resume): {summary['already_done']}")
+    sk = summary["skipped"]
+    if sk["total"]:
+        lines.append(f"  skipped {sk['total']}:")
+        for key, n in sk["by_reason"].items():
+            lines.append(f"    {n} x {key}")
+            lines.extend(f"        e.g. {e}" for e in sk["examples"][key][:3])
+    if summary["image_folder"]:
+        lines.append(f"  train LLaVA with --image_folder {summary['image_folder']}")
+    lines.append(f"  summary: {os.path.join(summary['out_dir'], SUMMARY)}")
+    return "\n".join(lines)

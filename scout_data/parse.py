@@ -1,0 +1,158 @@
+"""The one parser of chain text (gpt turns, model output): used by validation, evaluation, the playground.
+
+Grammar (lenient): ``Step N: sentence`` markers, then ``Answer: text``; boxes are ``[x1, y1, x2, y2]``
+with integers or any number of decimals and optional spaces. Text without ``Answer:`` but with boxes
+(one-shot region answers) answers with every box it holds. :func:`parse_chain` never raises: whatever
+is odd is noted in ``problems`` (boxes outside [0, 1] are clamped and noted).
+
+Problems start with a stable phrase: ``no answer line``, ``unparseable box``, ``unterminated box``,
+``box outside [0, 1]``, ``degenerate box``, ``steps out of order``, ``text before Step 1``,
+``step after the answer``, ``several answer lines``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from scout_data.boxes import Box, clamp_xyxy_norm, is_degenerate
+
+_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+_BRACKET_RE = re.compile(r"\[[^\[\]\n]{0,200}\]")
+_UNTERMINATED_RE = re.compile(r"\[[\d\s.,\-]*$")
+MARKER_RE = re.compile(r"(?<![A-Za-z])(?:Step\s*(\d{1,9})\s*:|Answer\s*:)")
+
+
+@dataclass
+class ParsedStep:
+    index: int  # the number the text gave the step
+    text: str  # the sentence, box texts included
+    boxes_xyxy_norm: list[Box] = field(default_factory=list)
+
+
+@dataclass
+class ParsedChain:
+    steps: list[ParsedStep] = field(default_factory=list)
+    answer_text: str = ""  # text after ``Answer:`` (boxes included); the whole text when there are no markers
+    answer_boxes_xyxy_norm: list[Box] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    has_answer_line: bool = False
+
+    @property
+    def answer_words(self) -> str:
+        """The answer text without its boxes (e.g. ``"3"`` for a count answer)."""
+        return " ".join(BOX_RE.sub(" ", self.answer_text).replace(",", " ").split())
+
+    def all_boxes_xyxy_norm(self) -> list[Box]:
+        return [b for s in self.steps for b in s.boxes_xyxy_norm] + list(self.answer_boxes_xyxy_norm)
+
+
+def parse_boxes(text: str, problems: list[str] | None = None) -> list[Box]:
+    """Every box in ``text``, clamped to [0, 1]; odd boxes are noted in ``problems``."""
+    notes = problems if problems is not None else []
+    boxes: list[Box] = []
+    for m in BOX_RE.finditer(text):
+        try:
+            raw = tuple(float(g) for g in m.groups())
+        except (ValueError, OverflowError):
+            notes.append(f"unparseable box {m.group(0)!r}")
+            continue
+        box = clamp_xyxy_norm(raw)
+        if box != raw:
+            notes.append(f"box outside [0, 1] (clamped): {m.group(0)}")
+        if is_degenerate(box):
+            notes.append(f"degenerate box {m.group(0)}")
+        boxes.append(box)  # type: ignore[arg-type]
+    for m in _BRACKET_RE.finditer(text):
+        inner = m.group(0)
+        if any(c.isdigit() for c in inner) and not BOX_RE.fullmatch(inner):
+            notes.append(f"unparseable box {inner[:60]!r}")
+    tail = _UNTERMINATED_RE.search(text)
+    if tail and any(c.isdigit() for c in tail.group(0)):
+        notes.append(f"unterminated box {tail.group(0)[:60]!r}")
+    return boxes
+
+
+def _segments(text: str) -> tuple[str, list[tuple[str, int | None, str]]]:
+    """Text before the first marker, then ``(marker, step number or None for Answer, body)``."""
+    marks = list(MARKER_RE.finditer(text))
+    head = text[: marks[0].start()] if marks else text
+    segs = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        num = int(m.group(1)) if m.group(1) is not None else None
+        segs.append((m.group(0), num, text[m.end() : end]))
+    return head, segs
+
+
+def parse_chain(text: str) -> ParsedChain:
+    """Parse a chain; never raises."""
+    try:
+        return _parse_chain(text if isinstance(text, str) else str(text))
+    except Exception as exc:  # a parser bug must not take down evaluation or the playground
+        return ParsedChain(problems=[f"unparseable text ({type(exc).__name__}: {exc})"])
+
+
+def _parse_chain(text: str) -> ParsedChain:
+    out = ParsedChain()
+    head, segs = _segments(text)
+    if not segs:
+        out.answer_text = text.strip()
+        out.answer_boxes_xyxy_norm = parse_boxes(text, out.problems)
+        if not out.answer_boxes_xyxy_norm:
+            out.problems.append("no answer line")
+        return out
+    if head.strip():
+        out.problems.append(f"text before Step 1: {head.strip()[:60]!r}")
+    for marker, num, body in segs:
+        if num is None:
+            if out.has_answer_line:
+                out.problems.append("several answer lines")
+                continue
+            out.has_answer_line = True
+            out.answer_text = body.strip()
+            out.answer_boxes_xyxy_norm = parse_boxes(body, out.problems)
+            continue
+        if out.has_answer_line:
+            out.problems.append(f"step after the answer: {marker!r}")
+            continue
+        expected = len(out.steps) + 1
+        if num != expected:
+            out.problems.append(f"steps out of order: expected Step {expected}, got Step {num}")
+        out.steps.append(ParsedStep(num, body.strip(), parse_boxes(body, out.problems)))
+    if not out.has_answer_line:
+        out.problems.append("no answer line")
+    return out
+
+
+def completed_steps(prefix: str) -> list[ParsedStep]:
+    """Steps of a partial chain that are complete (another marker follows them): for streaming."""
+    try:
+        _, segs = _segments(prefix)
+        done = []
+        for (_, num, body), _nxt in zip(segs, segs[1:], strict=False):
+            if num is None:
+                break
+            done.append(ParsedStep(num, body.strip(), parse_boxes(body)))
+        return done
+    except Exception:
+        return []
+
+
+class StreamingChainParser:
+    """Feed generated text piece by piece; :meth:`feed` returns the steps completed by that piece."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._emitted = 0
+
+    def feed(self, chunk: str) -> list[ParsedStep]:
+        self.text += chunk
+        done = completed_steps(self.text)
+        new = done[self._emitted :]
+        self._emitted = len(done)
+        return new
+
+    def finish(self) -> ParsedChain:
+        return parse_chain(self.text)

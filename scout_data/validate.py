@@ -1,0 +1,181 @@
+"""Check LLaVA conversation JSON: the file as a whole (:func:`validate_file`) and one record
+(:func:`record_problems`, which converters and the synthetic generator apply before writing).
+
+Box checks apply to every gpt turn of records tagged ``task: grounding`` and of untagged records
+(every ``[x1, y1, x2, y2]`` must lie in [0, 1] and have area); records tagged ``task: understanding``
+(replayed instruction data, whose text may hold code or lists) get the structural checks only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from scout_data.parse import parse_chain
+
+IMAGE_TOKEN = "<image>"
+_BOX_TOLERANCE = 0.0051  # two-decimal box text vs the full-precision boxes stored alongside
+
+
+class DataError(Exception):
+    """Input that cannot be used at all (unreadable or malformed file); the message names the file."""
+
+
+@dataclass
+class BadRecord:
+    file: str
+    index: int
+    id: object
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.index} id={self.id} {self.reason}"
+
+
+def load_json(path: str) -> Any:
+    """``json.load`` with errors that name the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+
+
+def load_records(path: str) -> list[Any]:
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+class ImageChecker:
+    """Opens each image once (cached): existence, readability, size."""
+
+    def __init__(self, image_folder: str, verify: bool = True) -> None:
+        self.image_folder = image_folder
+        self.verify = verify
+        self._cache: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
+
+    def check(self, rel: str) -> tuple[str | None, tuple[int, int] | None]:
+        if rel not in self._cache:
+            self._cache[rel] = self._open(rel)
+        return self._cache[rel]
+
+    def _open(self, rel: str) -> tuple[str | None, tuple[int, int] | None]:
+        path = os.path.join(self.image_folder, rel)
+        if not os.path.isfile(path):
+            return f"image not found: {path}", None
+        try:
+            with Image.open(path) as im:
+                size = im.size
+                if self.verify:
+                    im.verify()
+        except Exception as exc:
+            return f"image does not open: {path} ({type(exc).__name__}: {exc})", None
+        return None, size
+
+
+def _structure_problems(record: Any) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"record is a {type(record).__name__}, not an object"]
+    problems = []
+    if "id" not in record:
+        problems.append("missing 'id'")
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return problems + ["'conversations' must be a non-empty list"]
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            return problems + [f"turn {j} must be an object with 'from' and a string 'value'"]
+        expected = "human" if j % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            problems.append(
+                f"turn {j} is from {turn['from']!r}, expected {expected!r} (roles alternate, human first)"
+            )
+    if len(convs) < 2:
+        problems.append("no gpt turn")
+    n_tokens = [t["value"].count(IMAGE_TOKEN) for t in convs]
+    if "image" in record:
+        if not isinstance(record["image"], str) or not record["image"]:
+            problems.append("'image' must be a non-empty string path")
+        if n_tokens[0] != 1:
+            problems.append(f"first human turn has {n_tokens[0]} '<image>' tokens, expected exactly 1")
+        if sum(n_tokens[1:]):
+            problems.append("'<image>' appears after the first human turn")
+    elif sum(n_tokens):
+        problems.append("'<image>' in a record without 'image'")
+    return problems
+
+
+def _close(a: Iterable[float], b: Iterable[float]) -> bool:
+    return all(abs(x - y) <= _BOX_TOLERANCE for x, y in zip(a, b, strict=True))
+
+
+def _chain_problems(record: dict[str, Any]) -> list[str]:
+    task = record.get("task")
+    if task == "understanding":
+        return []
+    problems = []
+    strict = task == "grounding"
+    gpt_turns = [t["value"] for t in record["conversations"][1::2]]
+    for j, value in enumerate(gpt_turns):
+        chain = parse_chain(value)
+        where = f"gpt turn {2 * j + 1}: " if len(gpt_turns) > 1 else ""
+        for p in chain.problems:
+            if p.startswith("no answer line"):
+                if strict and chain.steps:
+                    problems.append(where + p)
+            elif strict or p.startswith(("box outside", "degenerate box", "steps out of order")):
+                problems.append(where + p)
+        if j == 0 and strict and isinstance(record.get("answer_boxes_xyxy_norm"), list):
+            stored = record["answer_boxes_xyxy_norm"]
+            got = chain.answer_boxes_xyxy_norm
+            if len(stored) != len(got) or not all(_close(a, b) for a, b in zip(got, stored, strict=True)):
+                problems.append(f"answer boxes in the text ({len(got)}) != stored ({len(stored)})")
+    return problems
+
+
+def record_problems(
+    record: Any, image_folder: str | None = None, images: ImageChecker | None = None
+) -> list[str]:
+    """Every reason ``record`` is unusable as LLaVA training data (empty when it is fine).
+
+    With ``image_folder`` (or an :class:`ImageChecker`, which caches) the image must exist and open.
+    """
+    problems = _structure_problems(record)
+    if problems:
+        return problems
+    problems = _chain_problems(record)
+    if "image" in record and (images is not None or image_folder is not None):
+        checker = images or ImageChecker(image_folder or "")
+        err, size = checker.check(record["image"])
+        if err:
+            problems.append(err)
+        elif isinstance(record.get("image_size"), list) and size and list(size) != record["image_size"]:
+            problems.append(f"image_size {record['image_size']} differs from the image file's {list(size)}")
+    return problems
+
+
+def validate_records(records: list[Any], file: str, image_folder: str | None = None) -> list[BadRecord]:
+    images = ImageChecker(image_folder) if image_folder is not None else None
+    bad = []
+    for i, rec in enumerate(records):
+        for reason in record_problems(rec, image_folder, images):
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            bad.append(BadRecord(file, i, rid, reason))
+    return bad
+
+
+def validate_file(path: str, image_folder: str | None = None) -> tuple[int, list[BadRecord]]:
+    """``(number of records, bad records)``; raises :class:`DataError` on an unreadable/malformed file."""
+    records = load_records(path)
+    return len(records), validate_records(records, path, image_folder)

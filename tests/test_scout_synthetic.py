@@ -1,0 +1,248 @@
+"""Synthetic scenes: deterministic, disjoint splits, boxes exact to the drawn pixels, chains correct."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scout_data.boxes import box_xyxy_norm_to_px
+from scout_data.output import prepare_out_dir, write_dataset
+from scout_data.parse import parse_chain
+from scout_data.schema import Sample
+from scout_data.sources import synthetic as S
+from scout_data.validate import record_problems
+from scout_data.writer import render_record
+
+ALL_KINDS = "refexp:3,find_all:1,count:1,grounded_caption:1,region:1,qa:1"
+
+
+def synth_args(*flags: str, out: str | None = None, seed: int = 0) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    S.add_arguments(p)
+    args = p.parse_args(list(flags))
+    args.seed, args.out = seed, out
+    return args
+
+
+def generate_dir(out, *flags, seed=0):
+    args = synth_args(*flags, out=str(out), seed=seed)
+    prepare_out_dir(str(out), False)
+    summary = write_dataset(
+        S.iter_samples(args), str(out), source="synthetic", image_folder=S.image_folder(args), progress=False
+    )
+    return summary, {s: json.loads((out / f"{s}.json").read_text()) for s in summary["records"]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    summary, splits = generate_dir(
+        out,
+        "--num",
+        "120",
+        "--image-size",
+        "128x96",
+        "--kinds",
+        ALL_KINDS,
+        "--clutter",
+        "none",
+        "--splits",
+        "train:0.8,val:0.1,test:0.1",
+    )
+    return out, summary, splits
+
+
+def test_all_kinds_valid_records(dataset):
+    out, summary, splits = dataset
+    records = [r for rs in splits.values() for r in rs]
+    assert summary["skipped"]["total"] == 0 and len(records) == 120
+    assert {r["kind"] for r in records} == set(S.KINDS)
+    for r in records:
+        assert record_problems(r, str(out / "images")) == []
+        assert r["difficulty"] in ("simple", "hard")
+        assert r["image_size"] == [128, 96]
+        gpt = r["conversations"][1]["value"]
+        if r["kind"] == "qa":
+            assert r["task"] == "understanding" and not parse_chain(gpt).all_boxes_xyxy_norm()
+        else:
+            assert r["task"] == "grounding"
+        if r["kind"] in ("refexp", "find_all", "count", "grounded_caption"):
+            assert gpt.startswith("Step 1: ") and "\nAnswer: " in gpt
+    assert {r["difficulty"] for r in records} == {"simple", "hard"}
+
+
+def test_answer_boxes_are_the_drawn_extent_of_the_referent(dataset):
+    out, _, splits = dataset
+    checked = 0
+    for r in splits["train"]:
+        if r["task"] != "grounding":
+            continue
+        arr = np.asarray(Image.open(out / "images" / r["image"]).convert("RGB")).astype(int)
+        h, w = arr.shape[:2]
+        objects = r["source_ids"]["objects"]
+        targets = r["source_ids"]["targets"]
+        chain = parse_chain(r["conversations"][1]["value"])
+        assert len(chain.answer_boxes_xyxy_norm) == len(targets)
+        for t, norm in zip(targets, chain.answer_boxes_xyxy_norm, strict=True):
+            x1, y1, x2, y2 = (int(v) for v in objects[t]["box_xyxy_px"])
+            # the stored box is the tight box of the object's colour in its neighbourhood (nothing outside)
+            X1, Y1, X2, Y2 = max(0, x1 - 1), max(0, y1 - 1), min(w, x2 + 1), min(h, y2 + 1)
+            patch = np.all(arr[Y1:Y2, X1:X2] == S.COLOURS[objects[t]["colour"]], axis=-1)
+            ys, xs = np.nonzero(patch)
+            assert (xs.min() + X1, ys.min() + Y1, xs.max() + X1 + 1, ys.max() + Y1 + 1) == (x1, y1, x2, y2)
+            # the answer box text is that box, within the 2-decimal rounding of the padded frame
+            px = box_xyxy_norm_to_px(norm, w, h, "padded")
+            assert (
+                max(abs(a - b) for a, b in zip(px, (x1, y1, x2, y2), strict=True)) <= 0.005 * max(w, h) + 1e-6
+            )
+            checked += 1
+    assert checked > 50
+
+
+def test_chain_semantics(dataset):
+    _, _, splits = dataset
+    seen = set()
+    for r in (r for rs in splits.values() for r in rs):
+        chain = parse_chain(r["conversations"][1]["value"])
+        q = r["conversations"][0]["value"]
+        if r["kind"] == "count":
+            assert int(chain.answer_words) == len(chain.answer_boxes_xyxy_norm) >= 1
+            seen.add("count")
+        if r["kind"] == "refexp" and " left of the " in q:
+            anchor = chain.steps[2].boxes_xyxy_norm[0]
+            assert chain.answer_boxes_xyxy_norm[0][2] <= anchor[0] + 0.0051
+            seen.add("left")
+        if r["kind"] == "refexp" and "largest" in q:
+            assert chain.answer_boxes_xyxy_norm[0] in chain.steps[1].boxes_xyxy_norm
+            seen.add("largest")
+        if r["kind"] == "find_all":
+            assert len(chain.answer_boxes_xyxy_norm) >= 2
+            assert set(chain.answer_boxes_xyxy_norm) <= set(chain.steps[1].boxes_xyxy_norm)
+            seen.add("find_all")
+        if r["kind"] == "grounded_caption":
+            assert len(chain.answer_boxes_xyxy_norm) == len(r["source_ids"]["objects"])
+            seen.add("caption")
+    assert {"count", "find_all", "caption"} <= seen
+
+
+def test_resolve_semantics_on_a_hand_built_scene():
+    def obj(shape, colour, box, area=100):
+        return S.Obj(shape, colour, "medium", box, area, (0, 0), Image.new("L", (1, 1)))
+
+    scene = S.Scene(
+        200,
+        100,
+        [
+            obj("circle", "red", (10, 10, 30, 30)),
+            obj("circle", "red", (150, 10, 170, 30), area=300),
+            obj("star", "blue", (80, 10, 100, 30)),
+        ],
+    )
+    assert S.resolve(S.Query(S.Desc("circle", "red"), "left", 2), scene) == [0]
+    assert S.resolve(S.Query(S.Desc("circle", "red"), "right", 2), scene) == [1]
+    assert S.resolve(S.Query(S.Desc("circle"), superlative="largest"), scene) == [1]
+    assert S.resolve(S.Query(S.Desc("circle"), superlative="leftmost"), scene) == [0]
+    assert S.resolve(S.Query(S.Desc("circle"), "nearest", 2), scene) == []  # equidistant: ambiguous
+    assert S.unique_desc(scene, 2) == S.Desc(shape="star")
+    assert S.unique_desc(scene, 0) is None
+
+
+def _hash_tree(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if f != "summary.json":
+                out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_same_seed_gives_byte_identical_output(tmp_path):
+    flags = ("--num", "16", "--image-size", "64", "--kinds", ALL_KINDS, "--random-aspect")
+    generate_dir(tmp_path / "a", *flags)
+    generate_dir(tmp_path / "b", *flags)
+    generate_dir(tmp_path / "c", *flags, seed=1)
+    a, b, c = _hash_tree(tmp_path / "a"), _hash_tree(tmp_path / "b"), _hash_tree(tmp_path / "c")
+    assert a == b and len(a) == 16 + 3
+    assert a["train.json"] != c["train.json"]
+
+
+def test_splits_never_share_a_scene(dataset):
+    out, _, splits = dataset
+    assert {s: len(v) for s, v in splits.items()} == {"train": 96, "val": 12, "test": 12}
+    digests = {}
+    for split, recs in splits.items():
+        digests[split] = {
+            hashlib.sha256((out / "images" / r["image"]).read_bytes()).hexdigest() for r in recs
+        }
+        assert all(r["split"] == split and r["id"].startswith(f"synth-{split}-") for r in recs)
+    assert not digests["train"] & digests["val"] and not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_canvas_knobs():
+    cfg = S.config_from_args(synth_args("--image-size", "160x96"))
+    scene = S.make_scene(random.Random(0), cfg)
+    assert (scene.width, scene.height) == (160, 96) and scene.objects
+    cfg = S.config_from_args(synth_args("--random-aspect", "--aspect-range", "0.5,2"))
+    sizes = {(s.width, s.height) for s in (S.make_scene(random.Random(i), cfg) for i in range(8))}
+    assert len(sizes) > 4 and all(0.45 < w / h < 2.2 for w, h in sizes)
+    cfg = S.config_from_args(
+        synth_args(
+            "--max-overlap",
+            "0.3",
+            "--min-objects",
+            "6",
+            "--max-objects",
+            "6",
+            "--shapes",
+            "circle,star",
+            "--colours",
+            "red",
+        )
+    )
+    scene = S.make_scene(random.Random(3), cfg)
+    assert {o.shape for o in scene.objects} <= {"circle", "star"} and {o.colour for o in scene.objects} == {
+        "red"
+    }
+    assert all(S._iou(a.box, b.box) <= 0.3 for a in scene.objects for b in scene.objects if a is not b)
+    for style in S.CLUTTER:
+        cfg = S.config_from_args(synth_args("--clutter", style, "--image-size", "64"))
+        im = S.render_scene(S.make_scene(random.Random(1), cfg), random.Random(1), cfg)
+        assert im.size == (64, 64)
+    with pytest.raises(ValueError, match="unknown kind"):
+        S.config_from_args(synth_args("--kinds", "refexp:1,bogus:1"))
+    with pytest.raises(ValueError, match="image-size"):
+        S.config_from_args(synth_args("--image-size", "big"))
+
+
+def test_vocabulary_covers_every_phrase_the_generator_produces():
+    vocab = S.vocabulary_text(seed=0, n=120)
+    words = {w for t in vocab for w in re.findall(r"[A-Za-z<>]+", t)}
+    cfg = S.config_from_args(synth_args("--kinds", ALL_KINDS))
+    fresh = 0
+    for i in range(80):
+        got, _ = S.generate(7, "train", i, cfg)
+        assert isinstance(got, Sample)
+        rec = render_record(got)
+        text = " ".join(t["value"] for t in rec["conversations"])
+        # box texts are numbers; every other word must be in the corpus
+        missing = set(re.findall(r"[A-Za-z<>]+", text)) - words
+        assert not missing, missing
+        fresh += 1
+    assert fresh == 80
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    flags = ("--num", "70", "--image-size", "48", "--kinds", ALL_KINDS, "--clutter", "none,lines")
+    generate_dir(tmp_path / "one", *flags)
+    generate_dir(tmp_path / "two", *flags, "--workers", "2")
+    assert _hash_tree(tmp_path / "one") == _hash_tree(tmp_path / "two")
