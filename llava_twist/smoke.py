@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
+from PIL import Image
+
 from llava_twist.model.builder import load_pretrained_model
 from llava_twist.tiny import build_tiny_llava
 from scout_data.parse import parse_chain

@@ -12,13 +12,13 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
 from llava_twist.model.builder import convert_llava_to_twist
 from llava_twist.tiny import TinyLlavaSpec, build_tiny_llava
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
-        for name, (model, extra) in variants.items():  # warm-up
+        for model, extra in variants.values():  # warm-up
             prefill(model, extra)()
             decode(model, extra)()
         for _ in range(args.repeats):
@@ -94,7 +94,8 @@ def main() -> None:
     for name in variants:
         pre = statistics.median(times[(name, "prefill")])
         gen = statistics.median(times[(name, "generate")])
-        print(f"{name:<24}{pre * 1e3:>12.1f}{pre / ref['prefill']:>9.3f}{gen * 1e3:>14.1f}{gen / ref['generate']:>9.3f}")
+        print(f"{name:<24}{pre * 1e3:>12.1f}{pre / ref['prefill']:>9.3f}"
+              f"{gen * 1e3:>14.1f}{gen / ref['generate']:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -167,14 +167,19 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def save_twist_delta(
-    model: TwistLlavaLlamaForCausalLM, out_dir: str | os.PathLike, fingerprint: str | None = None
+    model: TwistLlavaLlamaForCausalLM,
+    out_dir: str | os.PathLike,
+    fingerprint: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the grounding-only delta: ``twist_delta.safetensors`` (the ``twist_`` weights) + ``config.json``
-    holding the TWIST settings and the base fingerprint it applies onto."""
+    holding the TWIST settings and the base fingerprint it applies onto.
+
+    ``state``: the TWIST weights, already gathered (under ZeRO-3 every rank gathers, one rank writes)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint or model.config.twist_base_fingerprint or base_fingerprint(model)
-    state = twist_state_dict(model)
+    state = twist_state_dict(model) if state is None else state
     config = TwistConfig.from_dict(model.config.to_dict())
     config.twist_base_fingerprint = fingerprint
     config.save_pretrained(str(out))
