@@ -11,17 +11,11 @@ the model is normalised ``xyxy`` in a *frame*:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 
 Box = tuple[float, float, float, float]
 FRAMES = ("padded", "original")
 DEFAULT_FRAME = "padded"
-
-BOX_TEXT_RE = re.compile(
-    r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]"
-)
-
 
 def _check_frame(frame: str) -> None:
     if frame not in FRAMES:
@@ -121,11 +115,6 @@ def format_box_px(
     box_xyxy_px: Sequence[float], width: int, height: int, frame: str = DEFAULT_FRAME, decimals: int = 2
 ) -> str:
     return format_box(box_xyxy_px_to_norm(box_xyxy_px, width, height, frame), decimals)
-
-
-def find_box_texts(text: str) -> list[tuple[re.Match[str], Box]]:
-    """Every ``[x1, y1, x2, y2]`` in ``text`` with its match, as floats (not validated)."""
-    return [(m, tuple(float(g) for g in m.groups())) for m in BOX_TEXT_RE.finditer(text)]  # type: ignore[misc]
 
 
 def boxes_px_to_norm(

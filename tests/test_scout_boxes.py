@@ -8,19 +8,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from scout_data.boxes import (
-    BOX_TEXT_RE,
     box_problem_px,
     box_xyxy_norm_to_px,
     box_xyxy_px_to_norm,
     clamp_xyxy_px,
     coco_xywh_to_xyxy,
-    find_box_texts,
     format_box,
     frame_size,
     pad_offset,
     xyxy_to_xywh,
 )
-from scout_data.parse import parse_chain
+from scout_data.parse import BOX_RE, parse_boxes, parse_chain
 
 sizes = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
 
@@ -60,7 +58,7 @@ def test_padded_and_original_frames_convert_into_each_other(case):
 def test_two_decimal_text_lands_within_half_a_step_of_the_frame(case, frame):
     w, h, box = case
     text = format_box(box_xyxy_px_to_norm(box, w, h, frame))
-    assert BOX_TEXT_RE.fullmatch(text)
+    assert BOX_RE.fullmatch(text)
     (parsed,) = parse_chain(text).answer_boxes_xyxy_norm
     back = box_xyxy_norm_to_px(parsed, w, h, frame)
     fw, fh = frame_size(w, h, frame)
@@ -90,7 +88,7 @@ def test_coco_and_clamp_and_problems():
     assert "outside" in box_problem_px((1, 1, 11, 5), 10, 10)
     assert format_box((0.1, 0.15, 0.3, 0.35)) == "[0.10, 0.15, 0.30, 0.35]"
     assert format_box((-0.2, 0.5, 1.7, 1.0)) == "[0.00, 0.50, 1.00, 1.00]"
-    assert [b for _, b in find_box_texts("a [0.1,0.2, 0.3 ,0.4] b")] == [(0.1, 0.2, 0.3, 0.4)]
+    assert parse_boxes("a [0.1,0.2, 0.3 ,0.4] b") == [(0.1, 0.2, 0.3, 0.4)]
     with pytest.raises(ValueError):
         box_xyxy_px_to_norm((0, 0, 1, 1), 0, 10)
     with pytest.raises(ValueError):
