@@ -358,3 +358,16 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     from transformers import AutoConfig
 
     assert type(AutoConfig.from_pretrained(str(tmp_path))) is TwistConfig
+
+
+def test_route_decision_survives_decode_steps(tiny_llava: Path) -> None:
+    twist = load_twist(tiny_llava)
+    with torch.no_grad():
+        twist.get_model().twist_router.net[-1].weight.normal_(std=0.5)
+    batch = make_batch(tiny_llava, QUERIES)
+    common = {"images": batch["images"], "attention_mask": batch["attention_mask"], "do_sample": False,
+              "pad_token_id": 0}
+    twist.generate(batch["input_ids"], max_new_tokens=1, **common)
+    after_prefill = twist.twist_last_route.prob.clone()
+    twist.generate(batch["input_ids"], max_new_tokens=6, min_new_tokens=6, **common)
+    assert torch.equal(twist.twist_last_route.prob, after_prefill)

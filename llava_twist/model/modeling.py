@@ -115,7 +115,8 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
 
         route = self._forced_route(twist_route if twist_route is not None else self.config.twist_route, batch, device)
         forced = route is not None
-        if cache is not None and cache.route is not None:
+        decode_step = cache is not None and cache.route is not None
+        if decode_step:
             if route is not None and not torch.equal(route, cache.route):
                 raise ValueError(
                     "twist_route differs from the route this KV cache was built on; start a new sequence to change it"
@@ -125,7 +126,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         if token_gate:
             route = torch.ones(batch, dtype=torch.bool, device=device)
 
-        router = self.twist_router
+        router = None if decode_step else self.twist_router  # the prefill decided; keep its decision
         router_logits = None
         if route is None and not self.router_in_pass:
             router_logits = self._prefill_router(input_ids, attention_mask, position_ids, inputs_embeds,
@@ -151,7 +152,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         route = ctx.route
         if cache is not None:
             cache.route = route
-        if router_logits is not None or forced:
+        if not decode_step and (router_logits is not None or forced):
             prob = torch.sigmoid(router_logits) if router_logits is not None else route.float()
             self.twist_last_decision = RouteDecision(prob=prob.detach(), grounding=route.detach(), forced=forced)
         return TwistModelOutput(
