@@ -1,0 +1,186 @@
+"""Shared pieces of the evaluation scripts: JSONL I/O, joining answers to questions, IoU, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torchvision.ops import box_iou
+
+from llava_twist.serve.inference import InferenceError, InferenceResult, result_from_text
+from scout_data.boxes import FRAMES, Box, is_degenerate
+
+MAX_EXAMPLES = 5
+NO_ANSWER = "no answer for this question in the answers file"
+
+
+class EvalError(Exception):
+    """A problem with the inputs (missing file, malformed line): reported as a message, not a traceback."""
+
+
+def read_jsonl(path: str, what: str = "file") -> list[dict[str, Any]]:
+    """Every JSON object in a JSONL file; a malformed line is an error naming the file and line."""
+    if not os.path.isfile(path):
+        raise EvalError(f"{what} {path}: not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}:{n}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def default_result_file(answers_file: str) -> str:
+    """``answers.jsonl`` -> ``answers.result.json`` (what :mod:`llava_twist.eval.summary` collects)."""
+    stem = answers_file[: -len(".jsonl")] if answers_file.endswith(".jsonl") else answers_file
+    return stem + ".result.json"
+
+
+def answers_by_id(answers: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Answers keyed by ``str(question_id)``; a later line for the same question wins."""
+    return {str(a.get("question_id")): a for a in answers}
+
+
+def question_frame(question: dict[str, Any], override: str | None) -> str:
+    frame = override or question.get("box_frame") or "padded"
+    if frame not in FRAMES:
+        raise EvalError(f"question {question.get('question_id')}: box_frame {frame!r} is not one of {FRAMES}")
+    return frame
+
+
+def image_size(question: dict[str, Any]) -> tuple[int, int]:
+    try:
+        w, h = int(question["width"]), int(question["height"])
+    except (KeyError, TypeError, ValueError):
+        raise EvalError(f"question {question.get('question_id')}: needs integer 'width' and 'height'") from None
+    if w <= 0 or h <= 0:
+        raise EvalError(f"question {question.get('question_id')}: image size {w}x{h} is not positive")
+    return w, h
+
+
+def parse_answer(question: dict[str, Any], answer: dict[str, Any] | None, frame: str) -> InferenceResult | None:
+    """The parsed answer with boxes in original-image pixels, or None when the question has no answer."""
+    if answer is None:
+        return None
+    try:
+        return result_from_text(str(answer.get("text", "")), image_size(question), frame)
+    except InferenceError as exc:
+        raise EvalError(str(exc)) from None
+
+
+def iou_matrix(boxes_a: Sequence[Box], boxes_b: Sequence[Box]) -> torch.Tensor:
+    """Pairwise IoU (``torchvision.ops.box_iou``) of pixel xyxy boxes; a degenerate box has IoU 0 with all."""
+    a = torch.tensor([list(b) for b in boxes_a], dtype=torch.float64).reshape(-1, 4)
+    b = torch.tensor([list(x) for x in boxes_b], dtype=torch.float64).reshape(-1, 4)
+    if a.numel() == 0 or b.numel() == 0:
+        return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float64)
+    iou = box_iou(a, b)
+    bad_a = torch.tensor([is_degenerate(x) for x in boxes_a], dtype=torch.bool)
+    bad_b = torch.tensor([is_degenerate(x) for x in boxes_b], dtype=torch.bool)
+    iou[bad_a, :] = 0.0
+    iou[:, bad_b] = 0.0
+    return torch.nan_to_num(iou, nan=0.0)
+
+
+def reason_key(reason: str) -> str:
+    """Group reasons that differ only in numbers or quoted text."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", re.sub(r"-?\d+(?:\.\d+)?", "#", reason))[:120]
+
+
+class Failures:
+    """Counts of why predictions were misses, with a few examples each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, question_id: Any, reason: str) -> None:
+        key = reason_key(reason)
+        self.counts[key] += 1
+        ex = self.examples.setdefault(key, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(f"{question_id}: {reason}")
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by_reason": dict(self.counts.most_common()), "examples": self.examples}
+
+
+def ratio(num: float, den: float) -> float | None:
+    return float(num) / den if den else None
+
+
+def group_key(question: dict[str, Any], keys: Sequence[str] = ("subset", "benchmark", "category")) -> str:
+    for key in keys:
+        if question.get(key) not in (None, ""):
+            return str(question[key])
+    return "all"
+
+
+def write_result(path: str, result: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+
+def format_metrics(result: dict[str, Any]) -> str:
+    lines = [f"{result['benchmark']}: {result.get('name', '')} ({result['n']} questions)"]
+    for key, value in result["metrics"].items():
+        lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    for group, metrics in result.get("by_group", {}).items():
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        lines.append(f"  [{group}] {shown}")
+    fails = result.get("failures", {}).get("by_reason", {})
+    if fails:
+        lines.append("  misses by reason:")
+        lines += [f"    {n} x {reason}" for reason, n in fails.items()]
+    return "\n".join(lines)
+
+
+def add_io_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question-file", required=True)
+    parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--result-file", default=None, help="default: <answers-file stem>.result.json")
+    parser.add_argument("--name", default=None, help="name of this result in summaries (default: the answers file)")
+
+
+def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argparse.ArgumentParser,
+             argv: Sequence[str] | None) -> int:
+    """Parse, score, write the result JSON, print the metrics; input problems exit 2 with a message."""
+    args = parser.parse_args(argv)
+    try:
+        result = fn(args)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result.setdefault("name", args.name or os.path.basename(args.answers_file))
+    result["answers_file"] = os.path.abspath(args.answers_file)
+    result["question_file"] = os.path.abspath(args.question_file)
+    path = args.result_file or default_result_file(args.answers_file)
+    write_result(path, result)
+    print(format_metrics(result))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,220 @@
+"""Answer a question file with a TWIST (or plain LLaVA-1.5) model, in batches: LLaVA's ``model_vqa`` for TWIST.
+
+Question lines: ``{"question_id", "image", "text", ...}`` (``text`` without ``<image>``; other keys are
+ground truth for the scorers). Answer lines, LLaVA's format: ``{"question_id", "prompt", "text",
+"answer_id", "model_id", "metadata": {"route", "router_prob", "route_forced", "answer_box_scores"}}``.
+
+``--num-chunks/--chunk-idx`` shard the questions as LLaVA's eval scripts do (one process per GPU). An
+existing answers file is resumed: its complete lines are kept and their questions skipped (a torn last
+line is dropped); ``--overwrite`` starts afresh. Lines are flushed after every batch.
+
+    python -m llava_twist.eval.model_grounding --model-path ./checkpoints/llava-v1.5-7b-twist \\
+        --question-file refcoco_val.jsonl --image-folder ./playground/data/eval/refcoco/images \\
+        --answers-file answers/refcoco_val.jsonl --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import shortuuid
+from tqdm import tqdm
+
+from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
+from llava_twist.serve.inference import (
+    DEFAULT_CONV_MODE,
+    MODEL_CLASSES,
+    ROUTES,
+    GenerationSettings,
+    InferenceError,
+    InferenceResult,
+    LoadedModel,
+    generate,
+    load_image,
+    load_model,
+)
+
+
+def split_list(items: list[Any], n: int) -> list[list[Any]]:
+    """``n`` contiguous chunks of (nearly) equal size, as LLaVA's ``split_list``."""
+    size = math.ceil(len(items) / n) if items else 1
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def get_chunk(items: list[Any], n: int, k: int) -> list[Any]:
+    if n < 1 or not 0 <= k < n:
+        raise EvalError(f"--chunk-idx {k} is not in [0, --num-chunks {n})")
+    chunks = split_list(items, n)
+    return chunks[k] if k < len(chunks) else []
+
+
+def answer_record(question: dict[str, Any], result: InferenceResult, model_id: str) -> dict[str, Any]:
+    return {
+        "question_id": question["question_id"],
+        "prompt": question["text"],
+        "text": result.text,
+        "answer_id": shortuuid.uuid(),
+        "model_id": model_id,
+        "metadata": {
+            "route": result.route,
+            "router_prob": result.router_prob,
+            "route_forced": result.route_forced,
+            "answer_box_scores": result.answer_box_scores,
+        },
+    }
+
+
+def resume_answers(path: str, model_id: str, overwrite: bool) -> set[str]:
+    """Question ids already answered in ``path`` (rewritten without a torn last line)."""
+    if overwrite or not os.path.exists(path):
+        atomic_write_text(path, "")
+        return set()
+    kept, done = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or "question_id" not in row:
+                continue
+            if row.get("model_id") != model_id:
+                raise EvalError(
+                    f"--answers-file {path} holds answers of model {row.get('model_id')!r}, not {model_id!r}; "
+                    "pass --overwrite or another answers file"
+                )
+            kept.append(json.dumps(row, ensure_ascii=False) + "\n")
+            done.add(str(row["question_id"]))
+    atomic_write_text(path, "".join(kept))
+    return done
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def check_questions(questions: list[dict[str, Any]], image_folder: str, path: str) -> None:
+    """Every question has an id, text and an existing image: fail before loading the model, not midway."""
+    missing = []
+    for n, q in enumerate(questions, 1):
+        for key in ("question_id", "text", "image"):
+            if key not in q:
+                raise EvalError(f"{path}: question {n} has no {key!r}")
+        if not os.path.isfile(os.path.join(image_folder, q["image"])):
+            missing.append(os.path.join(image_folder, q["image"]))
+    if missing:
+        raise EvalError(f"{len(missing)} image(s) not found, e.g. {missing[:3]} (check --image-folder)")
+
+
+def answer_questions(
+    loaded: LoadedModel,
+    questions: list[dict[str, Any]],
+    image_folder: str,
+    settings: GenerationSettings,
+    batch_size: int = 1,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Answer ``questions`` in batches (images of the next batch load while the model runs this one)."""
+
+    def load(batch: list[dict[str, Any]]) -> list[Any]:
+        return [load_image(os.path.join(image_folder, q["image"])) for q in batch]
+
+    batches = list(_batches(questions, max(1, batch_size)))
+    out: list[dict[str, Any]] = []
+    bar = tqdm(total=len(questions), unit="q", disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            images = pending.result()
+            pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            results = generate(loaded, [q["text"] for q in batch], images, settings)
+            records = [answer_record(q, r, loaded.model_name) for q, r in zip(batch, results, strict=True)]
+            out.extend(records)
+            if on_batch is not None:
+                on_batch(records)
+            bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def eval_model(args: argparse.Namespace) -> dict[str, Any]:
+    questions = read_jsonl(os.path.expanduser(args.question_file), "question file")
+    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+    image_folder = os.path.expanduser(args.image_folder)
+    check_questions(questions, image_folder, args.question_file)
+    loaded = load_model(os.path.expanduser(args.model_path), args.model_base, args.device, args.model_class)
+    if args.model_id:
+        loaded.model_name = args.model_id
+    answers_file = os.path.expanduser(args.answers_file)
+    done = resume_answers(answers_file, loaded.model_name, args.overwrite)
+    todo = [q for q in questions if str(q["question_id"]) not in done]
+    if done:
+        print(f"resuming {answers_file}: {len(questions) - len(todo)} of {len(questions)} already answered")
+    settings = GenerationSettings(
+        conv_mode=args.conv_mode,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        route=args.route,
+    )
+    with open(answers_file, "a", encoding="utf-8") as f:
+
+        def write(records: list[dict[str, Any]]) -> None:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+
+        start = time.perf_counter()
+        answer_questions(loaded, todo, image_folder, settings, args.batch_size, write)
+        seconds = time.perf_counter() - start
+    return {"answered": len(todo), "skipped": len(questions) - len(todo), "seconds": seconds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--model-class", choices=MODEL_CLASSES, default="twist",
+                   help="llava: answer with the plain LLaVA-1.5 model (the base of retention comparisons)")
+    p.add_argument("--model-id", default=None, help="model_id written in the answers (default: from the path)")
+    p.add_argument("--image-folder", default="")
+    p.add_argument("--question-file", required=True)
+    p.add_argument("--answers-file", required=True)
+    p.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
+    p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--chunk-idx", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--route", choices=ROUTES, default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stats = eval_model(args)
+    except (EvalError, InferenceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rate = stats["answered"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    print(f"answered {stats['answered']} questions in {stats['seconds']:.1f} s ({rate:.2f} q/s) -> {args.answers_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

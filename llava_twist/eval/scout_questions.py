@@ -1,0 +1,155 @@
+"""Question files from SCOUT JSON (``scout-data`` output, e.g. ``DIR/test.json``): one JSONL per benchmark.
+
+    python -m llava_twist.eval.scout_questions --scout-json data/scout/test.json --out-dir playground/data/eval/scout
+
+writes, for the records of each kind present:
+
+- ``refexp.jsonl`` (refexp, region): ``bbox_xyxy_px`` of the target -> ``eval_refexp``;
+- ``grounded_caption.jsonl``: ``phrases: [{phrase, boxes_xyxy_px}]`` -> ``eval_grounded_caption``;
+- ``localization.jsonl`` (find_all, count): ``gt_boxes_xyxy_px``, ``category`` -> ``eval_localization``;
+- ``vqa.jsonl`` (qa): ``answer`` -> ``eval_retention`` (accuracy delta against the base).
+
+Every line: ``question_id`` (the record id), ``image`` (relative to the record's image folder), ``text``
+(the training-time human prompt without ``<image>``), ``kind``, ``width``, ``height``, ``box_frame`` (the
+frame the model was trained to answer in), ``subset`` (``<source>_<split>``). Ground-truth boxes are
+pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from llava_twist.eval.common import EvalError, atomic_write_text
+from scout_data.schema import BOX_SLOT
+from scout_data.writer import IMAGE_TOKEN, render_prompt
+
+BENCHMARKS = {
+    "refexp": "refexp",
+    "region": "refexp",
+    "grounded_caption": "grounded_caption",
+    "find_all": "localization",
+    "count": "localization",
+    "qa": "vqa",
+}
+_BOX_SLOT_RE = re.compile(re.escape(BOX_SLOT))
+
+
+def prompt_text(record: dict[str, Any]) -> str:
+    """The human turn without ``<image>`` (what the model was trained on), else the rendered prompt."""
+    for turn in record.get("conversations") or []:
+        if turn.get("from") == "human":
+            return turn["value"].replace(IMAGE_TOKEN, "").strip()
+    return render_prompt(record["query"], record["kind"])
+
+
+def caption_phrases(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ground-truth phrases of a grounded caption with their pixel boxes.
+
+    Flickr30k records list their phrases (``source_ids.phrases`` with ``num_boxes``, in answer-box order);
+    otherwise each answer box is one phrase, named by the caption text before its ``<box>`` slot."""
+    boxes = [list(b) for b in record.get("answer_boxes_xyxy_px", [])]
+    listed = (record.get("source_ids") or {}).get("phrases")
+    if isinstance(listed, list) and sum(int(p.get("num_boxes", 0)) for p in listed) == len(boxes):
+        out, pos = [], 0
+        for p in listed:
+            n = int(p["num_boxes"])
+            out.append({"phrase": p.get("phrase", ""), "boxes_xyxy_px": boxes[pos : pos + n]})
+            pos += n
+        return out
+    pieces = _BOX_SLOT_RE.split(record.get("answer_text", ""))[: len(boxes)]
+    if len(pieces) != len(boxes):
+        pieces = [""] * len(boxes)
+    names = [re.split(r",| and |: ", piece)[-1].strip(" .,") for piece in pieces]
+    return [{"phrase": name, "boxes_xyxy_px": [box]} for name, box in zip(names, boxes, strict=True)]
+
+
+def question_for(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(benchmark, question line) for one SCOUT record, or None for kinds no benchmark scores."""
+    kind = record.get("kind")
+    bench = BENCHMARKS.get(kind)
+    if bench is None:
+        return None
+    width, height = record["image_size"]
+    q: dict[str, Any] = {
+        "question_id": record["id"],
+        "image": record["image"],
+        "text": prompt_text(record),
+        "kind": kind,
+        "width": width,
+        "height": height,
+        "box_frame": record.get("box_frame", "padded"),
+        "subset": f"{record.get('source', 'scout')}_{record.get('split', 'test')}",
+    }
+    boxes = [list(b) for b in record.get("answer_boxes_xyxy_px", [])]
+    if bench == "refexp":
+        if not boxes:
+            return None
+        q["bbox_xyxy_px"] = boxes[0]
+    elif bench == "grounded_caption":
+        q["phrases"] = caption_phrases(record)
+    elif bench == "localization":
+        ids = record.get("source_ids") or {}
+        q["gt_boxes_xyxy_px"] = boxes
+        q["category"] = str(ids.get("category_id", ids.get("name", "object")))
+        if kind == "count":
+            q["answer"] = str(len(boxes))
+    else:
+        q["answer"] = record.get("answer_text", "")
+        q["benchmark"] = f"{record.get('source', 'scout')}_qa"
+    return bench, q
+
+
+def convert(scout_json: str, out_dir: str, limit: int | None = None) -> dict[str, int]:
+    """Write ``out_dir/<benchmark>.jsonl`` from a SCOUT JSON list; returns lines per benchmark."""
+    if not os.path.isfile(scout_json):
+        raise EvalError(f"--scout-json {scout_json}: not found")
+    try:
+        with open(scout_json, encoding="utf-8") as f:
+            records = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{scout_json}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(records, list):
+        raise EvalError(f"{scout_json}: expected a JSON list of SCOUT records")
+    lines: dict[str, list[str]] = {}
+    counts: Counter[str] = Counter()
+    for n, record in enumerate(records):
+        try:
+            got = question_for(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EvalError(f"{scout_json}: record {n} ({record.get('id')!r}) is not a SCOUT record: {exc!r}") from None
+        if got is None or (limit is not None and counts[got[0]] >= limit):
+            continue
+        counts[got[0]] += 1
+        lines.setdefault(got[0], []).append(json.dumps(got[1], ensure_ascii=False) + "\n")
+    for bench, rows in lines.items():
+        atomic_write_text(os.path.join(out_dir, f"{bench}.jsonl"), "".join(rows))
+    return dict(counts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scout-json", required=True, help="a SCOUT split file, e.g. DIR/test.json")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions per benchmark")
+    args = p.parse_args(argv)
+    try:
+        counts = convert(args.scout_json, args.out_dir, args.limit)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for bench, n in sorted(counts.items()):
+        print(f"{os.path.join(args.out_dir, bench + '.jsonl')}: {n} questions")
+    if not counts:
+        print("no record of a scored kind (refexp, region, grounded_caption, find_all, count, qa)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""One markdown table (and a PNG chart) of every evaluation result JSON found under a folder.
+
+    python -m llava_twist.eval.summary ./playground/data/eval --out ./playground/data/eval/summary
+
+A result file is any ``*.json`` holding ``benchmark``, ``n`` and ``metrics`` (what the ``eval_*`` scripts
+write, ``*.result.json`` by default). Rows: results, sorted by benchmark and name; columns: every
+numeric metric present (blank where a benchmark lacks it). The chart shows each result's headline
+metrics (all in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from llava_twist.eval.common import atomic_write_text
+
+
+def find_results(folder: str) -> list[dict[str, Any]]:
+    """Every result JSON under ``folder`` (recursively), each with its ``path``."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and {"benchmark", "n", "metrics"} <= set(data) and isinstance(data["metrics"], dict):
+            data["path"] = os.path.relpath(path, folder)
+            out.append(data)
+    return sorted(out, key=lambda r: (str(r["benchmark"]), str(r.get("name", "")), r["path"]))
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, int | float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _cell(value: int | float | None) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for r in results:
+        for key in [*(r.get("headline") or []), *_numeric(r["metrics"])]:
+            if key not in columns and key in _numeric(r["metrics"]):
+                columns.append(key)
+    header = ["result", "benchmark", "n", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in results:
+        values = _numeric(r["metrics"])
+        cells = [str(r.get("name") or r["path"]), str(r["benchmark"]), str(r["n"])]
+        cells += [_cell(values.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline_points(results: Sequence[dict[str, Any]]) -> list[tuple[str, float]]:
+    points = []
+    for r in results:
+        values = _numeric(r["metrics"])
+        for key in r.get("headline") or []:
+            if key in values and 0.0 <= values[key] <= 1.0:
+                points.append((f"{r.get('name') or r['path']} [{r['benchmark']}] {key}", values[key]))
+    return points
+
+
+def write_chart(results: Sequence[dict[str, Any]], path: str) -> bool:
+    """A horizontal bar chart of the headline metrics; False when there is nothing to plot."""
+    points = headline_points(results)
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(points) + 1.2))
+    labels, values = zip(*points, strict=True)
+    ax.barh(range(len(points)), values, color="tab:blue")
+    ax.set_yticks(range(len(points)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    for i, v in enumerate(values):
+        ax.text(min(v + 0.01, 0.9), i, f"{v:.3f}", va="center", fontsize=8)
+    ax.set_title("llava-twist evaluation: headline metrics")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def summarize(folder: str, out_prefix: str) -> tuple[str, str | None, int]:
+    """Write ``<out_prefix>.md`` and ``<out_prefix>.png``; returns their paths (png None if empty) and the count."""
+    results = find_results(folder)
+    md = "# Evaluation summary\n\n" + (markdown_table(results) if results else f"No result files under {folder}.\n")
+    md_path = out_prefix + ".md"
+    atomic_write_text(md_path, md)
+    png_path = out_prefix + ".png"
+    return md_path, png_path if write_chart(results, png_path) else None, len(results)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="folder searched (recursively) for result JSON files")
+    p.add_argument("--out", default=None, help="output prefix (default: <folder>/summary)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.folder):
+        print(f"error: {args.folder}: not a folder", file=sys.stderr)
+        return 2
+    md_path, png_path, n = summarize(args.folder, args.out or os.path.join(args.folder, "summary"))
+    with open(md_path, encoding="utf-8") as f:
+        print(f.read())
+    print(f"{n} results; wrote {md_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: shared helpers (``llava_twist.serve.inference``) and the CLI (``python -m llava_twist.serve.cli``)."""

@@ -1,0 +1,141 @@
+"""Ask a TWIST (or plain LLaVA-1.5) model one question about one image; print the chain and its boxes.
+
+    python -m llava_twist.serve.cli --model-path ./checkpoints/llava-v1.5-7b-twist \\
+        --image-file view.jpg --query "Where is the red car? Answer step by step." --save-image boxes.png
+
+Tokens are streamed as they come; then the route (and router probability), each step with its boxes in
+pixels of the original image, and the answer. ``--json`` prints one JSON object instead. An answer
+without a box is reported as a miss with the parser's reason (exit status 0); a missing image, an
+unloadable model or a bad option is an error message (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from llava_twist.serve.inference import (
+    DEFAULT_CONV_MODE,
+    MODEL_CLASSES,
+    ROUTES,
+    GenerationSettings,
+    InferenceError,
+    InferenceResult,
+    draw_boxes,
+    generate,
+    load_image,
+    load_model,
+    stream_generate,
+)
+from scout_data.boxes import FRAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava_twist.serve.cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None, help="the LLaVA-1.5 base of a grounding-only TWIST delta")
+    p.add_argument("--model-class", choices=MODEL_CLASSES, default="twist",
+                   help="llava: run the plain LLaVA-1.5 model of the checkpoint (no routes)")
+    p.add_argument("--image-file", required=True)
+    p.add_argument("--query", required=True, help="the question (without <image>)")
+    p.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--route", choices=ROUTES, default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--box-frame", choices=FRAMES, default=None,
+                   help="frame of the model's box text (default: padded for image_aspect_ratio=pad)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    p.add_argument("--save-image", default=None, metavar="OUT.png", help="write the image with the boxes drawn")
+    p.add_argument("--load-8bit", action="store_true")
+    p.add_argument("--load-4bit", action="store_true")
+    return p
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in box) + "]"
+
+
+def format_result(result: InferenceResult) -> str:
+    """The human-readable report: route, steps with pixel boxes, answer, miss reason and parser notes."""
+    lines = []
+    if result.route is not None:
+        how = "forced" if result.route_forced else f"router p(grounding)={result.router_prob:.3f}"
+        lines.append(f"route: {result.route} ({how})")
+    w, h = result.image_size
+    lines.append(f"boxes in pixels of the {w}x{h} image (model frame: {result.box_frame})")
+    for step in result.chain.steps:
+        lines.append(f"Step {step.index}: {step.text}")
+        lines += [f"    box {_fmt_box(b.box_xyxy_px)}" for b in result.boxes if b.step == step.index]
+    if result.chain.answer_text or result.answer_boxes_xyxy_px:
+        lines.append(f"Answer: {result.chain.answer_text}")
+        lines += [f"    box {_fmt_box(b)}" for b in result.answer_boxes_xyxy_px]
+    if result.miss_reason:
+        lines.append(f"miss: {result.miss_reason}")
+    for problem in result.chain.problems:
+        if problem != result.miss_reason:
+            lines.append(f"note: {problem}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    image = load_image(args.image_file)
+    if args.save_image and not args.save_image.lower().endswith((".png", ".jpg", ".jpeg")):
+        raise InferenceError(f"--save-image {args.save_image}: use a .png or .jpg file name")
+    loaded = load_model(args.model_path, args.model_base, args.device, args.model_class,
+                        load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+    settings = GenerationSettings(
+        conv_mode=args.conv_mode,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        route=args.route,
+        box_frame=args.box_frame,
+    )
+    if args.json or args.num_beams > 1:
+        result = generate(loaded, [args.query], [image], settings)[0]
+        if not args.json:
+            print(f"ASSISTANT: {result.text}")
+    else:
+        print("ASSISTANT: ", end="", flush=True)
+        result = None
+        for item in stream_generate(loaded, args.query, image, settings):
+            if isinstance(item, str):
+                print(item, end="", flush=True)
+            else:
+                result = item
+        print()
+    if args.save_image:
+        folder = os.path.dirname(os.path.abspath(args.save_image))
+        os.makedirs(folder, exist_ok=True)
+        draw_boxes(image, result).save(args.save_image)
+    if args.json:
+        payload = result.to_json()
+        payload.update(model=args.model_path, image_file=args.image_file, query=args.query,
+                       saved_image=args.save_image)
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_result(result))
+        if args.save_image:
+            print(f"wrote {args.save_image}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

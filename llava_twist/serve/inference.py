@@ -1,0 +1,537 @@
+"""Inference helpers shared by the CLI, the evaluation runner and the playground.
+
+One query about one image goes: prompt (LLaVA conversation template, ``<image>`` token) -> token ids ->
+padded image tensor -> ``generate`` (TWIST with a route, or plain LLaVA) -> text -> parsed chain
+(:func:`scout_data.parse.parse_chain`, the one parser) -> boxes in pixels of the original image.
+
+Batches are left-padded: LLaVA's ``prepare_inputs_labels_for_multimodal`` drops the padding given by the
+attention mask and re-pads on ``config.tokenizer_padding_side`` (``right`` in training), which is wrong
+for generation with a decoder-only model; :func:`generate` sets it to ``left`` for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
+
+from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
+from scout_data.parse import BOX_RE, MARKER_RE, ParsedChain, parse_chain
+
+DEFAULT_CONV_MODE = "llava_v1"
+ROUTES = ("auto", "frozen", "grounding")
+MODEL_CLASSES = ("twist", "llava")
+NO_ANSWER_LINE = "no answer line"  # scout_data.parse's problem for text without ``Answer:`` and without boxes
+
+
+class InferenceError(Exception):
+    """A problem the user can fix (missing image, unloadable model, bad option): shown as a message."""
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_model` returns; ``is_twist`` is False for a plain ``LlavaLlamaForCausalLM``."""
+
+    tokenizer: Any
+    model: Any
+    image_processor: Any
+    context_len: int
+    model_name: str
+    is_twist: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def default_box_frame(self) -> str:
+        """``padded`` when the model sees padded squares (``image_aspect_ratio=pad``), else ``original``."""
+        return "padded" if getattr(self.model.config, "image_aspect_ratio", "pad") == "pad" else "original"
+
+
+@dataclass
+class GenerationSettings:
+    conv_mode: str = DEFAULT_CONV_MODE
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 512
+    route: str = "auto"  # TWIST only: auto | frozen | grounding
+    box_frame: str | None = None  # frame of the model's box text; None: the model's default
+
+
+@dataclass
+class GroundedBox:
+    label: str  # "Step 2" or "Answer"
+    step: int | None  # the step's number, None for answer boxes
+    box_xyxy_norm: Box  # as the model wrote it (clamped to [0, 1]), in ``InferenceResult.box_frame``
+    box_xyxy_px: Box  # pixels of the original image, clamped to it
+
+
+@dataclass
+class InferenceResult:
+    """One answer: text, parsed chain, boxes in original-image pixels, route and router probability."""
+
+    text: str
+    chain: ParsedChain
+    boxes: list[GroundedBox]
+    image_size: tuple[int, int]
+    box_frame: str
+    route: str | None = None  # None for plain LLaVA
+    router_prob: float | None = None
+    route_forced: bool = False
+    answer_box_scores: list[float] | None = None  # geometric-mean token probability of each answer box's text
+    prompt: str = ""
+
+    @property
+    def answer_boxes_xyxy_px(self) -> list[Box]:
+        return [b.box_xyxy_px for b in self.boxes if b.step is None]
+
+    @property
+    def miss_reason(self) -> str | None:
+        """Why this answer gives no box (None when it gives one): the parser's first problem."""
+        if self.chain.answer_boxes_xyxy_norm:
+            return None
+        problems = self.chain.problems
+        if NO_ANSWER_LINE in problems:
+            return NO_ANSWER_LINE
+        return "no box in the answer" + (f" ({problems[0]})" if problems else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "route": self.route,
+            "router_prob": self.router_prob,
+            "route_forced": self.route_forced,
+            "image_size": list(self.image_size),
+            "box_frame": self.box_frame,
+            "steps": [
+                {
+                    "index": s.index,
+                    "text": s.text,
+                    "boxes_xyxy_px": [list(b.box_xyxy_px) for b in self.boxes if b.step == s.index],
+                }
+                for s in self.chain.steps
+            ],
+            "answer": self.chain.answer_text,
+            "answer_boxes_xyxy_px": [list(b) for b in self.answer_boxes_xyxy_px],
+            "answer_box_scores": self.answer_box_scores,
+            "boxes": [asdict(b) for b in self.boxes],
+            "problems": list(self.chain.problems),
+            "miss_reason": self.miss_reason,
+        }
+
+
+def load_model(
+    model_path: str,
+    model_base: str | None = None,
+    device: str = "auto",
+    model_class: str = "twist",
+    torch_dtype: torch.dtype | None = None,
+    **load_kwargs: Any,
+) -> LoadedModel:
+    """Load a TWIST checkpoint, delta (+ ``model_base``) or plain LLaVA-1.5 folder; ``model_class="llava"``
+    loads the plain ``LlavaLlamaForCausalLM`` instead (the base of retention comparisons).
+
+    ``device="auto"`` picks CUDA when available; dtype is float16 on CUDA, float32 on CPU. ``load_kwargs``
+    (``load_8bit``, ``load_4bit``, ``twist_*`` overrides) go to the TWIST builder."""
+    from llava.mm_utils import get_model_name_from_path
+
+    device = resolve_device(device)
+    if model_class not in MODEL_CLASSES:
+        raise InferenceError(f"--model-class {model_class!r}: expected one of {MODEL_CLASSES}")
+    for path, what in ((model_path, "--model-path"), (model_base, "--model-base")):
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            where = "no such folder" if not os.path.isdir(path) else "no config.json in it"
+            raise InferenceError(f"{what} {path}: {where}; expected a LLaVA-1.5 / TWIST checkpoint folder")
+    model_name = get_model_name_from_path(model_path.rstrip("/"))
+    try:
+        if model_class == "llava":
+            tokenizer, model, processor, context_len = _load_plain_llava(model_path, model_base, device, torch_dtype)
+        else:
+            from llava_twist.model.builder import load_pretrained_model
+
+            kwargs = dict(load_kwargs)
+            if torch_dtype is not None:
+                kwargs["torch_dtype"] = torch_dtype
+            tokenizer, model, processor, context_len = load_pretrained_model(
+                model_path, model_base, model_name, device=device, **kwargs
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise InferenceError(f"cannot load model {model_path}: {exc}") from exc
+    return LoadedModel(tokenizer, model, processor, context_len, model_name, model_class == "twist")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _load_plain_llava(
+    model_path: str, model_base: str | None, device: str, torch_dtype: torch.dtype | None
+) -> tuple[Any, Any, Any, int]:
+    """Plain LLaVA-1.5, built the way our TWIST builder builds (same dtype under ``from_pretrained``), so the
+    two compare bit for bit. A TWIST delta folder is not a LLaVA model: its base is loaded instead."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from llava_twist.model.builder import is_twist_delta
+
+    path = model_base if (model_base and is_twist_delta(model_path)) else model_path
+    dtype = torch_dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
+    model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=True)
+    model.to(device)
+    vision_tower = model.get_vision_tower()
+    if not vision_tower.is_loaded:
+        vision_tower.load_model()
+    vision_tower.to(device=device, dtype=dtype)
+    model.eval()
+    return tokenizer, model, vision_tower.image_processor, getattr(model.config, "max_sequence_length", 2048)
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB image, or an :class:`InferenceError` naming the file."""
+    if not os.path.isfile(path):
+        raise InferenceError(f"image file {path}: not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InferenceError(f"image file {path}: cannot be read as an image ({exc})") from exc
+
+
+def build_prompt(query: str, conv_mode: str = DEFAULT_CONV_MODE, mm_use_im_start_end: bool = False) -> str:
+    """The full prompt for one image and one question, as LLaVA's ``model_vqa`` builds it."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+    from llava.conversation import conv_templates
+
+    if conv_mode not in conv_templates:
+        raise InferenceError(f"--conv-mode {conv_mode!r}: unknown; LLaVA knows {sorted(conv_templates)}")
+    image_token = DEFAULT_IMAGE_TOKEN
+    if mm_use_im_start_end:
+        image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    qs = query.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], image_token + "\n" + qs)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def prepare_inputs(
+    loaded: LoadedModel, queries: Sequence[str], images: Sequence[Image.Image], conv_mode: str = DEFAULT_CONV_MODE
+) -> dict[str, Any]:
+    """Left-padded ``input_ids`` and ``attention_mask``, the image tensor and sizes for a batch."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    if len(queries) != len(images):
+        raise ValueError(f"{len(queries)} queries but {len(images)} images")
+    mm_start_end = bool(getattr(loaded.model.config, "mm_use_im_start_end", False))
+    ids = [
+        tokenizer_image_token(build_prompt(q, conv_mode, mm_start_end), loaded.tokenizer, IMAGE_TOKEN_INDEX,
+                              return_tensors="pt")
+        for q in queries
+    ]
+    width = max(len(x) for x in ids)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = x
+        attention_mask[i, width - len(x):] = 1
+    pixels = process_images(list(images), loaded.image_processor, loaded.model.config)
+    if isinstance(pixels, list):
+        pixels = [p.to(loaded.device, dtype=loaded.dtype) for p in pixels]
+    else:
+        pixels = pixels.to(loaded.device, dtype=loaded.dtype)
+    return {
+        "input_ids": input_ids.to(loaded.device),
+        "attention_mask": attention_mask.to(loaded.device),
+        "images": pixels,
+        "image_sizes": [im.size for im in images],
+    }
+
+
+class TokenLogprobRecorder(LogitsProcessor):
+    """Notes where generation starts in ``sequences`` (transformers 4.37 puts a BOS column before the new
+    tokens when generating from ``inputs_embeds``) and, with ``logprobs``, the log-probability of each
+    generated token (greedy / sampling, not beams) without keeping every step's logits: at each step it
+    reads the token chosen from the previous step's distribution."""
+
+    def __init__(self, logprobs: bool = True) -> None:
+        self.logprobs = logprobs
+        self.start: int | None = None
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        if not self.logprobs:
+            return scores
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:].to(self.prev.device)).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def generated(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The generated tokens of ``sequences`` (what ``generate`` returned)."""
+        return sequences[:, self.start:] if self.start is not None else sequences
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probabilities of the T generated tokens of ``sequences``."""
+        new = self.generated(sequences)
+        steps = list(self.steps)
+        if self.prev is not None and len(steps) < new.shape[1]:
+            steps.append(self.prev.gather(1, new[:, -1:].to(self.prev.device)).squeeze(1))
+        if not steps:
+            return torch.zeros((new.shape[0], 0))
+        return torch.stack(steps, dim=1).cpu()
+
+
+@contextlib.contextmanager
+def _left_padding(model: Any) -> Iterator[None]:
+    config = model.config
+    before = getattr(config, "tokenizer_padding_side", "right")
+    config.tokenizer_padding_side = "left"
+    try:
+        yield
+    finally:
+        config.tokenizer_padding_side = before
+
+
+def _last_route(loaded: LoadedModel) -> Any:
+    """The route decision of the last prefill (None for plain LLaVA)."""
+    return loaded.model.twist_last_route if loaded.is_twist else None
+
+
+def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict[str, Any]:
+    if settings.route not in ROUTES:
+        raise InferenceError(f"--route {settings.route!r}: expected one of {ROUTES}")
+    tokenizer = loaded.tokenizer
+    kwargs: dict[str, Any] = {
+        "do_sample": settings.temperature > 0,
+        "num_beams": settings.num_beams,
+        "max_new_tokens": settings.max_new_tokens,
+        "use_cache": True,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if settings.temperature > 0:
+        kwargs["temperature"] = settings.temperature
+        if settings.top_p is not None:
+            kwargs["top_p"] = settings.top_p
+    if loaded.is_twist:
+        kwargs["twist_route"] = settings.route
+    return kwargs
+
+
+def _trim(row: torch.Tensor, eos_id: int | None) -> list[int]:
+    ids = row.tolist()
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return ids
+
+
+def answer_box_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the answer's boxes, in the order :func:`parse_chain` lists them."""
+    marks = list(MARKER_RE.finditer(text))
+    if not marks:
+        start, end = 0, len(text)
+    else:
+        answers = [i for i, m in enumerate(marks) if m.group(1) is None]
+        if not answers:
+            return []
+        i = answers[0]
+        start = marks[i].end()
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+    return [(m.start() + start, m.end() + start) for m in BOX_RE.finditer(text[start:end])]
+
+
+def span_scores(
+    tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float], text: str, spans: Sequence[tuple[int, int]]
+) -> list[float]:
+    """Geometric-mean probability of the tokens that overlap each character span of ``text`` (the stripped
+    decode of ``ids``)."""
+    if not spans:
+        return []
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    shift = len(full) - len(full.lstrip())
+    ends, last = [], spans[-1][1] + shift
+    for i in range(len(ids)):
+        ends.append(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)))
+        if ends[-1] >= last:
+            break
+    starts = [0] + ends[:-1]
+    out = []
+    for s, e in spans:
+        s, e = s + shift, e + shift
+        lp = [logprobs[i] for i in range(len(ends)) if starts[i] < e and ends[i] > s]
+        out.append(math.exp(sum(lp) / len(lp)) if lp else 0.0)
+    return out
+
+
+def result_from_text(
+    text: str,
+    image_size: tuple[int, int],
+    box_frame: str = DEFAULT_FRAME,
+    route: str | None = None,
+    router_prob: float | None = None,
+    route_forced: bool = False,
+    answer_box_scores: list[float] | None = None,
+    prompt: str = "",
+) -> InferenceResult:
+    """Parse model output and map its boxes to pixels of the original ``image_size`` (width, height)."""
+    if box_frame not in FRAMES:
+        raise InferenceError(f"--box-frame {box_frame!r}: expected one of {FRAMES}")
+    width, height = image_size
+    chain = parse_chain(text)
+
+    def px(box: Box) -> Box:
+        return clamp_xyxy_px(box_xyxy_norm_to_px(box, width, height, box_frame), width, height)
+
+    boxes = [
+        GroundedBox(f"Step {s.index}", s.index, tuple(b), px(b)) for s in chain.steps for b in s.boxes_xyxy_norm
+    ]
+    boxes += [GroundedBox("Answer", None, tuple(b), px(b)) for b in chain.answer_boxes_xyxy_norm]
+    return InferenceResult(
+        text=text,
+        chain=chain,
+        boxes=boxes,
+        image_size=(width, height),
+        box_frame=box_frame,
+        route=route,
+        router_prob=router_prob,
+        route_forced=route_forced,
+        answer_box_scores=answer_box_scores,
+        prompt=prompt,
+    )
+
+
+def _route_rows(decision: Any, n: int, num_beams: int) -> list[tuple[str | None, float | None, bool]]:
+    if decision is None:
+        return [(None, None, False)] * n
+    probs, routes = decision.prob.tolist(), decision.routes()
+    step = num_beams if len(routes) == n * num_beams else 1
+    return [(routes[i * step], float(probs[i * step]), bool(decision.forced)) for i in range(n)]
+
+
+@torch.inference_mode()
+def generate(
+    loaded: LoadedModel,
+    queries: Sequence[str],
+    images: Sequence[Image.Image],
+    settings: GenerationSettings | None = None,
+) -> list[InferenceResult]:
+    """Answer a batch (one query per image) in one ``generate`` call; greedy batched output equals
+    one-by-one output."""
+    settings = settings or GenerationSettings()
+    frame = settings.box_frame or loaded.default_box_frame()
+    inputs = prepare_inputs(loaded, queries, images, settings.conv_mode)
+    kwargs = _generation_kwargs(loaded, settings)
+    recorder = TokenLogprobRecorder(logprobs=settings.num_beams == 1)
+    kwargs["logits_processor"] = LogitsProcessorList([recorder])
+    with _left_padding(loaded.model):
+        sequences = loaded.model.generate(
+            inputs["input_ids"],
+            images=inputs["images"],
+            image_sizes=inputs["image_sizes"],
+            attention_mask=inputs["attention_mask"],
+            **kwargs,
+        )
+    logprobs = recorder.finish(sequences) if recorder.logprobs else None
+    sequences = recorder.generated(sequences)
+    routes = _route_rows(_last_route(loaded), len(queries), settings.num_beams)
+    eos = loaded.tokenizer.eos_token_id
+    results = []
+    for i, (query, image) in enumerate(zip(queries, images, strict=True)):
+        ids = _trim(sequences[i], eos)
+        text = loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        route, prob, forced = routes[i]
+        scores = None
+        if logprobs is not None:
+            scores = span_scores(loaded.tokenizer, ids, logprobs[i].tolist(), text, answer_box_spans(text))
+        results.append(result_from_text(text, image.size, frame, route, prob, forced, scores, query))
+    return results
+
+
+def stream_generate(
+    loaded: LoadedModel, query: str, image: Image.Image, settings: GenerationSettings | None = None
+) -> Iterator[str | InferenceResult]:
+    """Yield text increments as they are generated, then the :class:`InferenceResult` (with the route)."""
+    settings = settings or GenerationSettings()
+    frame = settings.box_frame or loaded.default_box_frame()
+    inputs = prepare_inputs(loaded, [query], [image], settings.conv_mode)
+    kwargs = _generation_kwargs(loaded, settings)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode(), _left_padding(loaded.model):
+                loaded.model.generate(
+                    inputs["input_ids"],
+                    images=inputs["images"],
+                    image_sizes=inputs["image_sizes"],
+                    attention_mask=inputs["attention_mask"],
+                    streamer=streamer,
+                    **kwargs,
+                )
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pieces: list[str] = []
+    for piece in streamer:
+        if piece:
+            pieces.append(piece)
+            yield piece
+    thread.join()
+    if failure:
+        raise failure[0]
+    text = "".join(pieces).strip()
+    route, prob, forced = _route_rows(_last_route(loaded), 1, settings.num_beams)[0]
+    yield result_from_text(text, image.size, frame, route, prob, forced, None, query)
+
+
+STEP_COLOURS = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40),
+)
+ANSWER_COLOUR = (255, 215, 0)
+
+
+def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> Image.Image:
+    """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for box in result.boxes:
+        colour = ANSWER_COLOUR if box.step is None else STEP_COLOURS[(box.step - 1) % len(STEP_COLOURS)]
+        x1, y1, x2, y2 = box.box_xyxy_px
+        thick = width + 1 if box.step is None else width
+        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=thick)
+        label = box.label
+        tx, ty = x1 + 2, max(0.0, y1 - 12)
+        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+        draw.text((tx, ty), label, fill=(0, 0, 0), font=font)
+    return out
+
