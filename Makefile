@@ -8,7 +8,7 @@ LLAVA := llava-torch==1.2.2.post1
 # Re-install when the install files change.
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install test demo lint clean
+.PHONY: install browser test demo playground lint clean
 
 install: $(STAMP)
 
@@ -21,14 +21,21 @@ $(STAMP):
 	rm -f $(VENV)/.installed-* && touch $@
 	@echo "installed into $(VENV)"
 
-test: install
+# Headless Chromium (Debian packages) for the playground's browser test; a no-op when present.
+browser:
+	bash scripts/install_browser.sh
+
+test: install browser
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 demo: install
 	$(PY) -m llava_twist.smoke
 
+playground: install
+	$(PY) -m playground $(PLAYGROUND_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check llava_twist scout_data scripts playground tests
 
 clean:
-	rm -rf $(VENV) playground/data/demo
+	rm -rf $(VENV) playground/data/demo playground/data/tiny-llava

@@ -20,7 +20,7 @@ LLAVA_STACK = [
     "einops>=0.6",
     "shortuuid>=1.0",
 ]
-DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66"]
+DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66", "matplotlib>=3.7"]
 
 setup(
     name="llava-twist",
@@ -32,13 +32,16 @@ setup(
     install_requires=LLAVA_STACK + DATA,
     extras_require={
         "train": ["deepspeed==0.19.8", "peft==0.10.0"],
-        "demo": ["gradio==6.17.3", "matplotlib>=3.7"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "demo": ["gradio==6.17.3"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "playwright>=1.50"],
     },
     entry_points={
         "console_scripts": [
             "scout-data=scout_data.cli:main",
             "llava-twist-tiny=llava_twist.tiny:main",
+            "llava-twist-cli=llava_twist.serve.cli:main",
+            "llava-twist-eval=llava_twist.eval.model_grounding:main",
+            "llava-twist-eval-summary=llava_twist.eval.summary:main",
         ]
     },
 )

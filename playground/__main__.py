@@ -1,0 +1,46 @@
+"""Serve the playground on this machine: ``python -m playground [--model-path DIR [--model-base DIR]] [--port 7860]``.
+
+With no ``--model-path`` it loads the demo's trained TWIST model (``playground/data/demo/playground.json``) or
+builds and loads a tiny random LLaVA-1.5 (``playground/data/tiny-llava``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from playground.app import MAX_FILE_SIZE, PlaygroundError, build_demo, create_backend, launch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m playground", description=__doc__)
+    p.add_argument("--model-path", default=None,
+                   help="TWIST checkpoint, TWIST delta or LLaVA-1.5 folder (default: the demo's trained model in "
+                        "playground/data/demo, else a tiny random model built into playground/data/tiny-llava)")
+    p.add_argument("--model-base", default=None, help="the LLaVA-1.5 base of a grounding-only TWIST delta")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="upload size limit, e.g. 10mb")
+    p.add_argument("--load-8bit", action="store_true")
+    p.add_argument("--load-4bit", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from llava_twist.serve.inference import InferenceError
+
+    try:
+        backend = create_backend(args.model_path, args.model_base, args.device,
+                                 load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+    except (PlaygroundError, InferenceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(backend.description.replace("**", "").replace("  \n", "\n"))
+    launch(build_demo(backend), args.host, args.port, args.max_file_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

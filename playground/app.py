@@ -1,0 +1,567 @@
+"""The TWIST & SCOUT playground: ask a question about an image, watch the answer stream step by step and
+each step's boxes appear on the image.
+
+    python -m playground                                  # the demo model (or a tiny random one)
+    python -m playground --model-path ./checkpoints/llava-v1.5-7b-twist
+    python -m playground --model-path ./checkpoints/twist-delta --model-base liuhaotian/llava-v1.5-7b
+
+The model writes boxes as normalised ``[x1, y1, x2, y2]`` in the padded square it sees
+(``image_aspect_ratio=pad``); every box is drawn and listed in pixels of the original image
+(``llava_twist.serve.inference.result_from_text``, the one frame module ``scout_data.boxes``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from llava_twist.serve.inference import (  # noqa: E402
+    ANSWER_COLOUR,
+    STEP_COLOURS,
+    GenerationSettings,
+    InferenceError,
+    InferenceResult,
+    LoadedModel,
+    draw_boxes,
+    load_model,
+    result_from_text,
+    stream_generate,
+)
+from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
+
+PLAYGROUND_DIR = Path(__file__).resolve().parent
+DATA_DIR = PLAYGROUND_DIR / "data"
+DEMO_DIR = DATA_DIR / "demo"
+DEMO_POINTER = "playground.json"  # {"model_path": ..., "model_base": ... or null, "label": ...}, paths relative to it
+TINY_DIR = DATA_DIR / "tiny-llava"
+TINY_DONE = "tiny_llava_spec.json"  # written last by build_tiny_llava
+
+MAX_FILE_SIZE = "10mb"
+MAX_IMAGE_PIXELS = 40_000_000
+MIN_IMAGE_SIDE = 8
+MAX_QUERY_CHARS = 2000
+UPDATE_EVERY_S = 0.25
+ROUTE_CHOICES: dict[str, str] = {
+    "Auto (router decides)": "auto",
+    "Original LLaVA (frozen)": "frozen",
+    "Grounding": "grounding",
+}
+ROUTE_LABELS = {v: k for k, v in ROUTE_CHOICES.items()}
+NO_BOX = "No boxes in the model's output"
+NO_ANSWER_BOX = "No box in the answer"
+
+TextGenerator = Callable[[str, Image.Image, GenerationSettings], Iterable[str | InferenceResult]]
+
+
+class PlaygroundError(Exception):
+    """A problem the user can fix, shown in the UI."""
+
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class ModelSource:
+    model_path: str
+    model_base: str | None
+    label: str  # what the UI says is loaded
+
+
+def ensure_tiny_model(out_dir: str | Path = TINY_DIR) -> Path:
+    """The tiny random LLaVA-1.5 checkpoint in ``out_dir``, built on first use (a few seconds, no download)."""
+    from llava_twist.tiny import build_tiny_llava
+
+    out = Path(out_dir)
+    if (out / TINY_DONE).is_file():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    return build_tiny_llava(out)
+
+
+def find_demo_model(demo_dir: str | Path = DEMO_DIR) -> ModelSource | None:
+    """The model ``make demo`` trained, named by ``demo_dir/playground.json``; None when there is none."""
+    pointer = Path(demo_dir) / DEMO_POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        spec = json.loads(pointer.read_text())
+        path = (pointer.parent / spec["model_path"]).resolve()
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PlaygroundError(f"{pointer}: expected {{'model_path': ..., 'model_base': ...}} ({exc})") from exc
+    base = spec.get("model_base")
+    base_path = str((pointer.parent / base).resolve()) if base else None
+    return ModelSource(str(path), base_path, spec.get("label") or f"the demo's trained TWIST model ({path})")
+
+
+def resolve_model_source(
+    model_path: str | None = None,
+    model_base: str | None = None,
+    demo_dir: str | Path = DEMO_DIR,
+    tiny_dir: str | Path = TINY_DIR,
+) -> ModelSource:
+    """``--model-path`` (+ ``--model-base``) when given, else the demo's trained model, else the tiny one."""
+    if model_path:
+        return ModelSource(model_path, model_base, _checkpoint_label(model_path, model_base))
+    if model_base:
+        raise PlaygroundError("--model-base needs --model-path (the TWIST delta to apply onto it)")
+    demo = find_demo_model(demo_dir)
+    if demo is not None:
+        return demo
+    tiny = ensure_tiny_model(tiny_dir)
+    return ModelSource(
+        str(tiny), None, f"the tiny demo LLaVA-1.5 with random weights ({tiny}); its answers are noise"
+    )
+
+
+def _checkpoint_label(model_path: str, model_base: str | None) -> str:
+    from llava_twist.model.builder import is_twist_delta, read_config_json
+    from llava_twist.model.config import TWIST_MODEL_TYPE
+
+    if model_base and is_twist_delta(model_path):
+        return f"the TWIST grounding delta {model_path} on the base {model_base}"
+    try:
+        model_type = read_config_json(model_path).get("model_type")
+    except (OSError, ValueError):
+        return model_path
+    if model_type == TWIST_MODEL_TYPE:
+        return f"the TWIST checkpoint {model_path}"
+    return (
+        f"the LLaVA-1.5 checkpoint {model_path}, converted to TWIST on the fly (untrained grounding experts and "
+        "router: Auto sends every prompt to the original model)"
+    )
+
+
+def describe_model(source: ModelSource, loaded: LoadedModel | None) -> str:
+    """Markdown: what is loaded, with its TWIST settings."""
+    lines = [f"**Model:** {source.label}"]
+    if loaded is not None:
+        cfg = loaded.model.config
+        params = sum(p.numel() for p in loaded.model.parameters())
+        twist = ", ".join(
+            f"{k.removeprefix('twist_')}={getattr(cfg, k)}"
+            for k in ("twist_expert", "twist_layers", "twist_mix", "twist_router_layer", "twist_router_threshold")
+            if hasattr(cfg, k)
+        )
+        dtype = str(loaded.dtype).split(".")[-1]
+        lines.append(
+            f"`{loaded.model_name}` · {params / 1e6:.2f}M parameters · {loaded.device} {dtype}"
+            f" · TWIST: {twist or 'n/a'} · boxes in the `{loaded.default_box_frame()}` frame, drawn in original pixels"
+        )
+    return "  \n".join(lines)
+
+
+# ---------------------------------------------------------------- one answer, streamed
+
+
+@dataclass
+class PanelUpdate:
+    """The state of one answer while it streams: text so far, its parsed boxes and the annotated image."""
+
+    result: InferenceResult
+    image: Image.Image
+    done: bool
+    route_label: str  # the selector's choice
+
+    def html(self) -> str:
+        return chain_html(self.result, self.done)
+
+    def info(self) -> str:
+        return route_info(self.result, self.done, self.route_label)
+
+    def data(self) -> dict[str, Any]:
+        payload = self.result.to_json()
+        payload["done"] = self.done
+        return payload
+
+
+def _rgb(colour: tuple[int, int, int]) -> str:
+    return "rgb({}, {}, {})".format(*colour)
+
+
+def _fmt_px(box: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+
+def chain_html(result: InferenceResult, done: bool) -> str:
+    """The steps, each in the colour of its boxes, with the boxes in original-image pixels."""
+    rows = []
+    steps = result.chain.steps
+    for k, step in enumerate(steps):
+        colour = STEP_COLOURS[(step.index - 1) % len(STEP_COLOURS)]
+        boxes = [b.box_xyxy_px for b in result.boxes if b.step == step.index]
+        pending = not done and k == len(steps) - 1 and not result.chain.has_answer_line
+        box_html = "".join(f' <code class="twist-box">{_fmt_px(b)} px</code>' for b in boxes)
+        rows.append(
+            f'<div class="twist-step{" twist-pending" if pending else ""}" data-step="{step.index}" '
+            f'data-boxes="{len(boxes)}" style="border-left: 6px solid {_rgb(colour)}; padding-left: 8px; '
+            f'margin: 4px 0;"><b>Step {step.index}:</b> {html.escape(step.text)}{box_html}</div>'
+        )
+    answer = result.chain.answer_text
+    if result.chain.has_answer_line or (not steps and answer):
+        boxes = result.answer_boxes_xyxy_px
+        box_html = "".join(f' <code class="twist-box">{_fmt_px(b)} px</code>' for b in boxes)
+        rows.append(
+            f'<div class="twist-answer" data-boxes="{len(boxes)}" style="border-left: 6px solid '
+            f'{_rgb(ANSWER_COLOUR)}; padding-left: 8px; margin: 4px 0;"><b>Answer:</b> {html.escape(answer)}'
+            f"{box_html}</div>"
+        )
+    if not rows:
+        rows.append('<div class="twist-empty"><i>waiting for the first words…</i></div>' if not done else "")
+    return '<div class="twist-chain">' + "".join(rows) + "</div>"
+
+
+def route_info(result: InferenceResult, done: bool, route_label: str) -> str:
+    """Markdown: route (with the router's probability under Auto), progress, and why there is no box."""
+    lines = []
+    if result.route is not None:
+        if result.route_forced:
+            lines.append(f"**Route:** {result.route} (forced: {route_label})")
+        else:
+            prob = f"{result.router_prob:.3f}" if result.router_prob is not None else "n/a"
+            lines.append(f"**Route:** {result.route} · router p(grounding) = **{prob}** (Auto)")
+    elif not done:
+        lines.append(f"**Route:** {route_label} · generating…")
+    n_steps, n_boxes = len(result.chain.steps), len(result.boxes)
+    lines.append(f"{n_steps} step{'s' * (n_steps != 1)} · {n_boxes} box{'es' * (n_boxes != 1)}"
+                 f"{'' if done else ' so far'}")
+    if done:
+        if not result.boxes:
+            reason = html.escape(result.miss_reason or "no box text")
+            lines.append(f"⚠️ **{NO_BOX}** ({reason}): the model answered in words only. Try the Grounding "
+                         "route or ask for boxes step by step.")
+        elif result.miss_reason:
+            lines.append(f"⚠️ **{NO_ANSWER_BOX}** ({html.escape(result.miss_reason)}); the steps' boxes are drawn.")
+        notes = [p for p in result.chain.problems if p != result.miss_reason]
+        lines += [f"note: {html.escape(p)}" for p in notes[:5]]
+    return "  \n".join(lines)
+
+
+def check_image(image: Image.Image | None) -> Image.Image:
+    """An RGB copy of a usable image, or a :class:`PlaygroundError` saying what is wrong with it."""
+    if image is None:
+        raise PlaygroundError("No image: upload one or pick an example below.")
+    w, h = image.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise PlaygroundError(f"The image is {w}x{h} pixels; both sides must be at least {MIN_IMAGE_SIDE}.")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise PlaygroundError(
+            f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f}."
+        )
+    return image.convert("RGB")
+
+
+def check_query(query: str | None) -> str:
+    query = (query or "").strip()
+    if not query:
+        raise PlaygroundError("Type a question about the image.")
+    if len(query) > MAX_QUERY_CHARS:
+        raise PlaygroundError(f"The question has {len(query)} characters; the limit is {MAX_QUERY_CHARS}.")
+    return query
+
+
+class Backend:
+    """The loaded model behind the UI; one generation at a time (a lock, besides Gradio's queue)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel | None,
+        description: str = "",
+        generate_fn: TextGenerator | None = None,
+        box_frame: str | None = None,
+    ) -> None:
+        if loaded is None and generate_fn is None:
+            raise ValueError("Backend needs a loaded model or a generate_fn")
+        self.loaded = loaded
+        self.description = description
+        self.generate_fn = generate_fn
+        self.box_frame = box_frame or (loaded.default_box_frame() if loaded is not None else "padded")
+        self.lock = threading.Lock()
+
+    def _generator(self) -> TextGenerator:
+        if self.generate_fn is not None:
+            return self.generate_fn
+        loaded = self.loaded
+
+        def real(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str | InferenceResult]:
+            return stream_generate(loaded, query, image, settings)
+
+        return real
+
+    def start(self, query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str | InferenceResult]:
+        """Start generating: text pieces, then (from the real model) the :class:`InferenceResult`."""
+        settings.box_frame = settings.box_frame or self.box_frame
+        return iter(self._generator()(query, image, settings))
+
+    def stream(self, query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[PanelUpdate]:
+        """Updates for one answer (see :meth:`updates`)."""
+        items = self.start(query, image, settings)
+        return self.updates(items, query, image, settings)
+
+    def updates(
+        self, items: Iterator[str | InferenceResult], query: str, image: Image.Image, settings: GenerationSettings
+    ) -> Iterator[PanelUpdate]:
+        """One update whenever a step or a box completes (else at most every ``UPDATE_EVERY_S`` seconds), then
+        the final one (``done``). Closing this generator leaves ``items`` running (see :meth:`run`)."""
+        label = ROUTE_LABELS.get(settings.route, settings.route)
+        frame = settings.box_frame or self.box_frame
+        text, final, drawn_boxes, drawn = "", None, -1, image
+        last_key, last_time = None, 0.0
+        for item in items:
+            if isinstance(item, InferenceResult):
+                final = item
+                break
+            text += item
+            partial = result_from_text(text, image.size, frame, prompt=query)
+            if len(partial.boxes) != drawn_boxes:
+                drawn, drawn_boxes = draw_boxes(image, partial), len(partial.boxes)
+            key = (len(partial.chain.steps), len(partial.boxes), partial.chain.has_answer_line)
+            now = time.monotonic()
+            if key != last_key or now - last_time >= UPDATE_EVERY_S:
+                last_key, last_time = key, now
+                yield PanelUpdate(partial, drawn, False, label)
+        if final is None:
+            final = result_from_text(text.strip(), image.size, frame, prompt=query)
+        yield PanelUpdate(final, draw_boxes(image, final), True, label)
+
+    def run(
+        self,
+        image: Image.Image | None,
+        query: str | None,
+        route_label: str,
+        compare: bool,
+        temperature: float,
+        max_new_tokens: float,
+    ) -> Iterator[tuple[Any, ...]]:
+        """The Gradio handler: yields (image, steps, info, data) for TWIST, then the same for original LLaVA.
+
+        Holds the lock until every generation it started has ended: when the request is closed early
+        (cancelled, disconnected), a thread runs the rest of the generation and then frees the lock, so
+        closing never blocks Gradio's event loop and the next request never shares the model mid-generate."""
+        try:
+            image = check_image(image)
+            query = check_query(query)
+            route = ROUTE_CHOICES.get(route_label, route_label)
+            if route not in ROUTE_LABELS:
+                raise PlaygroundError(f"Unknown route {route_label!r}; choose one of {list(ROUTE_CHOICES)}.")
+            settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
+        except PlaygroundError as exc:
+            raise gr.Error(str(exc)) from exc
+        self.lock.acquire()
+        started: list[Iterator[str | InferenceResult]] = []
+        finished = False
+        try:
+            yield from self._panels(started, query, image, route, compare, settings)
+            finished = True
+        except (InferenceError, PlaygroundError) as exc:
+            raise gr.Error(str(exc)) from exc
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(f"Generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if finished:
+                self._finish(started)
+            else:
+                threading.Thread(target=self._finish, args=(started,), daemon=True).start()
+
+    def _finish(self, started: list[Iterator[str | InferenceResult]]) -> None:
+        try:
+            for items in started:
+                for _ in items:
+                    pass
+        except Exception:
+            pass  # the request that started it is gone; its error has nowhere to go
+        finally:
+            self.lock.release()
+
+    def _panels(
+        self,
+        started: list[Iterator[str | InferenceResult]],
+        query: str,
+        image: Image.Image,
+        route: str,
+        compare: bool,
+        settings: dict[str, Any],
+    ) -> Iterator[tuple[Any, ...]]:
+        empty = (None, "", "", None)
+        twist_settings = GenerationSettings(route=route, **settings)
+        started.append(self.start(query, image, twist_settings))
+        twist = None
+        for twist in self.updates(started[-1], query, image, twist_settings):
+            yield (twist.image, twist.html(), twist.info(), twist.data(), *empty)
+        if not compare:
+            return
+        if route == "frozen":
+            note = twist.info() + "  \n(the selected route already is the original LLaVA computation)"
+            yield (twist.image, twist.html(), twist.info(), twist.data(),
+                   twist.image, twist.html(), note, twist.data())
+            return
+        base_settings = GenerationSettings(route="frozen", **settings)
+        started.append(self.start(query, image, base_settings))
+        for base in self.updates(started[-1], query, image, base_settings):
+            yield (twist.image, twist.html(), twist.info(), twist.data(),
+                   base.image, base.html(), base.info(), base.data())
+
+
+# ---------------------------------------------------------------- UI
+
+
+def check_upload(payload: Any) -> None:
+    """Refuse an upload that is not a readable image or is too large, before Gradio decodes it."""
+    path = getattr(payload, "path", None)
+    if not path or str(getattr(payload, "url", "") or "").startswith("data:"):
+        return
+    name = getattr(payload, "orig_name", None) or Path(path).name
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP).") from exc
+    if w * h > MAX_IMAGE_PIXELS:
+        raise gr.Error(f"{name} is {w}x{h} pixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
+
+
+def checked_image(**kwargs: Any) -> gr.Image:
+    """``gr.Image`` whose uploads pass :func:`check_upload` (a clear message instead of a decoder traceback).
+
+    The check wraps the instance's ``preprocess``: a ``gr.Image`` subclass would make Gradio write a
+    ``.pyi`` stub next to this file at import time."""
+    component = gr.Image(**kwargs)
+    decode = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        check_upload(payload)
+        try:
+            return decode(payload)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise gr.Error(f"The uploaded image cannot be decoded ({type(exc).__name__}).") from exc
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
+def load_examples(examples_dir: str | Path = EXAMPLES_DIR) -> list[dict[str, Any]]:
+    """The bundled example scenes (``examples.json``), with absolute image paths."""
+    folder = Path(examples_dir).resolve()
+    entries = json.loads((folder / EXAMPLES_FILE).read_text())
+    for e in entries:
+        e["path"] = str(folder / e["image"])
+    return entries
+
+
+CSS = """
+.twist-chain { font-size: 15px; line-height: 1.5; }
+.twist-pending { opacity: 0.6; }
+.twist-box { font-size: 12px; }
+"""
+
+
+def build_demo(backend: Backend, examples_dir: str | Path = EXAMPLES_DIR) -> gr.Blocks:
+    """The playground's Blocks (not launched)."""
+    examples = load_examples(examples_dir)
+    with gr.Blocks(title="TWIST & SCOUT playground") as demo:
+        gr.Markdown(
+            "## TWIST & SCOUT playground\nAsk about an image; the answer streams step by step and each step's "
+            "boxes appear on the image in its colour (the answer's in gold), in pixels of your image."
+        )
+        gr.Markdown(backend.description, elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = checked_image(
+                    type="pil", image_mode="RGB", format="png", label="Image", sources=["upload", "clipboard"],
+                    elem_id="input-image", height=320,
+                )
+                query = gr.Textbox(label="Question", placeholder="Where is the red circle? Answer step by step.",
+                                   lines=2, max_length=MAX_QUERY_CHARS, elem_id="query")
+                route = gr.Radio(list(ROUTE_CHOICES), value=next(iter(ROUTE_CHOICES)), label="Route",
+                                 elem_id="route")
+                compare = gr.Checkbox(False, label="Side by side: original LLaVA (frozen route) vs TWIST",
+                                      elem_id="compare")
+                with gr.Accordion("Sampling", open=False):
+                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)")
+                    max_new_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max new tokens")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                gr.Examples(
+                    examples=[[e["path"], e["query"]] for e in examples],
+                    inputs=[image, query],
+                    label="Example scenes (SCOUT synthetic)",
+                    elem_id="examples",
+                )
+            with gr.Column(scale=2):
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("### TWIST")
+                        out_image = gr.Image(type="pil", format="png", label="TWIST boxes", interactive=False,
+                                             elem_id="twist-image")
+                        out_info = gr.Markdown(elem_id="twist-info")
+                        out_steps = gr.HTML(elem_id="twist-steps")
+                    with gr.Column(visible=False) as base_col:
+                        gr.Markdown("### Original LLaVA (frozen route)")
+                        base_image = gr.Image(type="pil", format="png", label="Original LLaVA boxes",
+                                              interactive=False, elem_id="base-image")
+                        base_info = gr.Markdown(elem_id="base-info")
+                        base_steps = gr.HTML(elem_id="base-steps")
+                with gr.Accordion("Box data (JSON, original-image pixels)", open=False):
+                    out_data = gr.JSON(label="TWIST", elem_id="twist-data")
+                    base_data = gr.JSON(label="Original LLaVA", elem_id="base-data")
+        compare.change(lambda on: gr.update(visible=bool(on)), compare, base_col, api_visibility="private")
+        inputs = [image, query, route, compare, temperature, max_new_tokens]
+        outputs = [out_image, out_steps, out_info, out_data, base_image, base_steps, base_info, base_data]
+        ask.click(backend.run, inputs, outputs, api_name="ask")
+        query.submit(backend.run, inputs, outputs, api_visibility="private")
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+THEME_FONTS = dict(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+)
+
+
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_file_size: str | int = MAX_FILE_SIZE,
+    block: bool = True,
+    examples_dir: str | Path = EXAMPLES_DIR,
+) -> gr.Blocks:
+    """Serve ``demo``; only the example folder (and Gradio's own upload cache) can be read over HTTP."""
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(Path(examples_dir).resolve())],
+        blocked_paths=[str(DATA_DIR)],
+        max_file_size=max_file_size,
+        ssr_mode=False,
+        share=False,
+        quiet=not block,
+        footer_links=[],
+        theme=gr.themes.Default(**THEME_FONTS),  # local fonts only: no request leaves the page
+        css=CSS,
+    )
+    return demo
+
+
+def create_backend(
+    model_path: str | None = None, model_base: str | None = None, device: str = "auto", **load_kwargs: Any
+) -> Backend:
+    """Resolve and load the model (the demo's or the tiny one by default) behind a :class:`Backend`."""
+    source = resolve_model_source(model_path, model_base)
+    loaded = load_model(source.model_path, source.model_base, device, **load_kwargs)
+    return Backend(loaded, describe_model(source, loaded))

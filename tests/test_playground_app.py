@@ -1,0 +1,250 @@
+"""The playground's backend on its own (no server): streaming steps, boxes in original-image pixels, the tiny
+model behind it, model resolution, errors, and the bundled examples."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from llava_twist.serve.inference import ANSWER_COLOUR, STEP_COLOURS, GenerationSettings, result_from_text
+from playground import app
+from playground.app import Backend, PlaygroundError
+
+AUTO, FROZEN, GROUNDING = app.ROUTE_LABELS["auto"], app.ROUTE_LABELS["frozen"], app.ROUTE_LABELS["grounding"]
+BACKGROUND = (200, 200, 200)
+# 200x100 image: LLaVA sees a 200x200 square with the image 50 px down; boxes below are in that padded frame.
+CHAIN = (
+    "Step 1: I look for the circles.\n"
+    "Step 2: One candidate: circle [0.25, 0.30, 0.50, 0.45].\n"
+    "Answer: [0.60, 0.40, 0.90, 0.70]"
+)
+STEP2_PX = (50.0, 10.0, 100.0, 40.0)  # y: 0.30*200 - 50 = 10, 0.45*200 - 50 = 40
+ANSWER_PX = (120.0, 30.0, 180.0, 90.0)
+
+
+def chunks(text: str) -> list[str]:
+    """Token-sized pieces, as a tokenizer streams them."""
+    return re.findall(r"\s*\S{1,3}", text)
+
+
+def fake_generator(text: str):
+    seen: list[tuple[str, GenerationSettings]] = []
+
+    def generate(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str]:
+        seen.append((query, settings))
+        yield from chunks(text)
+
+    generate.seen = seen  # type: ignore[attr-defined]
+    return generate
+
+
+def grey(w: int = 200, h: int = 100) -> Image.Image:
+    return Image.new("RGB", (w, h), BACKGROUND)
+
+
+def test_boxes_land_on_original_pixels_of_a_non_square_image() -> None:
+    backend = Backend(None, generate_fn=fake_generator(CHAIN))
+    final = list(backend.stream("q", grey(), GenerationSettings()))[-1]
+    assert final.done
+    data = final.data()
+    assert data["image_size"] == [200, 100] and data["box_frame"] == "padded"
+    assert [s["boxes_xyxy_px"] for s in data["steps"]] == [[], [list(STEP2_PX)]]
+    assert data["answer_boxes_xyxy_px"] == [list(ANSWER_PX)]
+    im = final.image
+    assert im.size == (200, 100)
+    step2 = STEP_COLOURS[1]
+    assert im.getpixel((50, 25)) == step2 and im.getpixel((99, 25)) == step2  # left and right edges
+    assert im.getpixel((75, 38)) == step2  # bottom edge
+    assert im.getpixel((75, 25)) == BACKGROUND  # inside stays the image
+    assert im.getpixel((50, 75)) == BACKGROUND  # where the unconverted padded-frame box would be
+    assert im.getpixel((120, 60)) == ANSWER_COLOUR and im.getpixel((179, 60)) == ANSWER_COLOUR
+    html = final.html()
+    assert 'data-step="2" data-boxes="1"' in html and "[50, 10, 100, 40] px" in html
+    assert "rgb({}, {}, {})".format(*step2) in html and '<div class="twist-answer" data-boxes="1"' in html
+
+
+def test_steps_and_boxes_stream_in_order() -> None:
+    backend = Backend(None, generate_fn=fake_generator(CHAIN))
+    updates = list(backend.stream("q", grey(), GenerationSettings()))
+    assert len(updates) >= 4 and [u.done for u in updates].count(True) == 1 and updates[-1].done
+    steps = [len(u.result.chain.steps) for u in updates]
+    boxes = [len(u.result.boxes) for u in updates]
+    assert steps == sorted(steps) and boxes == sorted(boxes) and boxes[-1] == 2
+    first_box = boxes.index(1)
+    mid = updates[first_box]
+    assert not mid.done and not mid.result.chain.has_answer_line
+    assert mid.image.getpixel((50, 25)) == STEP_COLOURS[1]  # drawn while the answer is still being written
+    assert mid.image.getpixel((120, 60)) == BACKGROUND
+    assert "twist-pending" in mid.html() and "so far" in mid.info()
+    assert updates[0].image.getpixel((50, 25)) == BACKGROUND
+
+
+def test_run_yields_both_panels_and_reports_missing_boxes() -> None:
+    gen = fake_generator("The circle is red.")
+    backend = Backend(None, generate_fn=gen)
+    outs = list(backend.run(grey(), "What colour is the circle?", GROUNDING, True, 0.7, 40))
+    first, last = outs[0], outs[-1]
+    assert len(last) == 8 and first[4] is None  # the original-LLaVA panel fills after TWIST is done
+    assert app.NO_BOX in last[2] and app.NO_BOX in last[6]
+    assert last[3]["done"] and last[3]["boxes"] == [] and last[7]["done"]
+    assert [(s.route, s.temperature, s.max_new_tokens) for _, s in gen.seen] == [
+        ("grounding", 0.7, 40), ("frozen", 0.7, 40)
+    ]
+    only = list(Backend(None, generate_fn=fake_generator(CHAIN)).run(grey(), "q", AUTO, False, 0.0, 16))
+    assert all(o[4] is None and o[7] is None for o in only) and app.NO_BOX not in only[-1][2]
+
+
+def test_answer_without_box_but_steps_with_boxes() -> None:
+    text = "Step 1: A circle [0.10, 0.30, 0.20, 0.50].\nAnswer: it is red."
+    final = list(Backend(None, generate_fn=fake_generator(text)).stream("q", grey(), GenerationSettings()))[-1]
+    assert app.NO_ANSWER_BOX in final.info() and app.NO_BOX not in final.info()
+    assert final.image.getpixel((20, 30)) == STEP_COLOURS[0]
+
+
+@pytest.mark.parametrize(
+    ("image", "query", "route", "message"),
+    [
+        (None, "q", AUTO, "No image"),
+        (Image.new("RGB", (4, 40)), "q", AUTO, "at least 8"),
+        (grey(), "   ", AUTO, "Type a question"),
+        (grey(), "x" * (app.MAX_QUERY_CHARS + 1), AUTO, "characters"),
+        (grey(), "q", "Sideways", "Unknown route"),
+    ],
+)
+def test_bad_input_is_a_clear_ui_error(image: Image.Image | None, query: str, route: str, message: str) -> None:
+    backend = Backend(None, generate_fn=fake_generator(CHAIN))
+    with pytest.raises(gr.Error, match=message):
+        list(backend.run(image, query, route, False, 0.0, 16))
+
+
+def test_generation_failure_is_a_ui_error_and_frees_the_lock() -> None:
+    def broken(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str]:
+        yield "Step 1: "
+        raise RuntimeError("out of memory")
+
+    backend = Backend(None, generate_fn=broken)
+    with pytest.raises(gr.Error, match="Generation failed: RuntimeError: out of memory"):
+        list(backend.run(grey(), "q", AUTO, False, 0.0, 16))
+    assert backend.lock.acquire(timeout=5)
+
+
+def test_closed_request_finishes_its_generation_before_freeing_the_lock() -> None:
+    produced: list[str] = []
+
+    def gen(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str]:
+        for piece in chunks(CHAIN):
+            produced.append(piece)
+            yield piece
+
+    backend = Backend(None, generate_fn=gen)
+    run = backend.run(grey(), "q", AUTO, False, 0.0, 16)
+    next(run)
+    assert backend.lock.locked()
+    run.close()  # returns at once; the rest of the generation runs in a thread that then frees the lock
+    assert backend.lock.acquire(timeout=5) and "".join(produced) == CHAIN
+
+
+def test_checked_image_rejects_unreadable_and_huge_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradio.data_classes import ImageData
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    comp = app.checked_image(type="pil")
+    assert type(comp) is gr.Image
+    with pytest.raises(gr.Error, match="notes.png is not an image"):
+        comp.preprocess(ImageData(path=str(bad), orig_name="notes.png"))
+    good = tmp_path / "ok.png"
+    grey(300, 200).save(good)
+    assert comp.preprocess(ImageData(path=str(good), orig_name="ok.png")).size == (300, 200)
+    monkeypatch.setattr(app, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(gr.Error, match="ok.png is 300x200 pixels"):
+        comp.preprocess(ImageData(path=str(good), orig_name="ok.png"))
+
+
+def test_tiny_model_answers_through_the_backend(tiny_llava: Path) -> None:
+    backend = app.create_backend(str(tiny_llava), device="cpu")
+    assert "converted to TWIST" in backend.description and "parameters" in backend.description
+    outs = list(backend.run(grey(), "Where is the circle? Answer step by step.", AUTO, True, 0.0, 12))
+    twist, base = outs[-1][3], outs[-1][7]
+    assert twist["done"] and twist["text"] and twist["image_size"] == [200, 100]
+    assert twist["route"] in ("frozen", "grounding") and not twist["route_forced"]
+    assert 0.0 <= twist["router_prob"] <= 1.0 and "router p(grounding)" in outs[-1][2]
+    assert base["route"] == "frozen" and base["route_forced"] and "forced" in outs[-1][6]
+    # an untrained router picks the frozen route: both panels are then the original model's answer
+    assert twist["route"] != "frozen" or twist["text"] == base["text"]
+    assert (app.NO_BOX in outs[-1][2]) == (twist["boxes"] == [])
+    forced = list(backend.run(grey(), "Find the square.", GROUNDING, False, 0.0, 8))[-1]
+    assert forced[3]["route"] == "grounding" and forced[3]["route_forced"]
+
+
+def test_model_source_resolution(tmp_path: Path, tiny_llava: Path) -> None:
+    with pytest.raises(PlaygroundError, match="--model-base needs --model-path"):
+        app.resolve_model_source(None, str(tiny_llava), demo_dir=tmp_path / "none", tiny_dir=tmp_path / "tiny")
+    given = app.resolve_model_source(str(tiny_llava), None)
+    assert given.model_path == str(tiny_llava) and "LLaVA-1.5 checkpoint" in given.label
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / app.DEMO_POINTER).write_text(json.dumps({"model_path": "twist", "model_base": "../base"}))
+    found = app.resolve_model_source(None, None, demo_dir=demo, tiny_dir=tmp_path / "tiny")
+    assert found.model_path == str(demo / "twist") and found.model_base == str(tmp_path / "base")
+    assert "demo's trained TWIST model" in found.label and not (tmp_path / "tiny").exists()
+    (demo / app.DEMO_POINTER).write_text("{}")
+    with pytest.raises(PlaygroundError, match="model_path"):
+        app.find_demo_model(demo)
+
+
+def test_tiny_default_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def fake_build(out: Path) -> Path:
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / app.TINY_DONE).write_text("{}")
+        return out
+
+    monkeypatch.setattr("llava_twist.tiny.build_tiny_llava", fake_build)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")  # an interrupted build is rebuilt
+    src = app.resolve_model_source(None, None, demo_dir=tmp_path / "no-demo", tiny_dir=tiny)
+    assert src.model_path == str(tiny) and "random weights" in src.label
+    assert not (tiny / "config.json").exists()
+    app.resolve_model_source(None, None, demo_dir=tmp_path / "no-demo", tiny_dir=tiny)
+    assert calls == [tiny]
+
+
+def test_bundled_examples_are_small_and_their_references_hit_the_objects() -> None:
+    examples = app.load_examples()
+    files = [Path(e["path"]) for e in examples]
+    assert len(examples) >= 3 and all(f.parent == app.EXAMPLES_DIR for f in files)
+    assert sum(f.stat().st_size for f in app.EXAMPLES_DIR.iterdir()) < 50_000
+    sizes = set()
+    for e, f in zip(examples, files, strict=True):
+        with Image.open(f) as im:
+            size = im.size
+        sizes.add(size[0] == size[1])
+        got = result_from_text(e["reference"], size, "padded").answer_boxes_xyxy_px
+        assert len(got) == len(e["answer_boxes_xyxy_px"])
+        for box, want in zip(got, e["answer_boxes_xyxy_px"], strict=True):
+            assert max(abs(a - b) for a, b in zip(box, want, strict=True)) <= 0.01 * max(size) + 1
+    assert False in sizes  # non-square scenes exercise the padded frame
+
+
+def test_command_line(tmp_path: Path, tiny_llava: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    from playground import __main__ as cli
+
+    assert cli.main(["--model-path", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    launched: list[tuple] = []
+    monkeypatch.setattr(cli, "launch", lambda demo, *args: launched.append((demo, *args)))
+    assert cli.main(["--model-path", str(tiny_llava), "--device", "cpu", "--port", "7999"]) == 0
+    demo, host, port, max_size = launched[0]
+    assert isinstance(demo, gr.Blocks) and (host, port, max_size) == ("127.0.0.1", 7999, app.MAX_FILE_SIZE)
+    assert "converted to TWIST" in capsys.readouterr().out
