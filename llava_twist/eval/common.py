@@ -16,6 +16,7 @@ from torchvision.ops import box_iou
 
 from llava_twist.serve.inference import InferenceError, InferenceResult, result_from_text
 from scout_data.boxes import FRAMES, Box, is_degenerate
+from scout_data.output import atomic_write_text
 
 MAX_EXAMPLES = 5
 NO_ANSWER = "no answer for this question in the answers file"
@@ -42,15 +43,6 @@ def read_jsonl(path: str, what: str = "file") -> list[dict[str, Any]]:
                 raise EvalError(f"{path}:{n}: expected a JSON object per line")
             rows.append(row)
     return rows
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def default_result_file(answers_file: str) -> str:
@@ -184,3 +176,18 @@ def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argpars
     print(format_metrics(result))
     print(f"wrote {path}")
     return 0
+
+
+def scorer_main(score: Callable[..., dict[str, Any]], doc: str | None, argv: Sequence[str] | None) -> int:
+    """The command line of a box scorer: ``score(questions, answers, frame_override)`` -> result."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_io_args(parser)
+    parser.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        result = score(read_jsonl(args.question_file, "question file"),
+                       read_jsonl(args.answers_file, "answers file"), args.box_frame)
+        result.pop("rows", None)
+        return result
+
+    return run_main(run, parser, argv)

@@ -14,7 +14,6 @@ the original image (in the question's ``box_frame``).
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
@@ -24,16 +23,13 @@ from llava_twist.eval.common import (
     NO_ANSWER,
     EvalError,
     Failures,
-    add_io_args,
     answers_by_id,
     iou_matrix,
     parse_answer,
     question_frame,
     ratio,
-    read_jsonl,
-    run_main,
+    scorer_main,
 )
-from scout_data.boxes import FRAMES
 from scout_data.parse import BOX_RE
 
 HEADLINE = ["phrase_recall@0.5", "phrase_recall_text@0.5", "box_precision@0.5"]
@@ -114,20 +110,8 @@ def score_grounded_caption(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_io_args(p)
-    p.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
-    return p
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    return score_grounded_caption(read_jsonl(args.question_file, "question file"),
-                                  read_jsonl(args.answers_file, "answers file"), args.box_frame)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return scorer_main(score_grounded_caption, __doc__, argv)
 
 
 if __name__ == "__main__":

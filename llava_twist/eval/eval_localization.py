@@ -13,7 +13,6 @@ ground truth); ``parse_failure_rate`` (answers with no box although the query ha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -24,17 +23,15 @@ from llava_twist.eval.common import (
     NO_ANSWER,
     EvalError,
     Failures,
-    add_io_args,
     answers_by_id,
     image_size,
     iou_matrix,
     parse_answer,
     question_frame,
     ratio,
-    read_jsonl,
-    run_main,
+    scorer_main,
 )
-from scout_data.boxes import FRAMES, xyxy_to_xywh
+from scout_data.boxes import xyxy_to_xywh
 
 HEADLINE = ["AP", "AP50", "recall@0.5"]
 
@@ -143,20 +140,8 @@ def score_localization(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_io_args(p)
-    p.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
-    return p
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    return score_localization(read_jsonl(args.question_file, "question file"),
-                              read_jsonl(args.answers_file, "answers file"), args.box_frame)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return scorer_main(score_localization, __doc__, argv)
 
 
 if __name__ == "__main__":

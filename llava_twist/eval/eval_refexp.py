@@ -10,7 +10,6 @@ counted in the parse-failure rate with the parser's reason; a degenerate predict
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from llava_twist.eval.common import (
     NO_ANSWER,
     EvalError,
     Failures,
-    add_io_args,
     answers_by_id,
     group_key,
     image_size,
@@ -28,10 +26,9 @@ from llava_twist.eval.common import (
     parse_answer,
     question_frame,
     ratio,
-    read_jsonl,
-    run_main,
+    scorer_main,
 )
-from scout_data.boxes import FRAMES, is_degenerate
+from scout_data.boxes import is_degenerate
 
 HEADLINE = ["acc@0.5", "mean_iou"]
 
@@ -102,22 +99,8 @@ def score_refexp(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_io_args(p)
-    p.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
-    return p
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    result = score_refexp(read_jsonl(args.question_file, "question file"),
-                          read_jsonl(args.answers_file, "answers file"), args.box_frame)
-    result.pop("rows")
-    return result
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(_run, build_parser(), argv)
+    return scorer_main(score_refexp, __doc__, argv)
 
 
 if __name__ == "__main__":
