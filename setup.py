@@ -42,6 +42,7 @@ setup(
             "llava-twist-cli=llava_twist.serve.cli:main",
             "llava-twist-eval=llava_twist.eval.model_grounding:main",
             "llava-twist-eval-summary=llava_twist.eval.summary:main",
+            "llava-twist-train=llava_twist.train.train_twist:main",
         ]
     },
 )

@@ -1,0 +1,118 @@
+"""Check a LLaVA conversation JSON file before training: fail early naming the bad record, or skip it.
+
+A record needs ``conversations`` (a list of ``{from: human|gpt, value: str}`` turns that alternate,
+starting with human, with at least one gpt turn) and, when it has ``image``, the file under
+``--image_folder`` and one ``<image>`` placeholder in the first human turn; a record without ``image``
+has no placeholder. ``task`` (SCOUT) is ``grounding`` or ``understanding``; records without it are
+understanding samples (LLaVA's own instruction data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("grounding", "understanding")
+MAX_REASONS_LOGGED = 20
+
+
+class BadRecordError(ValueError):
+    """A training record that LLaVA's preprocessing would choke on (or silently mistrain on)."""
+
+
+def record_problem(record: Any, image_folder: str | None) -> str | None:
+    """Why ``record`` cannot be trained on, or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return "no 'conversations' list (or it is empty)"
+    for t, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"conversations[{t}] is not a {{'from': ..., 'value': str}} turn"
+        if turn.get("from") not in ("human", "gpt"):
+            return f"conversations[{t}]: 'from' is {turn.get('from')!r}, expected 'human' or 'gpt'"
+    turns = conversations[1:] if conversations[0]["from"] != "human" else conversations
+    for t, turn in enumerate(turns):
+        if turn["from"] != ("human", "gpt")[t % 2]:
+            return "turns must alternate human, gpt, human, ... (LLaVA's v1 template)"
+    if len(turns) < 2:
+        return "no gpt answer to train on"
+    task = record.get("task", "understanding")
+    if task not in TASKS:
+        return f"task {task!r}: expected one of {TASKS}"
+    placeholders = sum(turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in conversations)
+    image = record.get("image")
+    if image is None:
+        if placeholders:
+            return f"{DEFAULT_IMAGE_TOKEN} placeholder in the text but no 'image'"
+        return None
+    if not isinstance(image, str) or not image:
+        return f"'image' must be a file name, got {image!r}"
+    if placeholders != 1 or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
+        return f"expected one {DEFAULT_IMAGE_TOKEN} placeholder in the first human turn, found {placeholders} in all"
+    if not os.path.isfile(os.path.join(image_folder or "", image)):
+        return f"image {image!r} not found under --image_folder {image_folder}"
+    return None
+
+
+def load_records(path: str | os.PathLike) -> list[Any]:
+    """The JSON list in ``path``; errors name the file (and the line of a syntax error)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--data_path {file}: no such file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"--data_path {file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise BadRecordError(f"--data_path {file}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def check_image_folder(records: list[Any], image_folder: str | None) -> None:
+    """A missing (or unset) image folder is a setup error, whatever ``skip_bad`` says."""
+    if not any(isinstance(r, dict) and "image" in r for r in records):
+        return
+    if not image_folder:
+        raise FileNotFoundError("the data has images but --image_folder is not set")
+    if not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image_folder {image_folder}: no such directory")
+
+
+def validated_records(
+    data_path: str | os.PathLike,
+    image_folder: str | None,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = logger.warning,
+) -> list[dict[str, Any]]:
+    """The file's records, checked. A bad record raises ``BadRecordError`` naming the file, its index and id;
+    with ``skip_bad`` it is dropped and the reason logged."""
+    records = load_records(data_path)
+    check_image_folder(records, image_folder)
+    kept, skipped = [], 0
+    for index, record in enumerate(records):
+        problem = record_problem(record, image_folder)
+        if problem is None:
+            kept.append(record)
+            continue
+        record_id = record.get("id", "<no id>") if isinstance(record, dict) else "<no id>"
+        message = f"{data_path}: record {index} (id {record_id!r}): {problem}"
+        if not skip_bad:
+            raise BadRecordError(message + " (pass --twist_skip_bad_records True to skip such records)")
+        skipped += 1
+        if skipped <= MAX_REASONS_LOGGED:
+            log(f"skipping {message}")
+    if skipped:
+        log(f"{data_path}: skipped {skipped} of {len(records)} records")
+    if not kept:
+        raise BadRecordError(f"{data_path}: no usable record ({len(records)} in the file)")
+    return kept

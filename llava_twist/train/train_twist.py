@@ -1,0 +1,222 @@
+"""Fine-tune the TWIST grounding experts (and router, mixes) of a LLaVA-1.5 checkpoint; nothing else changes.
+
+LLaVA's command line plus ``--twist_*`` (see `llava_twist.train.arguments`). Under ``--deepspeed
+scripts/zero3.json`` the model is built partitioned (``zero.Init``) and the grounding experts are copied from
+the frozen ones with gathered parameters. Saves the grounding-only delta to ``--output_dir`` (and to every
+``checkpoint-*``), plus a full TWIST checkpoint in ``<output_dir>/full`` with ``--twist_save_full True``;
+resumes from the last ``checkpoint-*`` in ``--output_dir``, as LLaVA does.
+
+    deepspeed llava_twist/train/train_twist.py --deepspeed scripts/zero3.json --model_name_or_path ... (see
+    scripts/finetune_twist.sh)
+    python -m llava_twist.train.train_twist ...   # one process, no DeepSpeed
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # run as a script (``deepspeed path/to/train_twist.py``): import the package, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+import logging  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from llava import conversation as conversation_lib  # noqa: E402
+
+from llava_twist.model.builder import (  # noqa: E402
+    base_fingerprint,
+    check_llava_llama,
+    freeze_all_but_twist,
+    load_twist_model,
+    read_config_json,
+    twist_config_for,
+)
+from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
+from llava_twist.train.arguments import parse_args  # noqa: E402
+from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
+from llava_twist.train.lora import add_twist_lora, freeze_for_twist_lora, merged_twist_state  # noqa: E402
+from llava_twist.train.records import validated_records  # noqa: E402
+from llava_twist.train.trainer import TwistTrainer  # noqa: E402
+
+logger = logging.getLogger("llava_twist.train")
+
+# LLaVA flag -> the base config.json field it must equal (TWIST keeps the base's vision modules and vocabulary)
+BASE_VISION_FIELDS = {
+    "vision_tower": "mm_vision_tower",
+    "mm_projector_type": "mm_projector_type",
+    "mm_vision_select_layer": "mm_vision_select_layer",
+    "mm_vision_select_feature": "mm_vision_select_feature",
+    "mm_patch_merge_type": "mm_patch_merge_type",
+    "mm_use_im_start_end": "mm_use_im_start_end",
+    "mm_use_im_patch_token": "mm_use_im_patch_token",
+}
+
+
+def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
+    """A local checkpoint folder for ``--model_name_or_path`` (a hub id is downloaded once)."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
+        raise FileNotFoundError(f"--model_name_or_path {name}: not a local folder, and not downloadable: {e}") from e
+
+
+def match_base_vision_args(model_args: Any, base_config: dict[str, Any], where: str) -> None:
+    """Fill ``--vision_tower`` from the base when unset; refuse vision flags that disagree with the base."""
+    if model_args.vision_tower is None:
+        model_args.vision_tower = base_config.get("mm_vision_tower")
+    for flag, key in BASE_VISION_FIELDS.items():
+        if key in base_config and getattr(model_args, flag) != base_config[key]:
+            raise ValueError(
+                f"--{flag} {getattr(model_args, flag)!r} differs from the base checkpoint's {key} "
+                f"{base_config[key]!r} ({where}); TWIST keeps the base's vision modules and vocabulary: "
+                f"pass --{flag} {base_config[key]}"
+            )
+
+
+def fill_deepspeed_hidden_size_autos(training_args: Any, hidden_size: int) -> None:
+    """Fill DeepSpeed's hidden-size based ``auto`` buckets with integers: transformers 4.37.2 writes
+    ``0.9 * hidden**2`` (a float), which DeepSpeed >= 0.15 rejects for ``stage3_prefetch_bucket_size``."""
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    zero = ds_config.config.get("zero_optimization", {}) if ds_config is not None else {}
+    values = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in values.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def setup_gradient_checkpointing(training_args: Any, router: str) -> None:
+    """Non-reentrant checkpointing: the router runs inside a checkpointed layer, and reentrant checkpointing
+    runs that forward without autograd, so the router would silently get no gradient."""
+    if not training_args.gradient_checkpointing:
+        return
+    kwargs = dict(training_args.gradient_checkpointing_kwargs or {})
+    if kwargs.get("use_reentrant") and router != "none":
+        raise ValueError("gradient checkpointing with use_reentrant=True leaves the TWIST router without gradient")
+    kwargs["use_reentrant"] = False
+    training_args.gradient_checkpointing_kwargs = kwargs
+
+
+def set_conversation_template(version: str, tokenizer: Any) -> None:
+    """LLaVA's template choice for ``--version`` (v1 for LLaVA-1.5); padding with unk, as LLaVA."""
+    if version == "v0":
+        raise ValueError("--version v0 adds a pad token (resizing the frozen embeddings); LLaVA-1.5 uses --version v1")
+    tokenizer.pad_token = tokenizer.unk_token
+    templates = conversation_lib.conv_templates
+    conversation_lib.default_conversation = templates.get(version, templates["vicuna_v1"])
+
+
+def train(argv: Sequence[str] | None = None, attn_implementation: str | None = None) -> TwistTrainer:
+    """Parse the command line, train, save; returns the trainer."""
+    model_args, data_args, training_args, twist_args = parse_args(argv)
+    is_main = training_args.process_index == 0
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if is_main else logging.WARNING)
+    say = logger.info if is_main else (lambda message: None)
+    warn = logger.warning if is_main else (lambda message: None)
+
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if twist_args.twist_router_lr is not None and ds_config is not None and "optimizer" in ds_config.config:
+        warn("--twist_router_lr is ignored: the DeepSpeed config builds its own optimizer (one learning rate)")
+    base = resolve_model_path(model_args.model_name_or_path, training_args.cache_dir)
+    base_config = read_config_json(base)
+    check_llava_llama(base_config, str(Path(base) / "config.json"))
+    match_base_vision_args(model_args, base_config, base)
+    records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
+
+    config = twist_config_for(base, **twist_args.config_kwargs())
+    setup_gradient_checkpointing(training_args, config.twist_router)
+    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model = load_twist_model(
+        base,
+        config,
+        cache_dir=training_args.cache_dir,
+        attn_implementation=attn_implementation,
+        torch_dtype=torch.bfloat16 if training_args.bf16 else None,
+    )
+    fill_deepspeed_hidden_size_autos(training_args, model.config.hidden_size)
+    model.config.use_cache = False
+    lora = twist_args.twist_lora_r > 0
+    if lora:
+        add_twist_lora(model, twist_args.twist_lora_r, training_args.lora_alpha, training_args.lora_dropout)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        base,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+        use_fast=False,
+    )
+    set_conversation_template(model_args.version, tokenizer)
+
+    vocab = model.get_input_embeddings().weight
+    vocab_rows = getattr(vocab, "ds_shape", vocab.shape)[0]
+    model.get_model().initialize_vision_modules(model_args=model_args, fsdp=training_args.fsdp)
+    vision_tower = model.get_vision_tower()
+    vision_tower.to(dtype=compute_dtype, device=training_args.device)
+    data_args.image_processor = vision_tower.image_processor
+    data_args.is_multimodal = True
+    model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    model.config.tokenizer_padding_side = tokenizer.padding_side
+    model.config.tokenizer_model_max_length = tokenizer.model_max_length
+    model.config.tune_mm_mlp_adapter = training_args.tune_mm_mlp_adapter = False
+    model.config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    model.config.mm_use_im_start_end = data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+    model.config.mm_projector_lr = training_args.mm_projector_lr
+    training_args.use_im_start_end = model_args.mm_use_im_start_end
+    model.config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+    model.initialize_vision_tokenizer(model_args, tokenizer=tokenizer)
+    vocab = model.get_input_embeddings().weight
+    if getattr(vocab, "ds_shape", vocab.shape)[0] != vocab_rows:
+        raise ValueError("the tokenizer lacks tokens the base config promises (embeddings were resized)")
+
+    trainable, total = (freeze_for_twist_lora if lora else freeze_all_but_twist)(model)
+    if model.config.twist_base_fingerprint is None:
+        model.config.twist_base_fingerprint = base_fingerprint(model)
+    say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%): the TWIST weights")
+
+    dataset = TwistSupervisedDataset(records, tokenizer, data_args)
+    say(f"{len(dataset)} records: {dataset.task_counts}")
+    trainer = TwistTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=TwistDataCollator(tokenizer=tokenizer),
+        step_weights=twist_args.step_weights(),
+        save_full=twist_args.twist_save_full,
+        router_lr=twist_args.twist_router_lr,
+        twist_state_fn=merged_twist_state if lora else plain_twist_state,
+    )
+    resume = any(Path(training_args.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_state()
+    model.config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    say(f"saved the grounding delta to {training_args.output_dir}")
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train(argv)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process done writing before any tears the group down
+        torch.distributed.destroy_process_group()  # else gloo's threads abort the interpreter at exit
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The real DeepSpeed launcher (2 CPU processes, gloo, ZeRO-3, scripts/zero3.json) on a tiny LLaVA-1.5."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from llava.mm_utils import process_images, tokenizer_image_token
+from PIL import Image
+from safetensors.torch import load_file
+
+from llava_twist.model import is_twist_param
+from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from twist_train_data import write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SAVE_STEPS = 8, 4
+EXTRA = ["--twist_save_full", "True", "--twist_router_lr", "1.0", "--twist_step_weights", "answer:2"]
+
+
+def launch(model: Path, data: Path, images: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MODEL=str(model), DATA=str(data), IMAGES=str(images), OUT=str(out), STEPS=str(STEPS),
+               SAVE_STEPS=str(SAVE_STEPS), LR="1e-2", BATCH="2", PYTHONFAULTHANDLER="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune_twist_cpu.sh"), *EXTRA], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("launcher")
+    data, images = write_dataset(root / "data", n_grounding=4, n_understanding=4)
+    out = root / "run"
+    launch(tiny_llava, data, images, out)
+    return {"base": tiny_llava, "data": data, "images": images, "out": out, "root": root}
+
+
+def log_history(out: Path) -> list[dict]:
+    return [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+
+def prompt_batch(tokenizer, processor, config, record: dict, images: Path) -> dict:
+    conv = conv_templates["v1"].copy()
+    conv.append_message(conv.roles[0], record["conversations"][0]["value"])
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    image = Image.open(images / record["image"]).convert("RGB")
+    return {"input_ids": ids, "images": process_images([image], processor, config)}
+
+
+def router_probs(model_dir: Path, base: Path | None, data: Path, images: Path) -> tuple[list[float], list[float]]:
+    tokenizer, model, processor, _ = load_pretrained_model(str(model_dir), None if base is None else str(base),
+                                                           device="cpu")
+    grounding, understanding = [], []
+    for record in json.loads(data.read_text()):
+        with torch.no_grad():
+            model(**prompt_batch(tokenizer, processor, model.config, record, images), twist_route="auto")
+        prob = model.twist_last_route.prob.item()
+        (grounding if record.get("task") == "grounding" else understanding).append(prob)
+    return grounding, understanding
+
+
+def test_grounding_loss_goes_down_and_each_step_is_logged(run: dict) -> None:
+    history = log_history(run["out"])
+    assert [e["step"] for e in history] == list(range(1, STEPS + 1))
+    for entry in history:
+        for key in ("lm_loss", "router_loss", "router_acc", "loss_step_1", "loss_step_2", "loss_step_3",
+                    "loss_answer", "loss_other"):
+            assert key in entry and entry[key] == entry[key], (key, entry)
+    first, last = history[0], history[-1]
+    for key in ("loss_step_2", "loss_step_3", "loss_answer"):
+        assert last[key] < first[key] - 0.3, (key, first[key], last[key])
+    # understanding samples take the frozen route: nothing trainable touches their loss
+    others = [e["loss_other"] for e in history]
+    assert max(others) - min(others) < 0.05
+
+
+def test_every_non_twist_weight_is_bitwise_unchanged(run: dict) -> None:
+    full = load_file(str(run["out"] / "full" / "model.safetensors"))
+    base = load_file(str(run["base"] / "model.safetensors"))
+    clip = load_file(str(run["base"] / "clip-vision-tower" / "model.safetensors"))
+    prefix = "model.vision_tower.vision_tower."
+    non_twist = [k for k in full if not is_twist_param(k)]
+    assert set(base) <= set(non_twist)
+    for name in non_twist:
+        reference = clip[name[len(prefix):]] if name.startswith(prefix) else base[name]
+        assert torch.equal(full[name], reference), name
+    assert sum(name.startswith(prefix) for name in non_twist) == len(clip)
+    delta = load_file(str(run["out"] / DELTA_WEIGHTS))
+    assert set(delta) == {k for k in full if is_twist_param(k)}
+    assert any(not torch.equal(delta[k], full[k.replace(".twist_expert", "")]) for k in delta if ".twist_expert." in k)
+
+
+def test_delta_on_base_reproduces_the_trained_model(run: dict) -> None:
+    tokenizer, from_delta, processor, _ = load_pretrained_model(str(run["out"]), str(run["base"]), device="cpu")
+    _, from_full, _, _ = load_pretrained_model(str(run["out"] / "full"), None, device="cpu")
+    _, untrained, _, _ = load_pretrained_model(str(run["base"]), None, device="cpu")
+    record = json.loads(run["data"].read_text())[0]
+    batch = prompt_batch(tokenizer, processor, from_delta.config, record, run["images"])
+    with torch.no_grad():
+        for route in ("grounding", "auto", "frozen"):
+            a = from_delta(**batch, twist_route=route).logits
+            b = from_full(**batch, twist_route=route).logits
+            assert torch.equal(a, b), route
+        trained = from_delta(**batch, twist_route="grounding").logits
+        assert not torch.allclose(trained, untrained(**batch, twist_route="grounding").logits, atol=1e-3)
+        assert torch.equal(from_delta(**batch, twist_route="frozen").logits,
+                           untrained(**batch, twist_route="frozen").logits)
+
+
+def test_router_learned_to_separate_the_tasks(run: dict) -> None:
+    before_g, before_u = router_probs(run["base"], None, run["data"], run["images"])
+    assert len(set(before_g + before_u)) == 1  # untrained: zero weights, the same probability for all
+    grounding, understanding = router_probs(run["out"], run["base"], run["data"], run["images"])
+    assert min(grounding) > max(understanding), (grounding, understanding)
+    assert min(grounding) - max(understanding) > 0.05
+
+
+def test_checkpoints_hold_delta_and_deepspeed_state(run: dict) -> None:
+    for step in (SAVE_STEPS, STEPS):
+        ckpt = run["out"] / f"checkpoint-{step}"
+        assert (ckpt / DELTA_WEIGHTS).is_file() and (ckpt / "config.json").is_file()
+        assert (ckpt / f"global_step{step}").is_dir()
+        assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+        assert (ckpt / "full" / "model.safetensors").is_file()
+    assert not (run["out"] / "checkpoint-4" / "model.safetensors").exists()  # full weights only under full/
+
+
+def optimizer_states(ckpt: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(ckpt.glob("global_step*/*optim_states.pt")):
+        state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, torch.Tensor):
+                tensors[prefix] = value
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}/{k}", v)
+            elif isinstance(value, list | tuple):
+                for i, v in enumerate(value):
+                    walk(f"{prefix}/{i}", v)
+
+        walk(file.name, state)
+    return tensors
+
+
+def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(run: dict) -> None:
+    resumed = run["root"] / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run["out"] / f"checkpoint-{SAVE_STEPS}", resumed / f"checkpoint-{SAVE_STEPS}")
+    copied = {p: p.stat().st_mtime_ns for p in (resumed / f"checkpoint-{SAVE_STEPS}").rglob("*") if p.is_file()}
+    launch(run["base"], run["data"], run["images"], resumed)
+
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == STEPS
+    # steps 1..SAVE_STEPS were not redone: the copied checkpoint was never rewritten
+    assert {p: p.stat().st_mtime_ns for p in copied} == copied
+    original, again = log_history(run["out"]), log_history(resumed)
+    assert [e["step"] for e in again] == list(range(1, STEPS + 1))
+    for a, b in zip(original[SAVE_STEPS:], again[SAVE_STEPS:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["loss_answer"] == pytest.approx(b["loss_answer"],
+                                                                                                      abs=1e-4)
+    reference, resumed_states = optimizer_states(run["out"] / f"checkpoint-{STEPS}"), optimizer_states(
+        resumed / f"checkpoint-{STEPS}")
+    assert reference and set(reference) == set(resumed_states)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed_states[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    delta_a, delta_b = load_file(str(run["out"] / DELTA_WEIGHTS)), load_file(str(resumed / DELTA_WEIGHTS))
+    for name in delta_a:
+        torch.testing.assert_close(delta_b[name], delta_a[name], atol=1e-6, rtol=1e-5)
