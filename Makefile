@@ -8,7 +8,7 @@ LLAVA := llava-torch==1.2.2.post1
 # Re-install when the install files change.
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install browser test demo playground lint clean
+.PHONY: install browser test demo demo-clean playground lint clean
 
 install: $(STAMP)
 
@@ -28,8 +28,12 @@ browser:
 test: install browser
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# The paper's claim in miniature on CPU; stages are cached in playground/data/demo (demo-clean resets).
 demo: install
-	$(PY) -m llava_twist.smoke
+	$(PY) -m llava_twist.demo $(DEMO_ARGS)
+
+demo-clean:
+	rm -rf playground/data/demo
 
 playground: install
 	$(PY) -m playground $(PLAYGROUND_ARGS)

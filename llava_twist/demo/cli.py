@@ -1,0 +1,92 @@
+"""Command line of ``make demo``: run the stages in order with a progress bar and one line per stage."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import llava_twist.demo as demo_package
+from llava_twist.demo.pipeline import Layout, StageError, StageResult, run_stage
+from llava_twist.demo.recipe import PROFILES, Recipe, get_recipe
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo"  # what `make playground` opens
+
+
+def run_demo(recipe: Recipe, out: str | Path, force: Sequence[str] = (), progress: bool | None = None,
+             echo: bool = True) -> list[StageResult]:
+    """Run (or reuse) every stage of ``recipe`` into ``out``; ``force`` names stages to redo (or ``all``)."""
+    from tqdm import tqdm
+
+    from llava_twist.demo.stages import build_stages
+
+    layout = Layout(Path(out).resolve())
+    stages = build_stages(recipe)
+    names = [s.name for s in stages]
+    unknown = sorted(set(force) - {*names, "all"})
+    if unknown:
+        raise ValueError(f"--force {', '.join(unknown)}: no such stage; stages are {', '.join(names)}")
+    layout.out.mkdir(parents=True, exist_ok=True)
+    stamps: dict = {}
+    results: list[StageResult] = []
+    bar = tqdm(total=len(stages), desc=f"demo ({recipe.profile})", unit="stage", file=sys.stderr,
+               disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+    try:
+        for stage in stages:
+            bar.set_postfix_str(stage.name)
+            result = run_stage(stage, recipe, layout, stamps, force="all" in force or stage.name in force)
+            stamps[stage.name] = result.stamp
+            results.append(result)
+            line = f"[{stage.name}] cached" if result.cached else f"[{stage.name}] done in {result.seconds:.1f} s"
+            if echo:
+                bar.write(line, file=sys.stdout)
+            bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def playground_hint(out: Path) -> str:
+    """How to open the trained model: ``make playground`` for the default folder, else the explicit command."""
+    if out.resolve() == DEFAULT_OUT.resolve():
+        return "make playground"
+    import json
+
+    spec = json.loads((out / "playground.json").read_text())
+    path, base = (os.path.normpath(out / spec[k]) for k in ("model_path", "model_base"))
+    return f"python -m playground --model-path {path} --model-base {base}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava_twist.demo", description=demo_package.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                   help="full: make demo; ci: the same pipeline in minutes (tests)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="everything goes here (default: %(default)s)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE (and everything downstream) even if cached; repeatable; 'all' redoes all")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads per process (default: cores over a stage's processes; not in the cache key)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    recipe = get_recipe(args.profile)
+    if args.threads is not None:
+        recipe = dataclasses.replace(recipe, threads=max(1, args.threads))
+    out = Path(args.out)
+    start = time.perf_counter()
+    try:
+        results = run_demo(recipe, out, args.force, progress=False if args.no_progress else None)
+    except (StageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
+        return 130
+    ran = sum(not r.cached for r in results)
+    print(f"{ran} of {len(results)} stages ran, {len(results) - ran} cached, in {time.perf_counter() - start:.1f} s")
+    print(f"report: {out / 'report.md'} (grid: {out / 'grid.png'}); open the trained model: {playground_hint(out)}")
+    return 0

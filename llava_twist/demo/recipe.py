@@ -1,0 +1,225 @@
+"""Every knob of ``make demo`` in one place: the tiny model, the data, each training run, evaluation, checks.
+
+Two profiles: ``full`` (what ``make demo`` runs) and ``ci`` (the same pipeline at a budget of minutes, what
+the tests run). Each stage hashes only the part of the recipe it reads (:meth:`Recipe.stage_config`), so a
+changed setting redoes that stage and everything downstream of it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llava_twist.tiny import TinyLlavaSpec
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """One ``scout_data synth`` run (see ``python -m scout_data synth --help``)."""
+
+    num: int
+    kinds: str
+    image_size: int
+    min_objects: int
+    max_objects: int
+    test_fraction: float
+    refexp_types: str = "attribute:1,relation:1,superlative:1"
+    qa_types: str = "colour:1,shape:1,count:1,exists:1,relation:1,caption:1"
+    shapes: str = ""  # empty: scout_data's default world
+    colours: str = ""
+    sizes: str = ""
+    clutter: str = ""
+    seed_offset: int = 0
+
+    def synth_args(self, seed: int) -> list[str]:
+        """The ``scout_data synth`` flags of this run (``--out`` excluded)."""
+        test = self.test_fraction
+        return [
+            "--num", str(self.num),
+            "--image-size", str(self.image_size),
+            "--kinds", self.kinds,
+            "--refexp-types", self.refexp_types,
+            "--qa-types", self.qa_types,
+            "--min-objects", str(self.min_objects),
+            "--max-objects", str(self.max_objects),
+            "--splits", f"train:{1 - test:g},test:{test:g}",
+            "--seed", str(seed + self.seed_offset),
+            *(arg for flag in ("shapes", "colours", "sizes", "clutter") if getattr(self, flag)
+              for arg in (f"--{flag}", getattr(self, flag))),
+        ]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run. ``batch`` is the global batch (TWIST splits it over its processes)."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+
+
+@dataclass(frozen=True)
+class TwistVariant:
+    """A TWIST run: stage ``twist-<name>``, trained with the common TWIST flags plus ``flags``."""
+
+    name: str
+    flags: tuple[str, ...]
+
+    @property
+    def stage(self) -> str:
+        return f"twist-{self.name}"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    limit: int  # questions per benchmark (refexp, localization, vqa) from the held-out splits
+    max_new_tokens: int
+    batch_size: int = 8
+    grid_scenes: int = 4
+    grid_cell_px: int = 192
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What the demo must show (issue 7), checked against the measured numbers in the report."""
+
+    identical_rate: float = 1.0
+    router_accuracy: float = 0.99
+    gain_over_base: float = 0.20
+    ratio_to_full_ft: float = 0.8
+
+
+@dataclass(frozen=True)
+class Recipe:
+    profile: str
+    seed: int
+    model: TinyLlavaSpec
+    base_data: SceneSpec
+    grounding_data: SceneSpec
+    replay_ratio: float  # understanding replay records per grounding record in the mixed training data
+    base: TrainSpec
+    full_ft: TrainSpec
+    lora: TrainSpec
+    twist: TrainSpec
+    twist_variants: tuple[TwistVariant, ...]
+    twist_flags: tuple[str, ...]
+    twist_nproc: int
+    lora_r: int
+    lora_alpha: int
+    lora_mm_projector_lr: float
+    eval: EvalSpec
+    checks: Checks = field(default_factory=Checks)
+    model_max_length: int = 1024
+    threads: int = 0  # OpenMP threads per process, 0: the machine's cores over the processes of a stage
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """The part of the recipe ``stage`` reads (what its cache stamp hashes; ``threads`` is not part of it)."""
+        common = {"model_max_length": self.model_max_length, "seed": self.seed}
+        if stage == "model":
+            return {"model": asdict(self.model)}
+        if stage == "data":
+            return {"seed": self.seed, "base_data": asdict(self.base_data),
+                    "grounding_data": asdict(self.grounding_data), "replay_ratio": self.replay_ratio}
+        if stage == "base":
+            return {**common, "train": asdict(self.base)}
+        if stage == "full-ft":
+            return {**common, "train": asdict(self.full_ft)}
+        if stage == "lora":
+            return {**common, "train": asdict(self.lora), "r": self.lora_r, "alpha": self.lora_alpha,
+                    "mm_projector_lr": self.lora_mm_projector_lr}
+        for v in self.twist_variants:
+            if stage == v.stage:
+                return {**common, "train": asdict(self.twist), "flags": [*self.twist_flags, *v.flags],
+                        "nproc": self.twist_nproc}
+        if stage == "eval":
+            return {"eval": asdict(self.eval)}
+        if stage == "report":
+            return {k: v for k, v in self.to_json().items() if k != "threads"}
+        raise KeyError(f"no stage {stage!r} in this recipe")
+
+
+def config_hash(obj: Any) -> str:
+    """A stable hash of JSON-able settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+TWIST_VARIANTS = (
+    TwistVariant("layer", ("--twist_expert", "layer", "--twist_layers", "every_other")),
+    TwistVariant("mlp", ("--twist_expert", "mlp", "--twist_layers", "every_other")),
+)
+TWIST_FLAGS = ("--twist_router_lr", "1e-2")
+
+
+def full_recipe() -> Recipe:
+    """``make demo``: placeholder budget, to be tuned to the issue's 30 minutes on 2 cores."""
+    return Recipe(
+        profile="full",
+        seed=0,
+        model=TinyLlavaSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                            vocab_size=640, vision_hidden_size=64, vision_layers=1, vision_heads=2, image_size=64,
+                            patch_size=8),
+        base_data=SceneSpec(num=6000, kinds="qa:0.8,region:0.2", image_size=64, min_objects=2, max_objects=5,
+                            test_fraction=0.05, refexp_types="attribute:1"),
+        grounding_data=SceneSpec(num=3300, kinds="refexp:0.8,find_all:0.2", image_size=64, min_objects=2,
+                                 max_objects=5, test_fraction=0.1, refexp_types="attribute:2,relation:1,superlative:1",
+                                 seed_offset=1),
+        replay_ratio=0.25,
+        base=TrainSpec(steps=1000, batch=32, lr=1e-3),
+        full_ft=TrainSpec(steps=400, batch=32, lr=5e-4),
+        lora=TrainSpec(steps=400, batch=32, lr=1e-3),
+        twist=TrainSpec(steps=400, batch=32, lr=1e-3, warmup_ratio=0.0, scheduler="constant"),
+        twist_variants=TWIST_VARIANTS,
+        twist_flags=TWIST_FLAGS,
+        twist_nproc=2,
+        lora_r=16,
+        lora_alpha=32,
+        lora_mm_projector_lr=1e-4,
+        eval=EvalSpec(limit=200, max_new_tokens=320, batch_size=16),
+    )
+
+
+def ci_recipe() -> Recipe:
+    """The same pipeline in minutes (tests): a hidden-32 model and 10-20 steps per run."""
+    return Recipe(
+        profile="ci",
+        seed=0,
+        model=TinyLlavaSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            vocab_size=640, vision_hidden_size=32, vision_layers=1, vision_heads=2, image_size=32,
+                            patch_size=8),
+        base_data=SceneSpec(num=200, kinds="qa:0.8,region:0.2", image_size=32, min_objects=2, max_objects=4,
+                            test_fraction=0.1, refexp_types="attribute:1"),
+        grounding_data=SceneSpec(num=100, kinds="refexp:0.8,find_all:0.2", image_size=32, min_objects=2,
+                                 max_objects=4, test_fraction=0.2, refexp_types="attribute:2,relation:1,superlative:1",
+                                 seed_offset=1),
+        replay_ratio=0.25,
+        base=TrainSpec(steps=20, batch=8, lr=2e-3),
+        full_ft=TrainSpec(steps=10, batch=4, lr=1e-3),
+        lora=TrainSpec(steps=10, batch=4, lr=1e-3),
+        twist=TrainSpec(steps=10, batch=4, lr=1e-3, warmup_ratio=0.0, scheduler="constant"),
+        twist_variants=TWIST_VARIANTS,
+        twist_flags=("--twist_router_lr", "1e-1"),
+        twist_nproc=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_mm_projector_lr=1e-4,
+        eval=EvalSpec(limit=10, max_new_tokens=48, grid_scenes=3, grid_cell_px=128),
+        model_max_length=512,
+        threads=1,
+    )
+
+
+PROFILES = {"full": full_recipe, "ci": ci_recipe}
+
+
+def get_recipe(profile: str) -> Recipe:
+    """The recipe of a profile (``full`` or ``ci``)."""
+    if profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    return PROFILES[profile]()

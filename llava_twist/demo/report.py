@@ -1,0 +1,337 @@
+"""The demo's deliverables in ``--out``: ``report.md`` (table, checks, settings, time per stage), ``grid.png``
+(held-out scenes x models, predicted and ground-truth boxes with the steps), ``results.json`` and
+``playground.json`` (the best TWIST variant, for ``make playground``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
+from llava_twist.demo.recipe import Recipe
+from scout_data.output import atomic_write_text
+
+LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA"}
+MAX_CELL_CHARS = 400
+
+
+def label(name: str) -> str:
+    return LABELS.get(name) or f"TWIST ({name.removeprefix('twist-')})"
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def get(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)  # type: ignore[assignment]
+    return d
+
+
+@dataclass
+class Check:
+    model: str
+    what: str
+    passed: bool | None  # None: not measurable (e.g. no questions)
+    measured: str
+    target: str
+
+    def line(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[self.passed]
+        return f"- **{mark}** {label(self.model)}: {self.what}: {self.measured} (target: {self.target})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "check": self.what, "passed": self.passed, "measured": self.measured,
+                "target": self.target}
+
+
+def twist_checks(recipe: Recipe, name: str, models: dict[str, dict[str, Any]]) -> list[Check]:
+    """Issue 7's "what it must show", for one TWIST variant, against the measured numbers."""
+    c = recipe.checks
+    m, base, full = models[name], models["base"], models["full-ft"]
+    identical = get(m, "retention", "identical_rate")
+    router = get(m, "router", "accuracy")
+    acc, acc_base, acc_full = (get(x, "refexp", "acc@0.5") for x in (m, base, full))
+    gain = None if acc is None or acc_base is None else acc - acc_base
+    ratio = None if acc is None or not acc_full else acc / acc_full
+    return [
+        Check(name, "answers to held-out understanding questions identical to the base's",
+              None if identical is None else identical >= c.identical_rate, pct(identical), pct(c.identical_rate)),
+        Check(name, "router right on held-out prompts", None if router is None else router >= c.router_accuracy,
+              f"{pct(router)} (grounding prompts {pct(get(m, 'router', 'by_task', 'grounding', 'accuracy'))}, "
+              f"understanding {pct(get(m, 'router', 'by_task', 'understanding', 'accuracy'))})",
+              f">= {pct(c.router_accuracy)}"),
+        Check(name, "refexp Acc@0.5 above the base's", None if gain is None else gain >= c.gain_over_base,
+              f"{pct(acc)} vs {pct(acc_base)} ({'–' if gain is None else f'{100 * gain:+.1f}'} points)",
+              f"+{100 * c.gain_over_base:.0f} points or more"),
+        Check(name, "refexp Acc@0.5 relative to full fine-tuning at the same budget",
+              None if acc is None or not acc_full else acc >= c.ratio_to_full_ft * acc_full,
+              f"{pct(acc)} vs {pct(acc_full)} ({'–' if ratio is None else f'{ratio:.2f}x'})",
+              f">= {c.ratio_to_full_ft:g}x"),
+    ]
+
+
+def best_twist(recipe: Recipe, models: dict[str, dict[str, Any]]) -> str:
+    """The TWIST variant with the highest refexp Acc@0.5 (the first in the recipe on ties)."""
+    names = [v.stage for v in recipe.twist_variants]
+    return max(names, key=lambda n: (get(models[n], "refexp", "acc@0.5") or 0.0, -names.index(n)))
+
+
+def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: dict[str, dict[str, Any]]) -> str:
+    head = ["model", "Acc@0.5", "simple", "hard", "mean IoU", "find-all recall@0.5", "understanding acc",
+            "identical to base", "router acc", "trainable params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        m = models[name]
+        ref = m.get("refexp") or {}
+        params = get(stamps.get(name, {}), "info", "trainable_params")
+        row = [
+            label(name),
+            pct(ref.get("acc@0.5")),
+            f"{pct(get(ref, 'simple', 'acc@0.5'))} (n={get(ref, 'simple', 'n') or 0})",
+            f"{pct(get(ref, 'hard', 'acc@0.5'))} (n={get(ref, 'hard', 'n') or 0})",
+            num(ref.get("mean_iou")),
+            pct(get(m, "localization", "recall@0.5")),
+            pct(get(m, "understanding", "accuracy")),
+            "(reference)" if name == "base" else pct(get(m, "retention", "identical_rate")),
+            pct(get(m, "router", "accuracy")) if "router" in m else "–",
+            "–" if params is None else f"{params:,}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def settings_table(recipe: Recipe) -> str:
+    rows = [
+        ("tiny model", ", ".join(f"{k}={v}" for k, v in vars(recipe.model).items())),
+        ("base data", _scene(recipe.base_data)),
+        ("grounding data", _scene(recipe.grounding_data) + f"; replay ratio {recipe.replay_ratio:g}"),
+        ("base", _train(recipe.base)),
+        ("full FT", _train(recipe.full_ft)),
+        ("LoRA", _train(recipe.lora) + f", r={recipe.lora_r}, alpha={recipe.lora_alpha}, "
+                                       f"projector lr {recipe.lora_mm_projector_lr:g}"),
+        ("TWIST", _train(recipe.twist) + f", {recipe.twist_nproc} processes (ZeRO-3), "
+                                         f"flags `{' '.join(recipe.twist_flags)}`"),
+        *((label(v.stage), f"`{' '.join(v.flags)}`") for v in recipe.twist_variants),
+        ("evaluation", f"up to {recipe.eval.limit} held-out questions per benchmark, greedy, "
+                       f"max_new_tokens={recipe.eval.max_new_tokens}"),
+        ("seed", str(recipe.seed)),
+    ]
+    return "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _scene(s: Any) -> str:
+    return (f"{s.num} records ({s.kinds}; refexp {s.refexp_types}), {s.image_size} px, "
+            f"{s.min_objects}-{s.max_objects} objects, test fraction {s.test_fraction:g}")
+
+
+def _train(t: Any) -> str:
+    return f"{t.steps} steps x batch {t.batch}, lr {t.lr:g} ({t.scheduler})"
+
+
+def times_table(stamps: dict[str, dict[str, Any]], order: list[str]) -> str:
+    lines = ["| stage | time (s) | finished |", "|---|---|---|"]
+    total = 0.0
+    for name in order:
+        s = stamps.get(name)
+        if s is None:
+            continue
+        total += float(s.get("seconds", 0.0))
+        lines.append(f"| {name} | {float(s.get('seconds', 0.0)):.1f} | {s.get('finished', '')} |")
+    lines.append(f"| total | {total:.1f} | |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- grid
+
+
+def grid_questions(questions: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` held-out refexp questions, simple and hard in turn."""
+    simple = [q for q in questions if q.get("difficulty") == "simple"]
+    hard = [q for q in questions if q.get("difficulty") != "simple"]
+    picked: list[dict[str, Any]] = []
+    while len(picked) < n and (simple or hard):
+        for pool in (simple, hard):
+            if pool and len(picked) < n:
+                picked.append(pool.pop(0))
+    return picked
+
+
+def cell_image(image: Any, text: str, gt_box_px: list[float] | None, size: int, frame: str) -> Any:
+    """The image scaled to ``size`` px wide, the ground-truth box (black inside white), the chain's boxes and
+    steps (``scout_data.preview.draw_chain``) on it."""
+    from PIL import Image, ImageDraw
+
+    from scout_data.preview import draw_chain
+
+    w, h = image.size
+    scale = size / w
+    big = image.convert("RGB").resize((size, max(1, round(h * scale))), Image.NEAREST)
+    if gt_box_px is not None:
+        x1, y1, x2, y2 = (v * scale for v in gt_box_px)
+        draw = ImageDraw.Draw(big)
+        draw.rectangle([x1 - 2, y1 - 2, max(x1, x2 - 1) + 2, max(y1, y2 - 1) + 2], outline=(255, 255, 255), width=2)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=(0, 0, 0), width=1)
+    return draw_chain(big, text[:MAX_CELL_CHARS], frame)
+
+
+def draw_grid(layout: Layout, names: list[str], metrics: dict[str, Any], scenes: int, size: int, out: Path) -> int:
+    """Rows: held-out scenes; columns: ground truth, then each model. Returns the number of rows drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from llava_twist.eval.common import answers_by_id, read_jsonl
+
+    questions = read_jsonl(str(layout.eval / "questions" / "refexp.jsonl"), "questions")
+    picked = grid_questions(questions, scenes)
+    records = {}
+    test = layout.data / "grounding" / "test.json"
+    if test.is_file():
+        records = {str(r["id"]): r for r in json.loads(test.read_text(encoding="utf-8"))}
+    answers = {n: answers_by_id(read_jsonl(str(layout.eval / "models" / n / "answers.jsonl"), "answers"))
+               for n in names}
+    grid: list[list[tuple[str, Any]]] = []
+    for q in picked:
+        with Image.open(layout.data / q["image"]) as im:
+            image = im.convert("RGB")
+        rec = records.get(q["question_id"].split("/", 1)[-1], {})
+        gt_text = (rec.get("conversations") or [{}, {}])[1].get("value", "")
+        frame = q.get("box_frame", "padded")
+        gt_title = f"ground truth ({q.get('difficulty', '?')})\n" + "\n".join(textwrap.wrap(q["text"], 32))
+        row = [(gt_title, cell_image(image, gt_text, q.get("bbox_xyxy_px"), size, frame))]
+        for n in names:
+            text = str(answers[n].get(q["question_id"], {}).get("text", ""))
+            pred = get(metrics, n, "refexp", "predictions", q["question_id"])
+            title = label(n) + ("" if pred is None else f"\nIoU {pred['iou']:.2f}")
+            row.append((title, cell_image(image, text, q.get("bbox_xyxy_px"), size, frame)))
+        grid.append(row)
+    height = max((cell.size[1] for row in grid for _, cell in row), default=size)
+    rows, cols = max(1, len(grid)), 1 + len(names)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows * height / size + 0.6 * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(grid):
+        for c, (title, cell) in enumerate(row):
+            padded = Image.new("RGB", (size, height), (255, 255, 255))
+            padded.paste(cell, (0, 0))
+            axes[r][c].imshow(padded)
+            axes[r][c].set_title(title, fontsize=7)
+    if not picked:
+        axes[0][0].text(0.5, 0.5, "no held-out refexp questions", ha="center", va="center")
+    fig.suptitle("Held-out scenes: each model's boxes and steps; ground truth boxed black in white", fontsize=10)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return len(picked)
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(ctx: Context) -> dict[str, Any]:
+    """``report.md``, ``grid.png``, ``results.json`` and ``playground.json`` in ``--out``."""
+    from llava_twist.demo.stages import model_dirs
+
+    recipe, layout = ctx.recipe, ctx.layout
+    out = layout.out
+    metrics = read_json(layout.eval / "metrics.json")
+    models: dict[str, dict[str, Any]] = metrics["models"]
+    dirs = model_dirs(recipe, layout)
+    names = list(dirs)
+    stamps = ctx.stamps
+    best = best_twist(recipe, models)
+    checks = {v.stage: twist_checks(recipe, v.stage, models) for v in recipe.twist_variants}
+    order = ["model", "data", "base", *(v.stage for v in recipe.twist_variants), "full-ft", "lora", "eval"]
+
+    rows = draw_grid(layout, names, models, recipe.eval.grid_scenes, recipe.eval.grid_cell_px, out / "grid.png")
+
+    pointer = {
+        "model_path": os.path.relpath(dirs[best], out),
+        "model_base": os.path.relpath(dirs["base"], out),
+        "label": f"the demo's {label(best)} on its tiny LLaVA-1.5 base ({recipe.profile} profile)",
+    }
+    write_json(out / "playground.json", pointer)
+
+    forgetting = ", ".join(
+        f"{label(n)} {pct(get(models[n], 'understanding', 'accuracy'))}" for n in ("base", "full-ft", "lora"))
+    qcount = metrics["questions"]
+    md = [
+        f"# TWIST & SCOUT demo ({recipe.profile} profile)",
+        "",
+        "A tiny LLaVA-1.5 instruction-tuned with LLaVA's own trainer (the base), then taught step-by-step grounding "
+        "on the same data and step budget by full fine-tuning, LoRA and TWIST, all on CPU. Held-out questions: "
+        f"{qcount.get('refexp', 0)} referring expressions, {qcount.get('localization', 0)} find-all queries, "
+        f"{qcount.get('vqa', 0)} understanding questions.",
+        "",
+        "## Results (held-out scenes)",
+        "",
+        results_table(names, models, stamps),
+        "",
+        "Acc@0.5 and mean IoU: referring expressions (simple / hard queries); find-all recall@0.5: localisation of "
+        "every matching object; understanding acc: exact match on held-out questions; identical to base: "
+        "answers to those questions with exactly the base's text; router acc: TWIST's route (auto) on every "
+        "held-out prompt against its task (grounding prompts -> grounding route, understanding -> frozen).",
+        "",
+        "## What it must show",
+        "",
+        f"Best TWIST variant: **{label(best)}** (the playground opens it).",
+        "",
+        *(c.line() for v in recipe.twist_variants for c in checks[v.stage]),
+        "",
+        f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
+        "",
+        "## Held-out scenes",
+        "",
+        f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "
+        "that model wrote)",
+        "",
+        "## Settings",
+        "",
+        settings_table(recipe),
+        "",
+        "## Time per stage",
+        "",
+        times_table(stamps, order),
+        "",
+        f"Logs: `{os.path.relpath(layout.logs, out)}/<stage>.log`; models: `{os.path.relpath(layout.models, out)}`.",
+        "",
+    ]
+    atomic_write_text(str(out / "report.md"), "\n".join(md))
+
+    results = {
+        "profile": recipe.profile,
+        "recipe": recipe.to_json(),
+        "questions": qcount,
+        "models": {n: {**models[n], "path": os.path.relpath(dirs[n], out),
+                       "trainable_params": get(stamps.get(n, {}), "info", "trainable_params"),
+                       "train": {k: get(stamps.get(n, {}), "info", k) for k in ("steps", "first_loss", "last_loss")}}
+                   for n in names},
+        "best_twist": best,
+        "checks": [c.to_json() for v in recipe.twist_variants for c in checks[v.stage]],
+        "stages": {n: {"seconds": stamps[n].get("seconds"), "finished": stamps[n].get("finished")}
+                   for n in order if n in stamps},
+        "playground": pointer,
+    }
+    for m in results["models"].values():
+        if isinstance(m.get("refexp"), dict):
+            m["refexp"] = {k: v for k, v in m["refexp"].items() if k != "predictions"}
+    write_json(out / "results.json", results)
+    return {"best_twist": best, "grid_rows": rows,
+            "checks_passed": sum(bool(c.passed) for cs in checks.values() for c in cs)}

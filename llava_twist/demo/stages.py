@@ -1,0 +1,418 @@
+"""The stage bodies of ``make demo``: build, generate, train and evaluate through the project's and LLaVA's
+own command lines (subprocesses, the same code paths as on a GPU), each writing into its stage folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llava_twist.demo.pipeline import Context, Layout, Stage, StageError, cpu_count, read_json, write_json
+from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
+from scout_data.output import atomic_write_text, dumps_records
+
+REPO = Path(__file__).resolve().parents[2]
+TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
+GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"
+BENCHMARK_FILES = ("refexp", "localization", "vqa")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def trainer_summary(folder: Path) -> dict[str, Any]:
+    """Steps run and the first and last logged training loss, from ``trainer_state.json`` (HF Trainer)."""
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return {}
+    state = read_json(path)
+    losses = [e for e in state.get("log_history", []) if "loss" in e]
+    return {
+        "steps": state.get("global_step"),
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+    }
+
+
+def tensor_numel(path: Path, keep: Any = None) -> int:
+    """Parameters stored in a ``.safetensors`` or torch ``.bin`` file (names filtered by ``keep``)."""
+    import math
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if keep is None or keep(k))
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return sum(t.numel() for k, t in state.items() if keep is None or keep(k))
+
+
+def checkpoint_weights(folder: Path) -> list[Path]:
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no model weights (*.safetensors or pytorch_model*.bin)")
+    return found
+
+
+def language_model_params(folder: Path) -> int:
+    """What LLaVA's full fine-tuning trains: every weight of the checkpoint but the (frozen) vision tower."""
+    return sum(tensor_numel(p, lambda k: ".vision_tower." not in k) for p in checkpoint_weights(folder))
+
+
+def vision_tower_of(model_dir: Path) -> str:
+    return str(read_json(model_dir / "config.json")["mm_vision_tower"])
+
+
+def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, out: Path, spec: TrainSpec,
+                     extra: list[str] | None = None) -> list[str]:
+    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it, on CPU in fp32."""
+    recipe = ctx.recipe
+    return [
+        ctx.python, "-m", "llava.train.train",
+        "--model_name_or_path", str(model_dir),
+        "--version", "v1",
+        "--data_path", str(data),
+        "--image_folder", str(images),
+        "--vision_tower", vision_tower_of(model_dir),
+        "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2",
+        "--mm_use_im_start_end", "False",
+        "--mm_use_im_patch_token", "False",
+        "--image_aspect_ratio", "pad",
+        "--group_by_modality_length", "False",
+        "--output_dir", str(out),
+        "--max_steps", str(spec.steps),
+        "--per_device_train_batch_size", str(spec.batch),
+        "--gradient_accumulation_steps", "1",
+        "--save_strategy", "no",
+        "--learning_rate", f"{spec.lr:g}",
+        "--weight_decay", "0.",
+        "--warmup_ratio", f"{spec.warmup_ratio:g}",
+        "--lr_scheduler_type", spec.scheduler,
+        "--logging_steps", "1",
+        "--model_max_length", str(recipe.model_max_length),
+        "--gradient_checkpointing", "False",
+        "--dataloader_num_workers", "0",
+        "--lazy_preprocess", "True",
+        "--report_to", "none",
+        "--seed", str(recipe.seed),
+        "--bf16", "False",
+        "--fp16", "False",
+        *(extra or []),
+    ]
+
+
+def model_dirs(recipe: Recipe, layout: Layout) -> dict[str, Path]:
+    """Evaluated models in report order: base, full FT, LoRA (merged), each TWIST variant (a delta)."""
+    dirs = {"base": layout.model("base"), "full-ft": layout.model("full-ft"),
+            "lora": layout.model("lora") / "merged"}
+    dirs.update({v.stage: layout.model(v.stage) for v in recipe.twist_variants})
+    return dirs
+
+
+def is_twist(name: str) -> bool:
+    return name.startswith("twist-")
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def build_model(ctx: Context) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    args = []
+    for key, value in asdict(ctx.recipe.model).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    ctx.python_module("llava_twist.tiny", "--out", str(ctx.folder), *args)
+    return {"params": sum(tensor_numel(p) for p in checkpoint_weights(ctx.folder))}
+
+
+def build_data(ctx: Context) -> dict[str, Any]:
+    """Base data (understanding + one-shot boxes), grounding chains (train/test), and the replay mix."""
+    from scout_data.stats import dataset_stats
+    from scout_data.validate import load_records
+
+    recipe, data = ctx.recipe, ctx.folder
+    for name, spec in (("base", recipe.base_data), ("grounding", recipe.grounding_data)):
+        ctx.python_module("scout_data", "synth", "--out", str(data / name), "--quiet", *spec.synth_args(recipe.seed),
+                          threads=1)
+    base_train = load_records(str(data / "base" / "train.json"))
+    replay = [r for r in base_train if r.get("task") == "understanding"]
+    if not replay:
+        raise StageError(ctx.stage, "the base data has no understanding records to replay", ctx.log)
+    atomic_write_text(str(data / "replay.json"), dumps_records(replay))
+    ctx.python_module(
+        "scout_data", "mix", "--scout", str(data / "grounding" / "train.json"), "--replay", str(data / "replay.json"),
+        "--out", str(data / "mixed.json"), "--ratio", f"{recipe.replay_ratio:g}", "--seed", str(recipe.seed),
+        "--scout-image-prefix", "grounding/images", "--replay-image-prefix", "base/images", "--overwrite",
+        threads=1,
+    )
+    stats = {
+        name: dataset_stats(load_records(str(data / name)))
+        for name in ("base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json")
+    }
+    write_json(data / "stats.json", stats)
+    return {name: {"records": s["records"], "task": s["task"], "difficulty": s["difficulty"]}
+            for name, s in stats.items()}
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_base(ctx: Context) -> dict[str, Any]:
+    """LLaVA-1.5 stage 2 (full fine-tuning) of the tiny model on the base data: our "LLaVA-1.5"."""
+    data = ctx.layout.data / "base"
+    ctx.run(llava_train_args(ctx, ctx.layout.model("tiny"), data / "train.json", data / "images", ctx.folder,
+                             ctx.recipe.base))
+    return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
+
+
+def train_full_ft(ctx: Context) -> dict[str, Any]:
+    """LLaVA's full fine-tuning of the base on the grounding mix (the forgetting baseline)."""
+    layout = ctx.layout
+    ctx.run(llava_train_args(ctx, layout.model("base"), layout.data / "mixed.json", layout.data, ctx.folder,
+                             ctx.recipe.full_ft))
+    return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
+
+
+def train_lora(ctx: Context) -> dict[str, Any]:
+    """LLaVA's own LoRA path on the grounding mix, then merged with LLaVA's loader into a plain checkpoint."""
+    recipe, layout = ctx.recipe, ctx.layout
+    adapter, merged = ctx.folder / "adapter", ctx.folder / "merged"
+    extra = ["--lora_enable", "True", "--lora_r", str(recipe.lora_r), "--lora_alpha", str(recipe.lora_alpha),
+             "--mm_projector_lr", f"{recipe.lora_mm_projector_lr:g}"]
+    ctx.run(llava_train_args(ctx, layout.model("base"), layout.data / "mixed.json", layout.data, adapter,
+                             recipe.lora, extra))
+    ctx.python_module("llava_twist.demo.merge_lora", "--lora-dir", str(adapter), "--base", str(layout.model("base")),
+                      "--out", str(merged))
+    trainable = sum(tensor_numel(p) for p in adapter.glob("adapter_model.*"))
+    trainable += tensor_numel(adapter / "non_lora_trainables.bin")
+    return {**trainer_summary(adapter), "trainable_params": trainable}
+
+
+def train_twist(ctx: Context) -> dict[str, Any]:
+    """``scripts/finetune_twist_cpu.sh``: the DeepSpeed launcher, ZeRO-3, ``twist_nproc`` CPU processes."""
+    from llava_twist.model.builder import DELTA_WEIGHTS
+
+    recipe, layout = ctx.recipe, ctx.layout
+    variant = next(v for v in recipe.twist_variants if v.stage == ctx.stage)
+    spec, nproc = recipe.twist, recipe.twist_nproc
+    if spec.batch % nproc:
+        raise StageError(ctx.stage, f"TWIST batch {spec.batch} does not split over {nproc} processes")
+    if not TWIST_LAUNCHER.is_file():
+        raise StageError(ctx.stage, f"{TWIST_LAUNCHER} not found (run the demo from a source checkout)")
+    deepspeed = Path(ctx.python).parent / "deepspeed"
+    env = {
+        "MODEL": str(layout.model("base")),
+        "DATA": str(layout.data / "mixed.json"),
+        "IMAGES": str(layout.data),
+        "OUT": str(ctx.folder),
+        "STEPS": str(spec.steps),
+        "BATCH": str(spec.batch // nproc),
+        "LR": f"{spec.lr:g}",
+        "SAVE_STEPS": str(spec.steps + 1),
+        "NPROC": str(nproc),
+        "DEEPSPEED": str(deepspeed) if deepspeed.is_file() else "deepspeed",
+    }
+    extra = [*recipe.twist_flags, *variant.flags, "--model_max_length", str(recipe.model_max_length),
+             "--warmup_ratio", f"{spec.warmup_ratio:g}", "--lr_scheduler_type", spec.scheduler,
+             "--seed", str(recipe.seed)]
+    threads = max(1, min(recipe.threads or cpu_count(), cpu_count() // nproc))
+    ctx.run(["bash", str(TWIST_LAUNCHER), *extra], threads=threads, env=env, cwd=REPO)
+    delta = ctx.folder / DELTA_WEIGHTS
+    if not delta.is_file():
+        raise StageError(ctx.stage, f"the launcher exited 0 but wrote no {DELTA_WEIGHTS}", ctx.log)
+    return {**trainer_summary(ctx.folder), "trainable_params": tensor_numel(delta), "flags": list(variant.flags)}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _records_by_id(path: Path) -> dict[str, dict[str, Any]]:
+    return {str(r["id"]): r for r in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def build_questions(layout: Layout, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Held-out question files (``llava_twist.eval.scout_questions``), merged into one set whose ids and image
+    paths are unique under ``work/data``; each line also carries ``task`` and ``difficulty``."""
+    from llava_twist.eval.scout_questions import convert
+
+    qdir = layout.eval / "questions"
+    shutil.rmtree(qdir, ignore_errors=True)
+    sources = (("grounding", GROUNDING_PREFIX, ("refexp", "localization")), ("base", UNDERSTANDING_PREFIX, ("vqa",)))
+    out: dict[str, list[dict[str, Any]]] = {b: [] for b in BENCHMARK_FILES}
+    for folder, prefix, benchmarks in sources:
+        test = layout.data / folder / "test.json"
+        raw = qdir / folder
+        convert(str(test), str(raw), limit)
+        records = _records_by_id(test)
+        for bench in benchmarks:
+            path = raw / f"{bench}.jsonl"
+            if not path.is_file():
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
+                q = json.loads(line)
+                rec = records[str(q["question_id"])]
+                q.update(question_id=prefix + str(q["question_id"]), image=f"{folder}/images/{q['image']}",
+                         task=rec.get("task"), difficulty=rec.get("difficulty"))
+                out[bench].append(q)
+    for bench, rows in out.items():
+        atomic_write_text(str(qdir / f"{bench}.jsonl"), "".join(json.dumps(q) + "\n" for q in rows))
+    ordered = out["vqa"] + out["refexp"] + out["localization"]
+    atomic_write_text(str(qdir / "all.jsonl"), "".join(json.dumps(q) + "\n" for q in ordered))
+    return out
+
+
+def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path) -> bool:
+    """``llava_twist.eval.model_grounding`` for one model (TWIST: route auto); cached on the model's stamp and
+    the questions. Returns whether it ran."""
+    recipe, layout = ctx.recipe, ctx.layout
+    spec = recipe.eval
+    key = config_hash({"model": ctx.stamps[name]["id"], "questions": questions_file.read_text(), "eval": [
+        spec.max_new_tokens, spec.batch_size]})
+    answers, stamp = out / "answers.jsonl", out / ".answers.json"
+    if answers.is_file() and stamp.is_file() and read_json(stamp).get("key") == key:
+        return False
+    cmd = [
+        ctx.python, "-m", "llava_twist.eval.model_grounding",
+        "--model-path", str(model_dir),
+        "--model-id", name,
+        "--question-file", str(questions_file),
+        "--image-folder", str(layout.data),
+        "--answers-file", str(answers),
+        "--batch-size", str(spec.batch_size),
+        "--max_new_tokens", str(spec.max_new_tokens),
+        "--temperature", "0",
+        "--device", "cpu",
+        "--overwrite",
+    ]
+    if is_twist(name):
+        cmd += ["--model-base", str(layout.model("base")), "--route", "auto"]
+    else:
+        cmd += ["--model-class", "llava"]
+    out.mkdir(parents=True, exist_ok=True)
+    ctx.run(cmd)
+    write_json(stamp, {"key": key})
+    return True
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: list[dict[str, Any]],
+                base_answers: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Every metric of one model, from the project's scorers; their result JSONs go to ``out``."""
+    from llava_twist.eval.common import answers_by_id, write_result
+    from llava_twist.eval.eval_localization import score_localization
+    from llava_twist.eval.eval_refexp import score_refexp
+    from llava_twist.eval.eval_retention import is_correct, score_retention
+
+    metrics: dict[str, Any] = {"model": name}
+    refexp = questions["refexp"]
+    if refexp:
+        result = score_refexp(refexp, answers)
+        rows = result.pop("rows")
+        write_result(out / "refexp.result.json", {**result, "name": f"{name} scout-refexp"})
+        metrics["refexp"] = {k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}
+        metrics["refexp"]["n"] = result["n"]
+        difficulty = {q["question_id"]: q.get("difficulty") or "simple" for q in refexp}
+        for level in ("simple", "hard"):
+            sub = [r for r in rows if difficulty.get(r["question_id"]) == level]
+            metrics["refexp"][level] = {
+                "n": len(sub),
+                "acc@0.5": _mean([float(r["correct"]) for r in sub]),
+                "mean_iou": _mean([r["iou"] for r in sub]),
+            }
+        metrics["refexp"]["predictions"] = {r["question_id"]: {"iou": r["iou"], "correct": r["correct"]} for r in rows}
+    if questions["localization"]:
+        result = score_localization(questions["localization"], answers)
+        write_result(out / "localization.result.json", {**result, "name": f"{name} scout-localization"})
+        metrics["localization"] = {"n": result["n"], **{k: result["metrics"][k] for k in (
+            "recall@0.5", "precision@0.5", "AP50", "count_accuracy", "parse_failure_rate")}}
+    vqa = questions["vqa"]
+    by_id = answers_by_id(answers)
+    if vqa:
+        correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
+        metrics["understanding"] = {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])}
+        if name != "base":
+            result = score_retention(vqa, base_answers, answers)
+            write_result(out / "retention.result.json", {**result, "name": f"{name} scout-vqa"})
+            m = result["metrics"]
+            metrics["retention"] = {k: m[k] for k in ("identical_rate", "identical_rate_frozen_route",
+                                                     "frozen_route_rate")}
+            metrics["retention"]["routes"] = result["routes"]
+    if is_twist(name):
+        metrics["router"] = router_metrics(questions, by_id)
+    return metrics
+
+
+def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The route TWIST chose (auto) on every held-out prompt against its task: grounding prompts should take
+    the grounding route, understanding prompts the frozen one."""
+    expected = {"grounding": "grounding", "understanding": "frozen"}
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    probs: dict[str, list[float]] = {"grounding": [], "understanding": []}
+    for rows in questions.values():
+        for q in rows:
+            meta = (by_id.get(q["question_id"]) or {}).get("metadata") or {}
+            task = q.get("task") or "grounding"
+            total[task] += 1
+            right[task] += meta.get("route") == expected[task]
+            if isinstance(meta.get("router_prob"), int | float):
+                probs[task].append(float(meta["router_prob"]))
+    n = sum(total.values())
+    return {
+        "n": n,
+        "accuracy": sum(right.values()) / n if n else None,
+        "by_task": {t: {"n": total[t], "accuracy": right[t] / total[t] if total[t] else None,
+                        "mean_prob": _mean(probs[t])} for t in expected},
+    }
+
+
+def evaluate(ctx: Context) -> dict[str, Any]:
+    """Answer the held-out questions with every model and score them (``work/eval/metrics.json``)."""
+    from llava_twist.eval.common import read_jsonl
+
+    recipe, layout = ctx.recipe, ctx.layout
+    questions = build_questions(layout, recipe.eval.limit)
+    all_file = layout.eval / "questions" / "all.jsonl"
+    dirs = model_dirs(recipe, layout)
+    ran = {}
+    for name, model_dir in dirs.items():
+        ran[name] = answer_questions(ctx, name, model_dir, all_file, layout.eval / "models" / name)
+        ctx.note(f"# {name}: {'answered' if ran[name] else 'answers cached'}")
+    answers = {name: read_jsonl(str(layout.eval / "models" / name / "answers.jsonl"), "answers") for name in dirs}
+    models = {name: score_model(name, questions, answers[name], answers["base"], layout.eval / "models" / name)
+              for name in dirs}
+    counts = {b: len(rows) for b, rows in questions.items()}
+    write_json(layout.eval / "metrics.json", {"questions": counts, "models": models})
+    return {"questions": counts, "answered": ran}
+
+
+# ---------------------------------------------------------------- the stage list
+
+
+def build_stages(recipe: Recipe) -> list[Stage]:
+    """Every stage in run order with its folder and the stages it reads from."""
+    from llava_twist.demo.report import write_report
+
+    twist = [Stage(v.stage, lambda lay, s=v.stage: lay.model(s), ("base", "data"), train_twist)
+             for v in recipe.twist_variants]
+    trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
+    return [
+        Stage("model", lambda lay: lay.model("tiny"), (), build_model),
+        Stage("data", lambda lay: lay.data, (), build_data),
+        Stage("base", lambda lay: lay.model("base"), ("model", "data"), train_base),
+        *twist,
+        Stage("full-ft", lambda lay: lay.model("full-ft"), ("base", "data"), train_full_ft),
+        Stage("lora", lambda lay: lay.model("lora"), ("base", "data"), train_lora),
+        Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, clean=False, code=(Path(__file__),)),
+        Stage("report", lambda lay: lay.work / "report", ("eval", *trained), write_report,
+              code=(Path(__file__).with_name("report.py"),)),
+    ]

@@ -1,0 +1,219 @@
+"""``make demo`` (``python -m llava_twist.demo``) end to end at the ``ci`` budget: every stage runs and is
+cached on a rerun, the report has its structure, and TWIST's answers to understanding questions are the
+base's (the property that holds at any budget). Plus the stage cache and failure reports on toy stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from llava_twist.demo.pipeline import STAMP, Context, Layout, Stage, StageError, run_stage
+from llava_twist.demo.recipe import get_recipe
+from llava_twist.demo.stages import build_stages
+
+RECIPE = get_recipe("ci")
+STAGES = [s.name for s in build_stages(RECIPE)]
+TWIST = [v.stage for v in RECIPE.twist_variants]
+MODELS = ["base", "full-ft", "lora", *TWIST]
+ROW_LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA",
+              **{t: f"TWIST ({t.removeprefix('twist-')})" for t in TWIST}}
+
+
+def run_demo_cli(out: Path) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llava_twist.demo", "--profile", "ci", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc, seconds
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    first, first_s = run_demo_cli(out)
+    second, second_s = run_demo_cli(out)
+    return {"out": out, "first": first, "first_s": first_s, "second": second, "second_s": second_s,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^\[([\w-]+)\] (.+)$", stdout, flags=re.M))
+
+
+def answers(out: Path, model: str) -> dict[str, dict[str, Any]]:
+    path = out / "work" / "eval" / "models" / model / "answers.jsonl"
+    return {a["question_id"]: a for a in map(json.loads, path.read_text().splitlines())}
+
+
+def test_every_stage_ran_once_and_wrote_its_stamp(demo: dict[str, Any]) -> None:
+    lines = stage_lines(demo["first"].stdout)
+    assert list(lines) == STAGES
+    assert all(re.fullmatch(r"done in \d+\.\d s", v) for v in lines.values()), lines
+    out = demo["out"]
+    for stage in build_stages(RECIPE):
+        stamp = json.loads((stage.folder(Layout(out)) / STAMP).read_text())
+        assert stamp["stage"] == stage.name and stamp["profile"] == "ci"
+        assert stamp["seconds"] > 0 and set(stamp["upstream"]) == set(stage.deps)
+        assert (out / "logs" / f"{stage.name}.log").stat().st_size > 0
+    last = demo["first"].stdout.strip().splitlines()[-1]
+    assert str(out / "report.md") in last and "playground" in last
+
+
+def test_second_run_is_all_cached_and_fast(demo: dict[str, Any]) -> None:
+    lines = stage_lines(demo["second"].stdout)
+    assert lines == dict.fromkeys(STAGES, "cached")
+    assert f"0 of {len(STAGES)} stages ran" in demo["second"].stdout
+    assert demo["second_s"] < 60, demo["second_s"]
+    print(f"\nci demo: first run {demo['first_s']:.1f} s, cached rerun {demo['second_s']:.1f} s")
+
+
+def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) -> None:
+    report = (demo["out"] / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | Acc@0.5 | simple | hard | mean IoU |")
+    for model in MODELS:
+        assert any(line.startswith(f"| {ROW_LABELS[model]} |") for line in table), model
+    checks = report.split("## What it must show", 1)[1].split("##", 1)[0]
+    for twist in TWIST:
+        marks = re.findall(rf"^- \*\*(PASS|FAIL|n/a)\*\* {re.escape(ROW_LABELS[twist])}: (.+)$", checks, flags=re.M)
+        assert len(marks) == 4, checks
+    assert "identical to the base" in checks and "router" in checks and "Forgetting" in checks
+    for section in ("## Held-out scenes", "## Settings", "## Time per stage"):
+        assert section in report
+    assert "![grid](grid.png)" in report
+
+
+def test_grid_is_a_png(demo: dict[str, Any]) -> None:
+    path = demo["out"] / "grid.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 400 and im.size[1] > 200
+
+
+def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
+    results = demo["results"]
+    assert results["profile"] == "ci" and set(results["models"]) == set(MODELS)
+    assert results["best_twist"] in TWIST
+    assert results["questions"]["refexp"] > 0 and results["questions"]["vqa"] > 0
+    for name, m in results["models"].items():
+        for level in ("simple", "hard"):
+            assert m["refexp"][level]["n"] >= 0
+        assert 0.0 <= m["refexp"]["acc@0.5"] <= 1.0 and 0.0 <= m["refexp"]["mean_iou"] <= 1.0
+        assert 0.0 <= m["understanding"]["accuracy"] <= 1.0
+        assert m["trainable_params"] > 0
+        assert (name == "base") == ("retention" not in m)
+        assert (name in TWIST) == ("router" in m)
+    for twist in TWIST:
+        router = results["models"][twist]["router"]
+        assert router["n"] == sum(results["questions"].values()) and 0.0 <= router["accuracy"] <= 1.0
+    assert len(results["checks"]) == 4 * len(TWIST)
+    assert set(results["stages"]) == set(STAGES) - {"report"}
+
+
+def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[str, Any]) -> None:
+    """On the frozen route TWIST runs the base's computation: same text, at any training budget."""
+    out = demo["out"]
+    base = answers(out, "base")
+    vqa = [json.loads(line)["question_id"] for line in
+           (out / "work" / "eval" / "questions" / "vqa.jsonl").read_text().splitlines()]
+    for twist in TWIST:
+        got = answers(out, twist)
+        frozen = [q for q in vqa if got[q]["metadata"]["route"] == "frozen"]
+        assert frozen, f"{twist}: the router sent every understanding question down the grounding route"
+        assert [got[q]["text"] for q in frozen] == [base[q]["text"] for q in frozen]
+        retention = demo["results"]["models"][twist]["retention"]
+        assert retention["identical_rate_frozen_route"] == 1.0
+        if len(frozen) == len(vqa):
+            assert retention["identical_rate"] == 1.0
+
+
+def test_router_output_is_recorded(demo: dict[str, Any]) -> None:
+    for twist in TWIST:
+        for a in answers(demo["out"], twist).values():
+            meta = a["metadata"]
+            assert meta["route"] in ("frozen", "grounding") and meta["route_forced"] is False
+            assert 0.0 <= meta["router_prob"] <= 1.0
+    for model in ("base", "full-ft", "lora"):
+        assert all(a["metadata"]["route"] is None for a in answers(demo["out"], model).values())
+
+
+def test_playground_json_points_at_a_loadable_twist_delta(demo: dict[str, Any]) -> None:
+    from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
+    from playground.app import find_demo_model
+
+    source = find_demo_model(demo["out"])
+    assert source is not None and not Path(json.loads((demo["out"] / "playground.json").read_text())[
+        "model_path"]).is_absolute()
+    assert Path(source.model_path, DELTA_WEIGHTS).is_file() and Path(source.model_base, "config.json").is_file()
+    assert Path(source.model_path).name == demo["results"]["best_twist"]
+    _, model, _, _ = load_pretrained_model(source.model_path, source.model_base, device="cpu")
+    assert model.config.model_type == "llava_twist"
+
+
+# ---------------------------------------------------------------- the stage cache on toy stages
+
+
+class ToyRecipe:
+    profile, threads = "toy", 1
+
+    def __init__(self, **settings: int) -> None:
+        self.settings = settings
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        return {"value": self.settings.get(stage, 0)}
+
+
+def toy_stages(calls: list[str]) -> list[Stage]:
+    def body(ctx: Context) -> dict[str, Any]:
+        calls.append(ctx.stage)
+        (ctx.folder / "out.txt").write_text(ctx.stage)
+        return {}
+
+    return [Stage("a", lambda lay: lay.work / "a", (), body), Stage("b", lambda lay: lay.work / "b", ("a",), body),
+            Stage("c", lambda lay: lay.work / "c", (), body)]
+
+
+def run_all(recipe: Any, layout: Layout, calls: list[str], force: str = "") -> list[str]:
+    calls.clear()
+    stamps: dict[str, dict[str, Any]] = {}
+    for stage in toy_stages(calls):
+        stamps[stage.name] = run_stage(stage, recipe, layout, stamps, force=stage.name == force).stamp
+    return list(calls)
+
+
+def test_changed_settings_redo_the_stage_and_everything_downstream(tmp_path: Path) -> None:
+    layout, calls = Layout(tmp_path), []
+    assert run_all(ToyRecipe(), layout, calls) == ["a", "b", "c"]
+    assert run_all(ToyRecipe(), layout, calls) == []
+    assert run_all(ToyRecipe(a=1), layout, calls) == ["a", "b"]
+    assert run_all(ToyRecipe(a=1, c=2), layout, calls) == ["c"]
+    assert run_all(ToyRecipe(a=1, c=2), layout, calls, force="a") == ["a", "b"]
+    (tmp_path / "work" / "b" / STAMP).unlink()
+    assert run_all(ToyRecipe(a=1, c=2), layout, calls) == ["b"]
+
+
+def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> None:
+    def body(ctx: Context) -> None:
+        ctx.run([sys.executable, "-c", "print('\\n'.join(f'line {i}' for i in range(50))); raise SystemExit(3)"])
+
+    stage = Stage("broken", lambda lay: lay.work / "broken", (), body)
+    with pytest.raises(StageError) as info:
+        run_stage(stage, ToyRecipe(), Layout(tmp_path), {})
+    message = str(info.value)
+    assert "stage 'broken' failed" in message and "exited with status 3" in message
+    assert str(tmp_path / "logs" / "broken.log") in message
+    assert "line 49" in message and "line 19" not in message
+    assert not (tmp_path / "work" / "broken" / STAMP).exists()
