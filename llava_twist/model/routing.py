@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from torch import nn
+from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache
 
 ROUTER_MARK = -2  # label value marking a router position while labels pass through LLaVA's multimodal prep
@@ -53,9 +54,14 @@ class TwistRouter(nn.Module):
             last.bias.fill_(bias)
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, T, H), mask (B, T) bool -> logits (B,)."""
+        """hidden_states (B, T, H), mask (B, T) bool -> logits (B,).
+
+        The pooled state is standardised (parameter-free layer norm) first: early Llama hidden states are
+        tiny (token embeddings, norm ~0.3 per token), and an unnormalised linear probe on them learns at a
+        fraction of its learning rate."""
         mask = mask.to(hidden_states.dtype).unsqueeze(-1)
         pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = F.layer_norm(pooled.float(), pooled.shape[-1:])
         return self.net(pooled.to(self.net[0].weight.dtype)).squeeze(-1).float()
 
 
