@@ -120,6 +120,9 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
         router = results["models"][twist]["router"]
         assert router["n"] == sum(results["questions"].values()) and 0.0 <= router["accuracy"] <= 1.0
     assert len(results["checks"]) == 4 * len(TWIST)
+    reliance = results["image_reliance"]
+    assert reliance["records"] >= 2 and reliance["loss_own_images"] > 0 and reliance["loss_shuffled_images"] > 0
+    assert "Does the base use the image?" in (demo["out"] / "report.md").read_text()
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 

@@ -245,6 +245,17 @@ def draw_grid(layout: Layout, names: list[str], metrics: dict[str, Any], scenes:
 # ---------------------------------------------------------------- report
 
 
+def image_reliance_line(r: dict[str, Any] | None) -> str:
+    """Whether the base looks at the image: without that, no model can learn to localise on top of it."""
+    if not r:
+        return "Does the base use the image? Not measured."
+    own, shuffled = r["loss_own_images"], r["loss_shuffled_images"]
+    verdict = ("it does not look at the image yet, so no model built on it can localise; a longer base "
+               "training is needed" if shuffled - own < 0.01 * max(own, 1e-6) else "it uses the image")
+    return (f"Does the base use the image? Its loss on {r['records']} of its training records is {own:.4f} with "
+            f"their own images and {shuffled:.4f} with the images shuffled among them: {verdict}.")
+
+
 def write_report(ctx: Context) -> dict[str, Any]:
     """``report.md``, ``grid.png``, ``results.json`` and ``playground.json`` in ``--out``."""
     from llava_twist.demo.stages import model_dirs
@@ -297,6 +308,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "",
         f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
         "",
+        image_reliance_line(metrics.get("image_reliance")),
+        "",
         "## Held-out scenes",
         "",
         f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "
@@ -319,6 +332,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "profile": recipe.profile,
         "recipe": recipe.to_json(),
         "questions": qcount,
+        "image_reliance": metrics.get("image_reliance"),
         "models": {n: {**models[n], "path": os.path.relpath(dirs[n], out),
                        "trainable_params": get(stamps.get(n, {}), "info", "trainable_params"),
                        "train": {k: get(stamps.get(n, {}), "info", k) for k in ("steps", "first_loss", "last_loss")}}

@@ -392,7 +392,12 @@ def evaluate(ctx: Context) -> dict[str, Any]:
     models = {name: score_model(name, questions, answers[name], answers["base"], layout.eval / "models" / name)
               for name in dirs}
     counts = {b: len(rows) for b, rows in questions.items()}
-    write_json(layout.eval / "metrics.json", {"questions": counts, "models": models})
+    reliance = layout.eval / "image_reliance.json"
+    ctx.python_module("llava_twist.demo.image_reliance", "--model-path", str(dirs["base"]),
+                      "--data", str(layout.data / "base" / "train.json"),
+                      "--image-folder", str(layout.data / "base" / "images"), "--out", str(reliance))
+    write_json(layout.eval / "metrics.json", {"questions": counts, "models": models,
+                                             "image_reliance": read_json(reliance)})
     return {"questions": counts, "answered": ran}
 
 
