@@ -132,8 +132,9 @@ def settings_table(recipe: Recipe) -> str:
 
 
 def _scene(s: Any) -> str:
+    world = "".join(f"; {k} {getattr(s, k)}" for k in ("shapes", "colours", "sizes", "clutter") if getattr(s, k))
     return (f"{s.num} records ({s.kinds}; refexp {s.refexp_types}), {s.image_size} px, "
-            f"{s.min_objects}-{s.max_objects} objects, test fraction {s.test_fraction:g}")
+            f"{s.min_objects}-{s.max_objects} objects, test fraction {s.test_fraction:g}{world}")
 
 
 def _train(t: Any) -> str:
