@@ -162,7 +162,7 @@ WORLD = {"shapes": "circle,square,triangle,cross", "colours": "red,green,blue,ye
 
 
 def full_recipe() -> Recipe:
-    """``make demo``: the whole pipeline in under 30 minutes on 2 cores (24.8 and 30.6 minutes measured in two runs)."""
+    """``make demo``: sized for 30 minutes on 2 cores (24.8 and 30.6 minutes measured in two runs)."""
     return Recipe(
         profile="full",
         seed=0,
