@@ -92,6 +92,10 @@ def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) 
     for section in ("## Held-out scenes", "## Settings", "## Time per stage"):
         assert section in report
     assert "![grid](grid.png)" in report
+    tower = json.loads((demo["out"] / "work" / "models" / "tiny" / "clip-vision-tower" / "dense_pretraining.json")
+                       .read_text())["after"]
+    assert f"colour {tower['colour_acc'] * 100:.1f}%" in report.split("Vision tower (frozen", 1)[1].split("\n", 1)[0]
+    assert "| vision tower | dense pretraining on 64 scenes" in report
 
 
 def test_grid_is_a_png(demo: dict[str, Any]) -> None:

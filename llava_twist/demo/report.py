@@ -115,6 +115,7 @@ def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: d
 def settings_table(recipe: Recipe) -> str:
     rows = [
         ("tiny model", ", ".join(f"{k}={v}" for k, v in vars(recipe.model).items())),
+        ("vision tower", _vision(recipe)),
         ("base data", _scene(recipe.base_data)),
         ("grounding data", _scene(recipe.grounding_data) + f"; replay ratio {recipe.replay_ratio:g}"),
         ("base", _train(recipe.base)),
@@ -129,6 +130,27 @@ def settings_table(recipe: Recipe) -> str:
         ("seed", str(recipe.seed)),
     ]
     return "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _vision(recipe: Recipe) -> str:
+    v = recipe.vision
+    if v is None:
+        return "random (not pretrained)"
+    return (f"dense pretraining on {v.scenes} scenes of the base data's world, {v.steps} steps x batch {v.batch}, "
+            f"lr {v.lr:g} (`llava_twist.demo.vision_pretrain`)")
+
+
+def vision_line(stamp: dict[str, Any] | None) -> str:
+    """What the pretrained tower reads out of a held-out scene's patches (the stand-in for CLIP's knowledge)."""
+    v = get(stamp or {}, "info", "vision_pretraining")
+    if not v:
+        return "Vision tower: randomly initialised (no pretraining in this recipe)."
+    h = v["held_out"]
+    return (f"Vision tower (frozen in every run, as LLaVA's CLIP): after {v['seconds']:.0f} s of dense pretraining, "
+            f"linear read-outs of the patch features LLaVA feeds its projector get a held-out scene's patches right "
+            f"at shape {pct(h['shape_acc'])}, colour {pct(h['colour_acc'])}, size {pct(h['size_acc'])}, "
+            f"row {pct(h['row_acc'])}, column {pct(h['col_acc'])}, and the object's box within "
+            f"{h['box_l1_px']:.1f} px (mean L1).")
 
 
 def _scene(s: Any) -> str:
@@ -308,6 +330,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
         *(c.line() for v in recipe.twist_variants for c in checks[v.stage]),
         "",
         f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
+        "",
+        vision_line(stamps.get("model")),
         "",
         image_reliance_line(metrics.get("image_reliance")),
         "",

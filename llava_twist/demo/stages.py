@@ -122,13 +122,23 @@ def is_twist(name: str) -> bool:
 
 
 def build_model(ctx: Context) -> dict[str, Any]:
+    """The tiny LLaVA-1.5 folder; its vision tower pretrained on the scene world when the recipe says so."""
     from dataclasses import asdict
 
     args = []
     for key, value in asdict(ctx.recipe.model).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     ctx.python_module("llava_twist.tiny", "--out", str(ctx.folder), *args)
-    return {"params": sum(tensor_numel(p) for p in checkpoint_weights(ctx.folder))}
+    summary: dict[str, Any] = {"params": sum(tensor_numel(p) for p in checkpoint_weights(ctx.folder))}
+    vision = ctx.recipe.vision
+    if vision is not None:
+        tower = Path(vision_tower_of(ctx.folder))
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(vision).items()]
+        ctx.python_module("llava_twist.demo.vision_pretrain", "--tower", str(tower), *flags,
+                          *ctx.recipe.base_data.synth_args(ctx.recipe.seed))
+        result = read_json(tower / "dense_pretraining.json")
+        summary["vision_pretraining"] = {"seconds": result["seconds"], "held_out": result["after"]}
+    return summary
 
 
 def build_data(ctx: Context) -> dict[str, Any]:
