@@ -121,20 +121,21 @@ def is_twist(name: str) -> bool:
 # ---------------------------------------------------------------- model and data
 
 
-def build_model(ctx: Context) -> dict[str, Any]:
-    """The tiny LLaVA-1.5 folder; its vision tower pretrained on the scene world when the recipe says so."""
+def spec_flags(spec: Any) -> list[str]:
+    """A settings dataclass as the ``--field-name=value`` flags its module's command line reads."""
     from dataclasses import asdict
 
-    args = []
-    for key, value in asdict(ctx.recipe.model).items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    ctx.python_module("llava_twist.tiny", "--out", str(ctx.folder), *args)
+    return [f"--{key.replace('_', '-')}={value}" for key, value in asdict(spec).items()]
+
+
+def build_model(ctx: Context) -> dict[str, Any]:
+    """The tiny LLaVA-1.5 folder; its vision tower pretrained on the scene world when the recipe says so."""
+    ctx.python_module("llava_twist.tiny", "--out", str(ctx.folder), *spec_flags(ctx.recipe.model))
     summary: dict[str, Any] = {"params": sum(tensor_numel(p) for p in checkpoint_weights(ctx.folder))}
     vision = ctx.recipe.vision
     if vision is not None:
         tower = Path(vision_tower_of(ctx.folder))
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(vision).items()]
-        ctx.python_module("llava_twist.demo.vision_pretrain", "--tower", str(tower), *flags,
+        ctx.python_module("llava_twist.demo.vision_pretrain", "--tower", str(tower), *spec_flags(vision),
                           *ctx.recipe.base_data.synth_args(ctx.recipe.seed))
         result = read_json(tower / "dense_pretraining.json")
         summary["vision_pretraining"] = {"seconds": result["seconds"], "held_out": result["after"]}
