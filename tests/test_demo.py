@@ -70,6 +70,17 @@ def test_every_stage_ran_once_and_wrote_its_stamp(demo: dict[str, Any]) -> None:
     assert str(out / "report.md") in last and "playground" in last
 
 
+def test_base_trains_from_the_warmed_up_model(demo: dict[str, Any]) -> None:
+    models = demo["out"] / "work" / "models"
+    warmup = json.loads((models / "warmup" / "trainer_state.json").read_text())
+    assert warmup["global_step"] == RECIPE.warmup.train.steps
+    warmup_records = json.loads((demo["out"] / "work" / "data" / "warmup" / "train.json").read_text())
+    assert len(warmup_records) == RECIPE.warmup.data.num
+    assert {r["task"] for r in warmup_records} == {"understanding"}
+    base_log = (demo["out"] / "logs" / "base.log").read_text()
+    assert re.search(rf"--model_name_or_path {re.escape(str(models / 'warmup'))}\b", base_log)
+
+
 def test_second_run_is_all_cached_and_fast(demo: dict[str, Any]) -> None:
     lines = stage_lines(demo["second"].stdout)
     assert lines == dict.fromkeys(STAGES, "cached")
@@ -96,6 +107,7 @@ def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) 
                        .read_text())["after"]
     assert f"colour {tower['colour_acc'] * 100:.1f}%" in report.split("Vision tower (frozen", 1)[1].split("\n", 1)[0]
     assert "| vision tower | dense pretraining on 64 scenes" in report
+    assert "| base warm-up | 4 steps x batch 8" in report and "from the warmed-up model |" in report
 
 
 def test_grid_is_a_png(demo: dict[str, Any]) -> None:

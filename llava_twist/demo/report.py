@@ -118,7 +118,8 @@ def settings_table(recipe: Recipe) -> str:
         ("vision tower", _vision(recipe)),
         ("base data", _scene(recipe.base_data)),
         ("grounding data", _scene(recipe.grounding_data) + f"; replay ratio {recipe.replay_ratio:g}"),
-        ("base", _train(recipe.base)),
+        ("base warm-up", _warmup(recipe)),
+        ("base", _train(recipe.base) + (", from the warmed-up model" if recipe.warmup else "")),
         ("full FT", _train(recipe.full_ft)),
         ("LoRA", _train(recipe.lora) + f", r={recipe.lora_r}, alpha={recipe.lora_alpha}, "
                                        f"projector lr {recipe.lora_mm_projector_lr:g}"),
@@ -138,6 +139,14 @@ def _vision(recipe: Recipe) -> str:
         return "random (not pretrained)"
     return (f"dense pretraining on {v.scenes} scenes of the base data's world, {v.steps} steps x batch {v.batch}, "
             f"lr {v.lr:g} (`llava_twist.demo.vision_pretrain`)")
+
+
+def _warmup(recipe: Recipe) -> str:
+    w = recipe.warmup
+    if w is None:
+        return "none (the base trains from the tiny model)"
+    return (f"{_train(w.train)} on {w.data.num} records ({w.data.kinds}; questions {w.data.qa_types}), "
+            f"{w.data.min_objects}-{w.data.max_objects} objects, {w.data.image_size} px")
 
 
 def vision_line(stamp: dict[str, Any] | None) -> str:
@@ -281,7 +290,7 @@ def image_reliance_line(r: dict[str, Any] | None) -> str:
 
 def write_report(ctx: Context) -> dict[str, Any]:
     """``report.md``, ``grid.png``, ``results.json`` and ``playground.json`` in ``--out``."""
-    from llava_twist.demo.stages import model_dirs
+    from llava_twist.demo.stages import build_stages, model_dirs
 
     recipe, layout = ctx.recipe, ctx.layout
     out = layout.out
@@ -292,7 +301,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
     stamps = ctx.stamps
     best = best_twist(recipe, models)
     checks = {v.stage: twist_checks(recipe, v.stage, models) for v in recipe.twist_variants}
-    order = ["model", "data", "base", *(v.stage for v in recipe.twist_variants), "full-ft", "lora", "eval"]
+    order = [s.name for s in build_stages(recipe) if s.name != ctx.stage]
 
     rows = draw_grid(layout, names, models, recipe.eval.grid_scenes, recipe.eval.grid_cell_px, out / "grid.png")
 

@@ -143,12 +143,16 @@ def build_model(ctx: Context) -> dict[str, Any]:
 
 
 def build_data(ctx: Context) -> dict[str, Any]:
-    """Base data (understanding + one-shot boxes), grounding chains (train/test), and the replay mix."""
+    """Base data (understanding + one-shot boxes), grounding chains (train/test), the replay mix, and the
+    base's warm-up records when the recipe has a warm-up."""
     from scout_data.stats import dataset_stats
     from scout_data.validate import load_records
 
     recipe, data = ctx.recipe, ctx.folder
-    for name, spec in (("base", recipe.base_data), ("grounding", recipe.grounding_data)):
+    sets = [("base", recipe.base_data), ("grounding", recipe.grounding_data)]
+    if recipe.warmup:
+        sets.append(("warmup", recipe.warmup.data))
+    for name, spec in sets:
         ctx.python_module("scout_data", "synth", "--out", str(data / name), "--quiet", *spec.synth_args(recipe.seed),
                           threads=1)
     base_train = load_records(str(data / "base" / "train.json"))
@@ -162,10 +166,10 @@ def build_data(ctx: Context) -> dict[str, Any]:
         "--scout-image-prefix", "grounding/images", "--replay-image-prefix", "base/images", "--overwrite",
         threads=1,
     )
-    stats = {
-        name: dataset_stats(load_records(str(data / name)))
-        for name in ("base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json")
-    }
+    files = ["base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json"]
+    if recipe.warmup:
+        files.append("warmup/train.json")
+    stats = {name: dataset_stats(load_records(str(data / name))) for name in files}
     write_json(data / "stats.json", stats)
     return {name: {"records": s["records"], "task": s["task"], "difficulty": s["difficulty"]}
             for name, s in stats.items()}
@@ -174,11 +178,25 @@ def build_data(ctx: Context) -> dict[str, Any]:
 # ---------------------------------------------------------------- training
 
 
-def train_base(ctx: Context) -> dict[str, Any]:
-    """LLaVA-1.5 stage 2 (full fine-tuning) of the tiny model on the base data: our "LLaVA-1.5"."""
-    data = ctx.layout.data / "base"
+def train_warmup(ctx: Context) -> dict[str, Any]:
+    """The base's first lesson (``Recipe.warmup``): LLaVA's trainer on the easy warm-up records, from the tiny
+    model."""
+    warmup = ctx.recipe.warmup
+    if warmup is None:
+        raise StageError(ctx.stage, "the recipe has no warm-up")
+    data = ctx.layout.data / "warmup"
     ctx.run(llava_train_args(ctx, ctx.layout.model("tiny"), data / "train.json", data / "images", ctx.folder,
-                             ctx.recipe.base))
+                             warmup.train))
+    return trainer_summary(ctx.folder)
+
+
+def train_base(ctx: Context) -> dict[str, Any]:
+    """LLaVA-1.5 stage 2 (full fine-tuning) on the base data, from the warmed-up (or the tiny) model: our
+    "LLaVA-1.5"."""
+    layout = ctx.layout
+    start = layout.model("warmup" if ctx.recipe.warmup else "tiny")
+    data = layout.data / "base"
+    ctx.run(llava_train_args(ctx, start, data / "train.json", data / "images", ctx.folder, ctx.recipe.base))
     return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
 
 
@@ -422,10 +440,12 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     twist = [Stage(v.stage, lambda lay, s=v.stage: lay.model(s), ("base", "data"), train_twist)
              for v in recipe.twist_variants]
     trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
+    warmup = [Stage("warmup", lambda lay: lay.model("warmup"), ("model", "data"), train_warmup)]
     return [
         Stage("model", lambda lay: lay.model("tiny"), (), build_model),
         Stage("data", lambda lay: lay.data, (), build_data),
-        Stage("base", lambda lay: lay.model("base"), ("model", "data"), train_base),
+        *(warmup if recipe.warmup else []),
+        Stage("base", lambda lay: lay.model("base"), ("warmup" if recipe.warmup else "model", "data"), train_base),
         *twist,
         Stage("full-ft", lambda lay: lay.model("full-ft"), ("base", "data"), train_full_ft),
         Stage("lora", lambda lay: lay.model("lora"), ("base", "data"), train_lora),
