@@ -146,7 +146,7 @@ def _warmup(recipe: Recipe) -> str:
     if w is None:
         return "none (the base trains from the tiny model)"
     return (f"{_train(w.train)} on {w.data.num} records ({w.data.kinds}; questions {w.data.qa_types}), "
-            f"{w.data.min_objects}-{w.data.max_objects} objects, {w.data.image_size} px")
+            f"{_objects(w.data)}, {w.data.image_size} px")
 
 
 def vision_line(stamp: dict[str, Any] | None) -> str:
@@ -162,10 +162,16 @@ def vision_line(stamp: dict[str, Any] | None) -> str:
             f"{h['box_l1_px']:.1f} px (mean L1).")
 
 
+def _objects(s: Any) -> str:
+    if s.min_objects == s.max_objects:
+        return f"{s.min_objects} object{'s' if s.min_objects > 1 else ''} per scene"
+    return f"{s.min_objects}-{s.max_objects} objects"
+
+
 def _scene(s: Any) -> str:
     world = "".join(f"; {k} {getattr(s, k)}" for k in ("shapes", "colours", "sizes", "clutter") if getattr(s, k))
     return (f"{s.num} records ({s.kinds}; refexp {s.refexp_types}), {s.image_size} px, "
-            f"{s.min_objects}-{s.max_objects} objects, test fraction {s.test_fraction:g}{world}")
+            f"{_objects(s)}, test fraction {s.test_fraction:g}{world}")
 
 
 def _train(t: Any) -> str:
