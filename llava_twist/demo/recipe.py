@@ -182,10 +182,11 @@ WORLD = {"shapes": "circle,square,triangle,cross", "colours": "red,green,blue,ye
 def full_recipe() -> Recipe:
     """``make demo``: sized for 30 minutes on 2 cores.
 
-    The base sees because of two things the measurements asked for: a pretrained tiny tower (LLaVA never
-    trains its CLIP, and a random one leaves the base blind) and a warm-up on one-object colour questions
-    before the full mix (without it the base settles on the mix's language prior: 28.8-33.8% understanding
-    and the same loss with shuffled images; with it 42.5% and a clear gap)."""
+    Two things get the base looking at the image, as the measurements asked: a pretrained tiny tower (LLaVA
+    never trains its CLIP, and a random one leaves the base blind) and a warm-up on one-object colour questions
+    before the full mix (without it the base settles on the mix's language prior: the same loss with shuffled
+    images). Measured in ``make demo``: 31.0 min of stage time; loss 0.643 with own vs 0.666 with shuffled
+    images. The grounding runs get 100 steps each, which is what bounds their Acc@0.5 (README)."""
     return Recipe(
         profile="full",
         seed=0,
