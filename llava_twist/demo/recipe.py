@@ -186,7 +186,8 @@ def full_recipe() -> Recipe:
     never trains its CLIP, and a random one leaves the base blind) and a warm-up on one-object colour questions
     before the full mix (without it the base settles on the mix's language prior: the same loss with shuffled
     images). Measured in ``make demo``: 31.0 min of stage time; loss 0.643 with own vs 0.666 with shuffled
-    images. The grounding runs get 100 steps each, which is what bounds their Acc@0.5 (README)."""
+    images. The base does not localise yet (one-shot region boxes: mean IoU 0.03), so no grounding run reaches
+    a correct box in its 100 steps (README)."""
     return Recipe(
         profile="full",
         seed=0,
