@@ -3,7 +3,7 @@
 Everything is built locally (no hub): a tiny CLIP vision tower and its image processor saved in a
 sub-folder whose absolute path goes into ``mm_vision_tower``, a tiny Llama with an ``mlp2x_gelu``
 projector and the v1.5 config fields, and a SentencePiece Llama tokenizer trained on the fly on text
-that covers our prompts (digits split, byte fallback, as Llama's).
+that covers our prompts (digits split, byte fallback, as Llama's; optionally one token per box coordinate).
 
     python -m llava_twist.tiny --out checkpoints/tiny-llava
 """
@@ -74,10 +74,18 @@ class TinyLlavaSpec:
     patch_size: int = 14
     max_position_embeddings: int = 1024
     seed: int = 0
+    coordinate_tokens: bool = False  # one token per two-decimal coordinate 0.00-1.00 (see ``train_tokenizer``)
 
 
-def train_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int) -> None:
-    """Train a SentencePiece BPE model like Llama's and save it as a slow ``LlamaTokenizer``."""
+COORDINATES = [f"{i / 100:.2f}" for i in range(101)]
+
+
+def train_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int, coordinate_tokens: bool = False) -> None:
+    """Train a SentencePiece BPE model like Llama's and save it as a slow ``LlamaTokenizer``.
+
+    ``coordinate_tokens`` makes each box coordinate of LLaVA's text format (``0.00`` ... ``1.00``) one token, as
+    location tokens do in Pix2Seq and Kosmos-2. The text and every parser stay LLaVA's; a box costs 12 tokens
+    instead of 24, so a SCOUT chain is about a third shorter, and CPU training time follows the token count."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -101,6 +109,7 @@ def train_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int) -> No
         hard_vocab_limit=False,
         num_threads=1,
         minloglevel=2,
+        user_defined_symbols=COORDINATES if coordinate_tokens else [],
     )
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = Path(tmp) / "tokenizer.model"
@@ -146,7 +155,7 @@ def build_tiny_llava(
     spec = spec or TinyLlavaSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out, corpus if corpus is not None else default_corpus(), spec.vocab_size)
+    train_tokenizer(out, corpus if corpus is not None else default_corpus(), spec.vocab_size, spec.coordinate_tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(out), use_fast=False)
     vision_dir = build_vision_tower(out, spec)
     config = LlavaConfig(
@@ -189,12 +198,19 @@ def build_tiny_llava(
     return out
 
 
+def _true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() == "true"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     defaults = TinyLlavaSpec()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = _true_or_false if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args(argv)
     spec = TinyLlavaSpec(**{k: getattr(args, k) for k in asdict(defaults)})
     out = build_tiny_llava(args.out, spec)
