@@ -25,6 +25,7 @@ from llava_twist.model.builder import (
     save_twist_checkpoint,
     save_twist_delta,
 )
+from llava_twist.model.routing import class_balanced_weights
 
 KINDS = [
     {"twist_expert": "mlp", "twist_layers": "every_other"},
@@ -148,6 +149,27 @@ def test_only_twist_params_train(tiny_llava: Path) -> None:
             assert not torch.equal(p, before[name]), f"{name} did not move"
         else:
             assert torch.equal(p, before[name]), f"{name} changed"
+
+
+def test_class_balanced_weights() -> None:
+    weights = class_balanced_weights(torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert torch.allclose(weights, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))
+    assert torch.equal(class_balanced_weights(torch.ones(3)), torch.ones(3))
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_router_loss_balances_the_tasks(tiny_llava: Path, balance: bool) -> None:
+    twist = load_twist(tiny_llava, twist_router_balance=balance)
+    with torch.no_grad():
+        twist.model.twist_router.net[-1].weight.normal_(std=1.0)
+    batch = make_batch(tiny_llava, [QUERIES[0], QUERIES[1], "Find the blue triangle. Answer step by step."])
+    labels = torch.tensor([0.0, 1.0, 1.0])
+    with torch.no_grad():
+        out = twist(**batch, twist_route=labels.bool(), twist_router_labels=labels)
+    per_sample = torch.nn.functional.binary_cross_entropy_with_logits(out.router_logits, labels, reduction="none")
+    expected = (per_sample[0] + per_sample[1:].mean()) / 2 if balance else per_sample.mean()
+    assert torch.allclose(out.router_loss, expected)
+    assert not torch.allclose(per_sample[0], per_sample[1:].mean())  # the two weightings differ on this batch
 
 
 def test_frozen_samples_give_experts_no_gradient(tiny_llava: Path) -> None:

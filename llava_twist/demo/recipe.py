@@ -172,7 +172,7 @@ TWIST_VARIANTS = (
     TwistVariant("layer", ("--twist_expert", "layer", "--twist_layers", "every_other")),
     TwistVariant("mlp", ("--twist_expert", "mlp", "--twist_layers", "every_other")),
 )
-TWIST_FLAGS = ("--twist_router_lr", "5e-2")
+TWIST_FLAGS = ("--twist_router_lr", "5e-2", "--twist_router_balance", "True")
 
 
 WORLD = {"shapes": "circle,square,triangle,cross", "colours": "red,green,blue,yellow,black", "sizes": "medium,large",

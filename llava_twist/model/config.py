@@ -35,6 +35,8 @@ class TwistConfig(LlavaConfig):
         twist_router_hidden: width of the router's hidden layer; 0 = a linear probe.
         twist_router_threshold: probability above which ``auto`` takes the grounding route.
         twist_router_loss_weight: weight of the router's BCE in the training loss.
+        twist_router_balance: weigh the router's BCE so that grounding and understanding prompts count equally in
+            each batch, whatever the replay ratio (without it the majority task pulls the router's bias its way).
         twist_route: the route ``forward``/``generate`` take when none is passed.
         twist_base_fingerprint: fingerprint of the base LLaVA weights a grounding delta applies onto.
     """
@@ -52,6 +54,7 @@ class TwistConfig(LlavaConfig):
         twist_router_hidden: int = 0,
         twist_router_threshold: float = 0.5,
         twist_router_loss_weight: float = 1.0,
+        twist_router_balance: bool = True,
         twist_route: str = "auto",
         twist_base_fingerprint: str | None = None,
         **kwargs: Any,
@@ -65,6 +68,7 @@ class TwistConfig(LlavaConfig):
         self.twist_router_hidden = int(twist_router_hidden)
         self.twist_router_threshold = float(twist_router_threshold)
         self.twist_router_loss_weight = float(twist_router_loss_weight)
+        self.twist_router_balance = bool(twist_router_balance)
         self.twist_route = twist_route
         self.twist_base_fingerprint = twist_base_fingerprint
         super().__init__(**kwargs)

@@ -20,6 +20,7 @@ from llava_twist.model.routing import (
     RouteDecision,
     TwistCache,
     TwistRouter,
+    class_balanced_weights,
     mark_router_positions,
     split_router_marks,
 )
@@ -297,16 +298,21 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             route=outputs.route,
         )
 
-    @staticmethod
-    def router_loss(outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
-        """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label."""
+    def router_loss(self, outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
+        """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label; class
+        balanced when ``config.twist_router_balance``."""
         target = router_labels.float()
+        weight = class_balanced_weights(target) if self.config.twist_router_balance else None
         if outputs.router_logits is not None:
-            return F.binary_cross_entropy_with_logits(outputs.router_logits, target.to(outputs.router_logits.device))
+            device = outputs.router_logits.device
+            return F.binary_cross_entropy_with_logits(outputs.router_logits, target.to(device),
+                                                      weight=None if weight is None else weight.to(device))
         if outputs.gate_logits:
             gates = torch.stack(outputs.gate_logits)  # (layers, B, T)
             expanded = target.to(gates.device).view(1, -1, 1).expand_as(gates)
-            return F.binary_cross_entropy_with_logits(gates, expanded)
+            if weight is not None:
+                weight = weight.to(gates.device).view(1, -1, 1).expand_as(gates)
+            return F.binary_cross_entropy_with_logits(gates, expanded, weight=weight)
         return None
 
     @torch.no_grad()

@@ -65,6 +65,17 @@ class TwistRouter(nn.Module):
         return self.net(pooled.to(self.net[0].weight.dtype)).squeeze(-1).float()
 
 
+def class_balanced_weights(target: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights (mean 1) under which each class present in ``target`` (0/1) carries half the loss."""
+    positive = target > 0.5
+    n_pos = positive.sum()
+    n_neg = target.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return torch.ones_like(target)
+    half = target.numel() / 2.0
+    return torch.where(positive, half / n_pos, half / n_neg).to(target.dtype)
+
+
 def mark_router_positions(
     input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:

@@ -26,6 +26,9 @@ class TwistArguments:
     twist_router_layer: int | None = field(default=None, metadata={"help": "layer whose input the router reads"})
     twist_router_hidden: int | None = field(default=None, metadata={"help": "router hidden width; 0 = linear"})
     twist_router_loss_weight: float | None = field(default=None, metadata={"help": "weight of the router BCE"})
+    twist_router_balance: bool | None = field(
+        default=None, metadata={"help": "grounding and understanding prompts weigh equally in the router BCE"}
+    )
     twist_router_lr: float | None = field(
         default=None, metadata={"help": "learning rate of the router (a small probe); default --learning_rate"}
     )
@@ -45,7 +48,7 @@ class TwistArguments:
     def config_kwargs(self) -> dict[str, Any]:
         """The ``twist_*`` TwistConfig settings given on the command line."""
         names = ("twist_expert", "twist_mix", "twist_mix_init", "twist_router", "twist_router_layer",
-                 "twist_router_hidden", "twist_router_loss_weight")
+                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance")
         kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.twist_layers is not None:
             kwargs["twist_layers"] = parse_layers(self.twist_layers)
