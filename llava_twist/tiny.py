@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from llava_twist.spec_cli import add_spec_arguments, spec_from_args
+
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -198,22 +200,12 @@ def build_tiny_llava(
     return out
 
 
-def _true_or_false(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return text.lower() == "true"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    defaults = TinyLlavaSpec()
-    for name, value in asdict(defaults).items():
-        kind = _true_or_false if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    add_spec_arguments(parser, TinyLlavaSpec())
     args = parser.parse_args(argv)
-    spec = TinyLlavaSpec(**{k: getattr(args, k) for k in asdict(defaults)})
-    out = build_tiny_llava(args.out, spec)
+    out = build_tiny_llava(args.out, spec_from_args(TinyLlavaSpec, args))
     print(f"wrote a tiny LLaVA-1.5 checkpoint to {out} (vision tower: {out / 'clip-vision-tower'})")
 
 

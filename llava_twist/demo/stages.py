@@ -11,6 +11,7 @@ from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, Stage, StageError, cpu_count, read_json, write_json
 from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
+from llava_twist.spec_cli import spec_flags
 from scout_data.output import atomic_write_text, dumps_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,13 +120,6 @@ def is_twist(name: str) -> bool:
 
 
 # ---------------------------------------------------------------- model and data
-
-
-def spec_flags(spec: Any) -> list[str]:
-    """A settings dataclass as the ``--field-name=value`` flags its module's command line reads."""
-    from dataclasses import asdict
-
-    return [f"--{key.replace('_', '-')}={value}" for key, value in asdict(spec).items()]
 
 
 def build_model(ctx: Context) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llava_twist.spec_cli import add_spec_arguments, spec_from_args
 from scout_data.sources.synthetic import SynthConfig, add_arguments, config_from_args, make_scene, render_scene
 
 HEADS = ("shape", "colour", "size", "row", "col")
@@ -209,12 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tower", required=True, help="a saved CLIPVisionModel folder (trained in place)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--select-layer", type=int, default=-2, help="the layer LLaVA reads (mm_vision_select_layer)")
-    defaults = VisionPretrainSpec()
-    for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_spec_arguments(p, VisionPretrainSpec())
     add_arguments(p)
     args = p.parse_args(argv)
-    spec = VisionPretrainSpec(**{k: getattr(args, k) for k in asdict(defaults)})
+    spec = spec_from_args(VisionPretrainSpec, args)
     try:
         cfg = config_from_args(args)
         result = pretrain_tower(args.tower, cfg, spec, args.seed, args.select_layer)
