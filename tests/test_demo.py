@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from llava_twist.demo.pipeline import STAMP, Context, Layout, Stage, StageError, run_stage
-from llava_twist.demo.recipe import get_recipe
+from llava_twist.demo.recipe import BOX_LESSON, get_recipe
 from llava_twist.demo.stages import build_stages
 
 RECIPE = get_recipe("ci")
@@ -70,15 +71,23 @@ def test_every_stage_ran_once_and_wrote_its_stamp(demo: dict[str, Any]) -> None:
     assert str(out / "report.md") in last and "playground" in last
 
 
-def test_base_trains_from_the_warmed_up_model(demo: dict[str, Any]) -> None:
-    models = demo["out"] / "work" / "models"
-    warmup = json.loads((models / "warmup" / "trainer_state.json").read_text())
-    assert warmup["global_step"] == RECIPE.warmup.train.steps
-    warmup_records = json.loads((demo["out"] / "work" / "data" / "warmup" / "train.json").read_text())
-    assert len(warmup_records) == RECIPE.warmup.data.num
-    assert {r["task"] for r in warmup_records} == {"understanding"}
-    base_log = (demo["out"] / "logs" / "base.log").read_text()
-    assert re.search(rf"--model_name_or_path {re.escape(str(models / 'warmup'))}\b", base_log)
+def test_warmup_lessons_chain_from_the_tiny_model_to_the_base(demo: dict[str, Any]) -> None:
+    models, data, logs = (demo["out"] / "work" / "models", demo["out"] / "work" / "data", demo["out"] / "logs")
+    assert [w.name for w in RECIPE.warmups] == ["colour", "boxes"]
+    start = models / "tiny"
+    for lesson in RECIPE.warmups:
+        state = json.loads((models / lesson.stage / "trainer_state.json").read_text())
+        assert state["global_step"] == lesson.train.steps
+        records = json.loads((data / lesson.stage / "train.json").read_text())
+        assert len(records) == lesson.data.num
+        log = (logs / f"{lesson.stage}.log").read_text()
+        assert re.search(rf"--model_name_or_path {re.escape(str(start))}\b", log), lesson.stage
+        start = models / lesson.stage
+    colour, boxes = (json.loads((data / w.stage / "train.json").read_text()) for w in RECIPE.warmups)
+    assert {r["task"] for r in colour} == {"understanding"}
+    assert {r["task"] for r in boxes} == {"grounding"}
+    assert all(re.search(r"\[[\d.]+, [\d.]+, [\d.]+, [\d.]+\]", r["conversations"][-1]["value"]) for r in boxes)
+    assert re.search(rf"--model_name_or_path {re.escape(str(start))}\b", (logs / "base.log").read_text())
 
 
 def test_second_run_is_all_cached_and_fast(demo: dict[str, Any]) -> None:
@@ -107,7 +116,8 @@ def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) 
                        .read_text())["after"]
     assert f"colour {tower['colour_acc'] * 100:.1f}%" in report.split("Vision tower (frozen", 1)[1].split("\n", 1)[0]
     assert "| vision tower | dense pretraining on 64 scenes" in report
-    assert "| base warm-up | 4 steps x batch 8" in report and "from the warmed-up model |" in report
+    assert "| base warm-up: colour | 4 steps x batch 8" in report and "from the warmed-up model |" in report
+    assert "| base warm-up: boxes | 4 steps x batch 8" in report and "(region:1; refexp attribute:1)" in report
 
 
 def test_grid_is_a_png(demo: dict[str, Any]) -> None:
@@ -222,6 +232,26 @@ def test_changed_settings_redo_the_stage_and_everything_downstream(tmp_path: Pat
     assert run_all(ToyRecipe(a=1, c=2), layout, calls, force="a") == ["a", "b"]
     (tmp_path / "work" / "b" / STAMP).unlink()
     assert run_all(ToyRecipe(a=1, c=2), layout, calls) == ["b"]
+
+
+def test_warmup_lessons_are_stages_in_order_and_optional() -> None:
+    deps = {s.name: s.deps for s in build_stages(RECIPE)}
+    assert STAGES[2:5] == ["warmup-colour", "warmup-boxes", "base"]
+    assert deps["warmup-colour"] == ("model", "data") and deps["warmup-boxes"] == ("warmup-colour", "data")
+    assert deps["base"] == ("warmup-boxes", "data")
+    assert RECIPE.stage_config("warmup-boxes")["train"] == asdict(RECIPE.warmups[1].train)
+    bare = replace(RECIPE, warmups=())
+    assert {s.name: s.deps for s in build_stages(bare)}["base"] == ("model", "data")
+    assert "warmup-colour" not in [s.name for s in build_stages(bare)]
+    assert replace(RECIPE, warmups=RECIPE.warmups[:1]).stage_config("data") != RECIPE.stage_config("data")
+
+
+def test_full_boxes_is_full_with_a_box_lesson_and_a_shorter_base() -> None:
+    full, boxes = get_recipe("full"), get_recipe("full-boxes")
+    assert [w.name for w in full.warmups] == ["colour"]
+    assert boxes.warmups == (*full.warmups, BOX_LESSON) and boxes.base.steps < full.base.steps
+    assert replace(boxes, profile="full", warmups=full.warmups, base=full.base) == full
+    assert BOX_LESSON.data.kinds == "region:1" and BOX_LESSON.data.max_objects == 1
 
 
 def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> None:

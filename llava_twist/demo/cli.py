@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_twist.demo", description=demo_package.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                   help="full: make demo; ci: the same pipeline in minutes (tests)")
+                   help="full: make demo; full-boxes: full with a box lesson before the base (about 40 min); "
+                        "ci: the same pipeline in minutes (tests)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="everything goes here (default: %(default)s)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE (and everything downstream) even if cached; repeatable; 'all' redoes all")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
-from llava_twist.demo.recipe import Recipe
+from llava_twist.demo.recipe import Recipe, Warmup
 from scout_data.output import atomic_write_text
 
 LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA"}
@@ -118,8 +118,8 @@ def settings_table(recipe: Recipe) -> str:
         ("vision tower", _vision(recipe)),
         ("base data", _scene(recipe.base_data)),
         ("grounding data", _scene(recipe.grounding_data) + f"; replay ratio {recipe.replay_ratio:g}"),
-        ("base warm-up", _warmup(recipe)),
-        ("base", _train(recipe.base) + (", from the warmed-up model" if recipe.warmup else "")),
+        *((f"base warm-up: {w.name}", _warmup(w)) for w in recipe.warmups),
+        ("base", _train(recipe.base) + (", from the warmed-up model" if recipe.warmups else ", from the tiny model")),
         ("full FT", _train(recipe.full_ft)),
         ("LoRA", _train(recipe.lora) + f", r={recipe.lora_r}, alpha={recipe.lora_alpha}, "
                                        f"projector lr {recipe.lora_mm_projector_lr:g}"),
@@ -141,12 +141,12 @@ def _vision(recipe: Recipe) -> str:
             f"lr {v.lr:g} (`llava_twist.demo.vision_pretrain`)")
 
 
-def _warmup(recipe: Recipe) -> str:
-    w = recipe.warmup
-    if w is None:
-        return "none (the base trains from the tiny model)"
-    return (f"{_train(w.train)} on {w.data.num} records ({w.data.kinds}; questions {w.data.qa_types}), "
-            f"{_objects(w.data)}, {w.data.image_size} px")
+def _warmup(w: Warmup) -> str:
+    d = w.data
+    kinds = {k.split(":")[0] for k in d.kinds.split(",")}
+    prompts = ", ".join([*([f"questions {d.qa_types}"] if "qa" in kinds else []),
+                         *([f"refexp {d.refexp_types}"] if kinds & {"region", "refexp"} else [])])
+    return f"{_train(w.train)} on {d.num} records ({d.kinds}; {prompts}), {_objects(d)}, {d.image_size} px"
 
 
 def vision_line(stamp: dict[str, Any] | None) -> str:

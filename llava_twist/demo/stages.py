@@ -138,14 +138,13 @@ def build_model(ctx: Context) -> dict[str, Any]:
 
 def build_data(ctx: Context) -> dict[str, Any]:
     """Base data (understanding + one-shot boxes), grounding chains (train/test), the replay mix, and the
-    base's warm-up records when the recipe has a warm-up."""
+    records of each warm-up lesson."""
     from scout_data.stats import dataset_stats
     from scout_data.validate import load_records
 
     recipe, data = ctx.recipe, ctx.folder
-    sets = [("base", recipe.base_data), ("grounding", recipe.grounding_data)]
-    if recipe.warmup:
-        sets.append(("warmup", recipe.warmup.data))
+    sets = [("base", recipe.base_data), ("grounding", recipe.grounding_data),
+            *((w.stage, w.data) for w in recipe.warmups)]
     for name, spec in sets:
         ctx.python_module("scout_data", "synth", "--out", str(data / name), "--quiet", *spec.synth_args(recipe.seed),
                           threads=1)
@@ -160,9 +159,8 @@ def build_data(ctx: Context) -> dict[str, Any]:
         "--scout-image-prefix", "grounding/images", "--replay-image-prefix", "base/images", "--overwrite",
         threads=1,
     )
-    files = ["base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json"]
-    if recipe.warmup:
-        files.append("warmup/train.json")
+    files = ["base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json",
+             *(f"{w.stage}/train.json" for w in recipe.warmups)]
     stats = {name: dataset_stats(load_records(str(data / name))) for name in files}
     write_json(data / "stats.json", stats)
     return {name: {"records": s["records"], "task": s["task"], "difficulty": s["difficulty"]}
@@ -172,23 +170,32 @@ def build_data(ctx: Context) -> dict[str, Any]:
 # ---------------------------------------------------------------- training
 
 
+def warmup_start(recipe: Recipe, stage: str) -> str:
+    """The model stage a warm-up lesson (or ``base``) trains from: the previous lesson's, else the tiny model."""
+    names = [w.stage for w in recipe.warmups]
+    before = names[: names.index(stage)] if stage in names else names
+    return before[-1] if before else "model"
+
+
+def stage_model(layout: Layout, stage: str) -> Path:
+    return layout.model("tiny" if stage == "model" else stage)
+
+
 def train_warmup(ctx: Context) -> dict[str, Any]:
-    """The base's first lesson (``Recipe.warmup``): LLaVA's trainer on the easy warm-up records, from the tiny
-    model."""
-    warmup = ctx.recipe.warmup
-    if warmup is None:
-        raise StageError(ctx.stage, "the recipe has no warm-up")
-    data = ctx.layout.data / "warmup"
-    ctx.run(llava_train_args(ctx, ctx.layout.model("tiny"), data / "train.json", data / "images", ctx.folder,
-                             warmup.train))
+    """One of the base's first lessons (``Recipe.warmups``): LLaVA's trainer on its easy records, from the
+    previous lesson's model (the first: from the tiny model)."""
+    warmup = next(w for w in ctx.recipe.warmups if w.stage == ctx.stage)
+    data = ctx.layout.data / warmup.stage
+    start = stage_model(ctx.layout, warmup_start(ctx.recipe, ctx.stage))
+    ctx.run(llava_train_args(ctx, start, data / "train.json", data / "images", ctx.folder, warmup.train))
     return trainer_summary(ctx.folder)
 
 
 def train_base(ctx: Context) -> dict[str, Any]:
-    """LLaVA-1.5 stage 2 (full fine-tuning) on the base data, from the warmed-up (or the tiny) model: our
-    "LLaVA-1.5"."""
+    """LLaVA-1.5 stage 2 (full fine-tuning) on the base data, from the last warm-up lesson's model (or the
+    tiny model): our "LLaVA-1.5"."""
     layout = ctx.layout
-    start = layout.model("warmup" if ctx.recipe.warmup else "tiny")
+    start = stage_model(layout, warmup_start(ctx.recipe, "base"))
     data = layout.data / "base"
     ctx.run(llava_train_args(ctx, start, data / "train.json", data / "images", ctx.folder, ctx.recipe.base))
     return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
@@ -434,12 +441,13 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     twist = [Stage(v.stage, lambda lay, s=v.stage: lay.model(s), ("base", "data"), train_twist)
              for v in recipe.twist_variants]
     trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
-    warmup = [Stage("warmup", lambda lay: lay.model("warmup"), ("model", "data"), train_warmup)]
+    warmups = [Stage(w.stage, lambda lay, s=w.stage: lay.model(s), (warmup_start(recipe, w.stage), "data"),
+                     train_warmup) for w in recipe.warmups]
     return [
         Stage("model", lambda lay: lay.model("tiny"), (), build_model),
         Stage("data", lambda lay: lay.data, (), build_data),
-        *(warmup if recipe.warmup else []),
-        Stage("base", lambda lay: lay.model("base"), ("warmup" if recipe.warmup else "model", "data"), train_base),
+        *warmups,
+        Stage("base", lambda lay: lay.model("base"), (warmup_start(recipe, "base"), "data"), train_base),
         *twist,
         Stage("full-ft", lambda lay: lay.model("full-ft"), ("base", "data"), train_full_ft),
         Stage("lora", lambda lay: lay.model("lora"), ("base", "data"), train_lora),
