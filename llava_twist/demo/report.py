@@ -14,6 +14,7 @@ from typing import Any
 from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
 from llava_twist.demo.recipe import Recipe, Warmup
 from scout_data.output import atomic_write_text
+from scout_data.sources.synthetic import KINDS, parse_weights
 
 LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA"}
 MAX_CELL_CHARS = 400
@@ -143,7 +144,7 @@ def _vision(recipe: Recipe) -> str:
 
 def _warmup(w: Warmup) -> str:
     d = w.data
-    kinds = {k.split(":")[0] for k in d.kinds.split(",")}
+    kinds = parse_weights(d.kinds, KINDS, "kind").keys()
     prompts = ", ".join([*([f"questions {d.qa_types}"] if "qa" in kinds else []),
                          *([f"refexp {d.refexp_types}"] if kinds & {"region", "refexp"} else [])])
     return f"{_train(w.train)} on {d.num} records ({d.kinds}; {prompts}), {_objects(d)}, {d.image_size} px"
