@@ -39,3 +39,20 @@ def test_cli_builds_with_coordinate_tokens(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "n"), "--coordinate-tokens", "yes"])
     assert not (tmp_path / "n").exists()
+
+
+def test_demo_vocabulary_gives_each_word_of_the_world_one_token(tmp_path: Path) -> None:
+    """The full demo's vocabulary size is what keeps its records short: every word of its world is one piece."""
+    from llava.conversation import conv_templates
+
+    from llava_twist.demo.recipe import WORLD, full_recipe
+
+    spec = full_recipe().model
+    train_tokenizer(tmp_path, default_corpus(), spec.vocab_size, spec.coordinate_tokens)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), use_fast=False)
+    words = [w for key in ("shapes", "colours", "sizes") for w in WORLD[key].split(",")]
+    words += "Step Answer step leftmost rightmost largest smallest candidates image object".split()
+    split = {w: tok.tokenize(f"the {w}")[1:] for w in words}
+    assert {w: p for w, p in split.items() if len(p) != 1} == {}
+    assert len(tok(conv_templates["v1"].system, add_special_tokens=False).input_ids) <= 40
+    assert len(tok) == spec.vocab_size

@@ -201,14 +201,15 @@ def full_recipe() -> Recipe:
     never trains its CLIP, and a random one leaves the base blind) and a warm-up on one-object colour questions
     before the full mix (without it the base settles on the mix's language prior: the same loss with shuffled
     images). One token per box coordinate (``coordinate_tokens``) shortens the chains by about a third, which
-    brought a clean ``make demo`` from 31.0 to 29.1 min of stage time. The base does not localise yet (one-shot
-    region boxes: mean IoU 0.03), so no grounding run reaches a correct box in its 100 steps (README); the
-    ``full-boxes`` profile adds a box lesson, measured in the README, that does not change this."""
+    brought a clean ``make demo`` from 31.0 to 29.1 min of stage time. A vocabulary of 1536 pieces (not 640) makes
+    every word of the world one token, as Llama's does: the text of a record is 35-60% shorter and the base's
+    understanding rose from 32.8% to 53.1%. No grounding run reaches a correct box in its 100 steps (README); the
+    ``full-boxes`` profile adds a box lesson, measured in the README, that did not change this."""
     return Recipe(
         profile="full",
         seed=0,
         model=TinyLlavaSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                            vocab_size=640, vision_hidden_size=64, vision_layers=3, vision_heads=2, image_size=64,
+                            vocab_size=1536, vision_hidden_size=64, vision_layers=3, vision_heads=2, image_size=64,
                             patch_size=8, coordinate_tokens=True),
         vision=VisionPretrainSpec(scenes=6000, steps=1500, batch=64, lr=3e-3),
         base_data=SceneSpec(num=12000, kinds="qa:0.75,region:0.25", image_size=64, min_objects=1, max_objects=4,
