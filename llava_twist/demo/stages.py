@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ def warmup_start(recipe: Recipe, stage: str) -> str:
 
 
 def stage_model(layout: Layout, stage: str) -> Path:
+    """The model folder a stage writes (``model`` writes ``tiny``), for the stage list and the stage bodies."""
     return layout.model("tiny" if stage == "model" else stage)
 
 
@@ -438,19 +440,21 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     """Every stage in run order with its folder and the stages it reads from."""
     from llava_twist.demo.report import write_report
 
-    twist = [Stage(v.stage, lambda lay, s=v.stage: lay.model(s), ("base", "data"), train_twist)
-             for v in recipe.twist_variants]
+    def folder(stage: str) -> Callable[[Layout], Path]:
+        return lambda lay: stage_model(lay, stage)
+
+    twist = [Stage(v.stage, folder(v.stage), ("base", "data"), train_twist) for v in recipe.twist_variants]
     trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
-    warmups = [Stage(w.stage, lambda lay, s=w.stage: lay.model(s), (warmup_start(recipe, w.stage), "data"),
-                     train_warmup) for w in recipe.warmups]
+    warmups = [Stage(w.stage, folder(w.stage), (warmup_start(recipe, w.stage), "data"), train_warmup)
+               for w in recipe.warmups]
     return [
-        Stage("model", lambda lay: lay.model("tiny"), (), build_model),
+        Stage("model", folder("model"), (), build_model),
         Stage("data", lambda lay: lay.data, (), build_data),
         *warmups,
-        Stage("base", lambda lay: lay.model("base"), (warmup_start(recipe, "base"), "data"), train_base),
+        Stage("base", folder("base"), (warmup_start(recipe, "base"), "data"), train_base),
         *twist,
-        Stage("full-ft", lambda lay: lay.model("full-ft"), ("base", "data"), train_full_ft),
-        Stage("lora", lambda lay: lay.model("lora"), ("base", "data"), train_lora),
+        Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft),
+        Stage("lora", folder("lora"), ("base", "data"), train_lora),
         Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, clean=False, code=(Path(__file__),)),
         Stage("report", lambda lay: lay.work / "report", ("eval", *trained), write_report,
               code=(Path(__file__).with_name("report.py"),)),
