@@ -19,6 +19,11 @@ DS_CONFIG=${DS_CONFIG:-scripts/zero3.json}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
+# DeepSpeed's CPU all-reduce maps a 67 MB buffer per process in /dev/shm and never unlinks it: remove this run's
+# (they are named after the user, master address and port), or every run leaks them until the machine reboots.
+remove_shm_buffers() { rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$PORT"_[0-9]*; }
+trap remove_shm_buffers EXIT
+
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 

@@ -21,6 +21,7 @@ from llava_twist.model import is_twist_param
 from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from deepspeed_shm import free_port, shm_buffers  # noqa: E402
 from twist_train_data import write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,14 +29,16 @@ STEPS, SAVE_STEPS = 8, 4
 EXTRA = ["--twist_save_full", "True", "--twist_router_lr", "1.0", "--twist_step_weights", "answer:2"]
 
 
-def launch(model: Path, data: Path, images: Path, out: Path) -> subprocess.CompletedProcess:
+def launch(model: Path, data: Path, images: Path, out: Path) -> list[Path]:
+    """Run the launcher; return the DeepSpeed shared-memory buffers it left behind."""
+    port = free_port()
     env = dict(os.environ, MODEL=str(model), DATA=str(data), IMAGES=str(images), OUT=str(out), STEPS=str(STEPS),
-               SAVE_STEPS=str(SAVE_STEPS), LR="1e-2", BATCH="2", PYTHONFAULTHANDLER="1",
+               SAVE_STEPS=str(SAVE_STEPS), LR="1e-2", BATCH="2", PYTHONFAULTHANDLER="1", MASTER_PORT=str(port),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune_twist_cpu.sh"), *EXTRA], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return proc
+    return shm_buffers(port)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,12 @@ def run(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("launcher")
     data, images = write_dataset(root / "data", n_grounding=4, n_understanding=4)
     out = root / "run"
-    launch(tiny_llava, data, images, out)
-    return {"base": tiny_llava, "data": data, "images": images, "out": out, "root": root}
+    shm_left = launch(tiny_llava, data, images, out)
+    return {"base": tiny_llava, "data": data, "images": images, "out": out, "root": root, "shm_left": shm_left}
+
+
+def test_launcher_removes_deepspeeds_shared_memory_buffers(run: dict) -> None:
+    assert run["shm_left"] == []
 
 
 def log_history(out: Path) -> list[dict]:
