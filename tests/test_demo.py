@@ -152,6 +152,19 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 
+def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(demo: dict[str, Any]) -> None:
+    losses = {name: m["chain_loss"] for name, m in demo["results"]["models"].items()}
+    assert len({json.dumps(r["tokens"]) for r in losses.values()}) == 1  # same records, same tokenizer
+    first = next(iter(losses.values()))
+    assert first["records"] > 0 and first["tokens"]["coordinate"] > 0 and first["tokens"]["text"] > 0
+    section = (demo["out"] / "report.md").read_text().split("## Where the loss sits", 1)[1].split("##", 1)[0]
+    assert f"on {first['records']} held-out chains ({first['tokens']['coordinate']} box-coordinate tokens" in section
+    assert "over the 101 coordinate tokens costs 4.62 nats" in section
+    for name, r in losses.items():
+        mean = r["loss_per_token"]
+        assert f"| {ROW_LABELS[name]} | {mean['coordinate']:.3f} | {mean['text']:.3f} |" in section
+
+
 def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[str, Any]) -> None:
     """On the frozen route TWIST runs the base's computation: same text, at any training budget."""
     out = demo["out"]

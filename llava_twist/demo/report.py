@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import textwrap
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
 from llava_twist.demo.recipe import Recipe, Warmup
+from llava_twist.tiny import COORDINATES
 from scout_data.output import atomic_write_text
 from scout_data.sources.synthetic import KINDS, parse_weights
 
@@ -111,6 +113,26 @@ def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: d
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[str, Any]]) -> list[str]:
+    """Each model's teacher-forced loss on the held-out chains, per box-coordinate token and per text token: a
+    model can write a chain's words and format and still not know where anything is."""
+    losses = {n: models[n].get("chain_loss") for n in names}
+    if not any(losses.values()):
+        return []
+    lines = ["| model | loss per coordinate token | loss per text token |", "|---|---|---|"]
+    lines += [f"| {label(n)} | {num(get(r or {}, 'loss_per_token', 'coordinate'))} | "
+              f"{num(get(r or {}, 'loss_per_token', 'text'))} |" for n, r in losses.items()]
+    first = next(r for r in losses.values() if r)
+    ref = ""
+    if recipe.model.coordinate_tokens:
+        ref = (f" A guess spread evenly over the {len(COORDINATES)} coordinate tokens costs "
+               f"{math.log(len(COORDINATES)):.2f} nats per coordinate; a model that localises is far below it.")
+    return ["## Where the loss sits", "",
+            f"Teacher-forced loss (nats per token) on {first['records']} held-out chains "
+            f"({first['tokens']['coordinate']} box-coordinate tokens, {first['tokens']['text']} others; "
+            f"`llava_twist.eval.answer_loss`).{ref}", "", *lines, ""]
 
 
 def settings_table(recipe: Recipe) -> str:
@@ -351,6 +373,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "",
         image_reliance_line(metrics.get("image_reliance")),
         "",
+        *chain_loss_section(recipe, names, models),
         "## Held-out scenes",
         "",
         f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "

@@ -300,18 +300,34 @@ def build_questions(layout: Layout, limit: int) -> dict[str, list[dict[str, Any]
     return out
 
 
-def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path) -> bool:
-    """``llava_twist.eval.model_grounding`` for one model (TWIST: route auto); cached on the model's stamp and
-    the questions. Returns whether it ran."""
-    recipe, layout = ctx.recipe, ctx.layout
-    spec = recipe.eval
-    key = config_hash({"model": ctx.stamps[name]["id"], "questions": questions_file.read_text(), "eval": [
-        spec.max_new_tokens, spec.batch_size]})
-    answers, stamp = out / "answers.jsonl", out / ".answers.json"
-    if answers.is_file() and stamp.is_file() and read_json(stamp).get("key") == key:
+def model_args(ctx: Context, name: str) -> list[str]:
+    """How the eval tools load an evaluated model: TWIST as a delta on the base, route auto; else plain LLaVA."""
+    if is_twist(name):
+        return ["--model-base", str(ctx.layout.model("base")), "--route", "auto"]
+    return ["--model-class", "llava"]
+
+
+def run_cached(ctx: Context, output: Path, key: dict[str, Any], module: str, args: list[str]) -> bool:
+    """``python -m module *args`` unless ``output`` exists and was made for the same ``key`` (kept in a stamp
+    beside it). Returns whether it ran."""
+    digest = config_hash(key)
+    stamp = output.with_name(f".{output.stem}.json")
+    if output.is_file() and stamp.is_file() and read_json(stamp).get("key") == digest:
         return False
-    cmd = [
-        ctx.python, "-m", "llava_twist.eval.model_grounding",
+    output.parent.mkdir(parents=True, exist_ok=True)
+    ctx.python_module(module, *args)
+    write_json(stamp, {"key": digest})
+    return True
+
+
+def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path) -> bool:
+    """``llava_twist.eval.model_grounding`` for one model; cached on the model's stamp and the questions.
+    Returns whether it ran."""
+    layout, spec = ctx.layout, ctx.recipe.eval
+    answers = out / "answers.jsonl"
+    key = {"model": ctx.stamps[name]["id"], "questions": questions_file.read_text(),
+           "eval": [spec.max_new_tokens, spec.batch_size]}
+    return run_cached(ctx, answers, key, "llava_twist.eval.model_grounding", [
         "--model-path", str(model_dir),
         "--model-id", name,
         "--question-file", str(questions_file),
@@ -322,15 +338,21 @@ def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: P
         "--temperature", "0",
         "--device", "cpu",
         "--overwrite",
-    ]
-    if is_twist(name):
-        cmd += ["--model-base", str(layout.model("base")), "--route", "auto"]
-    else:
-        cmd += ["--model-class", "llava"]
-    out.mkdir(parents=True, exist_ok=True)
-    ctx.run(cmd)
-    write_json(stamp, {"key": key})
-    return True
+        *model_args(ctx, name),
+    ])
+
+
+def chain_loss(ctx: Context, name: str, model_dir: Path, out: Path) -> dict[str, Any]:
+    """``llava_twist.eval.answer_loss`` on the held-out chains: where the model's loss sits, per box-coordinate
+    token and per text token; cached like the answers."""
+    layout, limit = ctx.layout, ctx.recipe.eval.limit
+    chains, result = layout.data / "grounding" / "test.json", out / "answer_loss.json"
+    key = {"model": ctx.stamps[name]["id"], "data": chains.read_text(), "num": limit}
+    run_cached(ctx, result, key, "llava_twist.eval.answer_loss", [
+        "--model-path", str(model_dir), "--data", str(chains),
+        "--image-folder", str(layout.data / "grounding" / "images"),
+        "--num", str(limit), "--out", str(result), *model_args(ctx, name)])
+    return read_json(result)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -423,6 +445,8 @@ def evaluate(ctx: Context) -> dict[str, Any]:
     answers = {name: read_jsonl(str(layout.eval / "models" / name / "answers.jsonl"), "answers") for name in dirs}
     models = {name: score_model(name, questions, answers[name], answers["base"], layout.eval / "models" / name)
               for name in dirs}
+    for name, model_dir in dirs.items():
+        models[name]["chain_loss"] = chain_loss(ctx, name, model_dir, layout.eval / "models" / name)
     counts = {b: len(rows) for b, rows in questions.items()}
     reliance = layout.eval / "image_reliance.json"
     ctx.python_module("llava_twist.demo.image_reliance", "--model-path", str(dirs["base"]),

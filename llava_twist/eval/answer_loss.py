@@ -1,0 +1,143 @@
+"""Where a model's loss sits: teacher-forced loss on the answers of a LLaVA conversation file, per token, split into
+box-coordinate tokens (the numbers inside ``[x1, y1, x2, y2]``) and every other answer token.
+
+A model can write a grounding chain's words and format perfectly and still know nothing of where things are; the
+overall loss hides which. Records are read with LLaVA's own dataset and collator (``--version v1``), as in
+training; TWIST models take ``--route`` (``auto``: the router decides, as in evaluation).
+
+    python -m llava_twist.eval.answer_loss --model-path ./checkpoints/llava-v1.5-7b-twist \\
+        --data scout_test.json --image-folder ./playground/data/scout/images --out answer_loss.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from llava_twist.eval.common import EvalError, write_result
+from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, load_model
+
+IGNORE_INDEX = -100
+
+
+def coordinate_mask(pieces: Sequence[str]) -> list[bool]:
+    """For the pieces of an answer, in order: which carry a digit inside a ``[...]`` box."""
+    mask, in_box = [], False
+    for piece in pieces:
+        digit_in_box = False
+        for ch in piece:
+            if ch == "[":
+                in_box = True
+            elif ch == "]":
+                in_box = False
+            elif in_box and ch.isdigit():
+                digit_in_box = True
+        mask.append(digit_in_box)
+    return mask
+
+
+def split_losses(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> dict[str, list[float]]:
+    """Per-token cross-entropy of every answer token of a batch (next-token shift as in training), by kind."""
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    out: dict[str, list[float]] = {"coordinate": [], "text": []}
+    for row_labels, row_loss in zip(labels[:, 1:], losses, strict=True):
+        keep = row_labels != IGNORE_INDEX
+        ids = row_labels[keep].tolist()
+        for is_coord, loss in zip(coordinate_mask(tokenizer.convert_ids_to_tokens(ids)), row_loss[keep].tolist(),
+                                 strict=True):
+            out["coordinate" if is_coord else "text"].append(loss)
+    return out
+
+
+def summarise(losses: dict[str, list[float]], records: int) -> dict[str, Any]:
+    everything = losses["coordinate"] + losses["text"]
+    mean = {k: (sum(v) / len(v) if v else None) for k, v in {**losses, "all": everything}.items()}
+    return {"records": records, "tokens": {k: len(v) for k, v in losses.items()}, "loss_per_token": mean}
+
+
+def answer_loss(model_path: str, data: str, image_folder: str, model_base: str | None = None,
+                model_class: str = "twist", route: str = "auto", num: int = 64, batch_size: int = 16,
+                device: str = "cpu") -> dict[str, Any]:
+    """Mean loss per answer token of the first ``num`` records of ``data`` with an image, by token kind."""
+    from llava import conversation as conversation_lib
+    from llava.train.train import DataArguments, DataCollatorForSupervisedDataset, LazySupervisedDataset
+
+    if route not in ROUTES:
+        raise EvalError(f"--route {route!r}: expected one of {ROUTES}")
+    loaded = load_model(model_path, model_base, device=device, model_class=model_class)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    args = DataArguments(data_path=data, lazy_preprocess=True, is_multimodal=True, image_folder=image_folder,
+                         image_aspect_ratio="pad")
+    args.image_processor, args.mm_use_im_start_end = loaded.image_processor, False
+    try:
+        dataset = LazySupervisedDataset(data, tokenizer, args)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"{data}: cannot read it as LLaVA conversation JSON: {exc}") from exc
+    picked = [i for i in range(len(dataset)) if "image" in dataset.list_data_dict[i]][:num]
+    if not picked:
+        raise EvalError(f"{data}: no record with an image")
+    collate = DataCollatorForSupervisedDataset(tokenizer)
+    extra = {"twist_route": route} if loaded.is_twist else {}
+    losses: dict[str, list[float]] = {"coordinate": [], "text": []}
+    for start in tqdm(range(0, len(picked), batch_size), desc="answer loss", unit="batch", file=sys.stderr):
+        rows = []
+        for i in picked[start:start + batch_size]:
+            try:
+                rows.append(dataset[i])
+            except (OSError, ValueError) as exc:
+                raise EvalError(f"{data}: record {i} ({dataset.list_data_dict[i].get('id')}): {exc}") from exc
+        batch = {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
+        batch["images"] = batch["images"].to(loaded.dtype)
+        with torch.no_grad():
+            logits = model(**batch, **extra).logits
+            labels = model.prepare_inputs_labels_for_multimodal(
+                batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])[5]
+        for kind, values in split_losses(logits, labels, tokenizer).items():
+            losses[kind].extend(values)
+    return summarise(losses, len(picked))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava_twist.eval.answer_loss", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None, help="the base of a TWIST delta checkpoint")
+    p.add_argument("--model-class", choices=MODEL_CLASSES, default="twist")
+    p.add_argument("--route", choices=ROUTES, default="auto", help="TWIST's route (plain LLaVA: ignored)")
+    p.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    p.add_argument("--image-folder", required=True)
+    p.add_argument("--num", type=int, default=64, help="records read (the first ones with an image)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="result JSON (written atomically)")
+    args = p.parse_args(argv)
+    try:
+        result = answer_loss(args.model_path, args.data, args.image_folder, args.model_base, args.model_class,
+                             args.route, args.num, args.batch_size, args.device)
+    except (EvalError, InferenceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    write_result(args.out, result)
+    mean = result["loss_per_token"]
+    print(f"{result['records']} records: loss per coordinate token {_fmt(mean['coordinate'])} "
+          f"({result['tokens']['coordinate']} tokens), per text token {_fmt(mean['text'])} "
+          f"({result['tokens']['text']}) -> {args.out}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""``llava_twist.eval.answer_loss``: teacher-forced answer loss split into box-coordinate and text tokens."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_twist.eval import answer_loss as al
+
+sys.path.insert(0, str(Path(__file__).parent))
+from twist_train_data import write_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_dataset(tmp_path_factory.mktemp("answer-loss"), n_grounding=3, n_understanding=2)
+
+
+def test_coordinate_mask_marks_digits_inside_boxes_only() -> None:
+    digits = ["▁Step", "▁", "2", ":", "▁[", "0", ".", "4", "5", ",", "▁", "1", ".", "0", "0", "]", "▁", "3"]
+    assert al.coordinate_mask(digits) == [False, False, False, False, False, True, False, True, True, False,
+                                          False, True, False, True, True, False, False, False]
+    location_tokens = ["▁[", "0.45", ",", "▁", "0.05", "]", "▁and", "▁[", "1.00"]
+    assert al.coordinate_mask(location_tokens) == [False, True, False, False, True, False, False, False, True]
+
+
+def test_split_losses_shift_labels_and_skip_ignored() -> None:
+    class Pieces:
+        def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+            return [{1: "▁[", 2: "7", 3: "]", 4: "▁a"}[i] for i in ids]
+
+    labels = torch.tensor([[-100, 1, 2, 3, 4]])
+    logits = torch.randn(1, 5, 6)
+    out = al.split_losses(logits, labels, Pieces())
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([1, 2, 3, 4]), reduction="none").tolist()
+    assert out["coordinate"] == pytest.approx([ce[1]])
+    assert out["text"] == pytest.approx([ce[0], ce[2], ce[3]])
+
+
+def test_split_matches_llavas_own_loss_and_counts_every_digit_of_every_box(tiny_llava: Path,
+                                                                           dataset: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    from llava_twist.demo.image_reliance import image_reliance
+
+    data, images = dataset
+    out = tmp_path / "loss.json"
+    assert al.main(["--model-path", str(tiny_llava), "--model-class", "llava", "--data", str(data),
+                    "--image-folder", str(images), "--batch-size", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    records = json.loads(data.read_text())
+    boxes = sum(v["value"].count("[") for r in records for v in r["conversations"] if v["from"] == "gpt")
+    assert result["records"] == len(records) == 5
+    assert result["tokens"]["coordinate"] == boxes * 4 * 3  # four numbers of three digits each, one piece per digit
+    mean = result["loss_per_token"]
+    assert min(mean["coordinate"], mean["text"]) < mean["all"] < max(mean["coordinate"], mean["text"])
+    own = image_reliance(str(tiny_llava), str(data), str(images), num=5)["loss_own_images"]
+    assert mean["all"] == pytest.approx(own, rel=1e-4)
+
+
+def test_twist_routes(tiny_llava: Path, dataset: tuple[Path, Path]) -> None:
+    data, images = dataset
+    plain = al.answer_loss(str(tiny_llava), str(data), str(images), model_class="llava", num=3)
+    frozen = al.answer_loss(str(tiny_llava), str(data), str(images), route="frozen", num=3)
+    assert frozen == plain
+    with pytest.raises(al.EvalError, match="--route 'both'"):
+        al.answer_loss(str(tiny_llava), str(data), str(images), route="both")
+
+
+def test_bad_input_names_the_file(tiny_llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1,')
+    assert al.main(["--model-path", str(tiny_llava), "--model-class", "llava", "--data", str(bad),
+                    "--image-folder", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 1
+    assert str(bad) in capsys.readouterr().err and not (tmp_path / "o.json").exists()
