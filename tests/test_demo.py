@@ -160,9 +160,16 @@ def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(dem
     section = (demo["out"] / "report.md").read_text().split("## Where the loss sits", 1)[1].split("##", 1)[0]
     assert f"on {first['records']} held-out chains ({first['tokens']['coordinate']} box-coordinate tokens" in section
     assert "over the 101 coordinate tokens costs 4.62 nats" in section
+    def pooled(r: dict[str, Any], a: str, b: str) -> float:
+        mean, count = r["loss_per_token"], r["tokens"]
+        return (mean[a] * count[a] + mean[b] * count[b]) / (count[a] + count[b])
+
     for name, r in losses.items():
-        mean = r["loss_per_token"]
-        assert f"| {ROW_LABELS[name]} | {mean['coordinate']:.3f} | {mean['text']:.3f} |" in section
+        count = r["tokens"]
+        assert count["x1"] + count["y1"] + count["x2"] + count["y2"] == count["coordinate"]
+        values = [r["loss_per_token"]["coordinate"], pooled(r, "x1", "y1"), pooled(r, "x2", "y2"),
+                  r["loss_per_token"]["text"]]
+        assert "| " + " | ".join([ROW_LABELS[name], *(f"{v:.3f}" for v in values)]) + " |" in section
 
 
 def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[str, Any]) -> None:

@@ -20,12 +20,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_dataset(tmp_path_factory.mktemp("answer-loss"), n_grounding=3, n_understanding=2)
 
 
-def test_coordinate_mask_marks_digits_inside_boxes_only() -> None:
+def test_coordinate_positions_mark_digits_inside_boxes_by_place() -> None:
+    N = None
     digits = ["▁Step", "▁", "2", ":", "▁[", "0", ".", "4", "5", ",", "▁", "1", ".", "0", "0", "]", "▁", "3"]
-    assert al.coordinate_mask(digits) == [False, False, False, False, False, True, False, True, True, False,
-                                          False, True, False, True, True, False, False, False]
-    location_tokens = ["▁[", "0.45", ",", "▁", "0.05", "]", "▁and", "▁[", "1.00"]
-    assert al.coordinate_mask(location_tokens) == [False, True, False, False, True, False, False, False, True]
+    assert al.coordinate_positions(digits) == [N, N, N, N, N, 0, N, 0, 0, N, N, 1, N, 1, 1, N, N, N]
+    location_tokens = ["▁[", "0.45", ",", "▁", "0.05", ",", "▁", "0.50", ",", "▁", "0.10", "]", "▁and", "▁[", "1.00"]
+    assert al.coordinate_positions(location_tokens) == [N, 0, N, N, 1, N, N, 2, N, N, 3, N, N, N, 0]
 
 
 def test_split_losses_shift_labels_and_skip_ignored() -> None:
@@ -37,8 +37,9 @@ def test_split_losses_shift_labels_and_skip_ignored() -> None:
     logits = torch.randn(1, 5, 6)
     out = al.split_losses(logits, labels, Pieces())
     ce = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([1, 2, 3, 4]), reduction="none").tolist()
-    assert out["coordinate"] == pytest.approx([ce[1]])
+    assert out["coordinate"] == pytest.approx([ce[1]]) and out["x1"] == pytest.approx([ce[1]])
     assert out["text"] == pytest.approx([ce[0], ce[2], ce[3]])
+    assert out["y1"] == out["x2"] == out["y2"] == []
 
 
 def test_split_matches_llavas_own_loss_and_counts_every_digit_of_every_box(tiny_llava: Path,
@@ -55,6 +56,7 @@ def test_split_matches_llavas_own_loss_and_counts_every_digit_of_every_box(tiny_
     boxes = sum(v["value"].count("[") for r in records for v in r["conversations"] if v["from"] == "gpt")
     assert result["records"] == len(records) == 5
     assert result["tokens"]["coordinate"] == boxes * 4 * 3  # four numbers of three digits each, one piece per digit
+    assert all(result["tokens"][corner] == boxes * 3 for corner in al.CORNERS)
     mean = result["loss_per_token"]
     assert min(mean["coordinate"], mean["text"]) < mean["all"] < max(mean["coordinate"], mean["text"])
     own = image_reliance(str(tiny_llava), str(data), str(images), num=5)["loss_own_images"]

@@ -116,19 +116,29 @@ def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: d
 
 
 def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[str, Any]]) -> list[str]:
-    """Each model's teacher-forced loss on the held-out chains, per box-coordinate token and per text token: a
-    model can write a chain's words and format and still not know where anything is."""
+    """Each model's teacher-forced loss on the held-out chains, per text token and per box coordinate, the first
+    corner apart: a model can write a chain's words, and a box's second corner from its first and the object's
+    size, and still not know where anything is."""
     losses = {n: models[n].get("chain_loss") for n in names}
     if not any(losses.values()):
         return []
-    lines = ["| model | loss per coordinate token | loss per text token |", "|---|---|---|"]
-    lines += [f"| {label(n)} | {num(get(r or {}, 'loss_per_token', 'coordinate'))} | "
-              f"{num(get(r or {}, 'loss_per_token', 'text'))} |" for n, r in losses.items()]
+
+    def mean(r: dict[str, Any] | None, *kinds: str) -> str:
+        per = r["loss_per_token"] if r else {}
+        values = [(per.get(k), r["tokens"].get(k, 0)) for k in kinds] if r else []
+        n = sum(c for v, c in values if v is not None)
+        return num(sum(v * c for v, c in values if v is not None) / n) if n else "–"
+
+    lines = ["| model | per coordinate | first corner (x1, y1) | second corner (x2, y2) | per text token |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {label(n)} | {mean(r, 'coordinate')} | {mean(r, 'x1', 'y1')} | {mean(r, 'x2', 'y2')} | "
+              f"{mean(r, 'text')} |" for n, r in losses.items()]
     first = next(r for r in losses.values() if r)
     ref = ""
     if recipe.model.coordinate_tokens:
         ref = (f" A guess spread evenly over the {len(COORDINATES)} coordinate tokens costs "
-               f"{math.log(len(COORDINATES)):.2f} nats per coordinate; a model that localises is far below it.")
+               f"{math.log(len(COORDINATES)):.2f} nats per coordinate; a model that localises is far below it on "
+               "the first corner too.")
     return ["## Where the loss sits", "",
             f"Teacher-forced loss (nats per token) on {first['records']} held-out chains "
             f"({first['tokens']['coordinate']} box-coordinate tokens, {first['tokens']['text']} others; "

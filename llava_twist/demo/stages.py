@@ -17,6 +17,7 @@ from scout_data.output import atomic_write_text, dumps_records
 
 REPO = Path(__file__).resolve().parents[2]
 TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
+ANSWER_LOSS = Path(__file__).parents[1] / "eval" / "answer_loss.py"
 GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"
 BENCHMARK_FILES = ("refexp", "localization", "vqa")
 
@@ -347,7 +348,8 @@ def chain_loss(ctx: Context, name: str, model_dir: Path, out: Path) -> dict[str,
     token and per text token; cached like the answers."""
     layout, limit = ctx.layout, ctx.recipe.eval.limit
     chains, result = layout.data / "grounding" / "test.json", out / "answer_loss.json"
-    key = {"model": ctx.stamps[name]["id"], "data": chains.read_text(), "num": limit}
+    key = {"model": ctx.stamps[name]["id"], "data": chains.read_text(), "num": limit,
+           "code": config_hash(ANSWER_LOSS.read_text(encoding="utf-8"))}
     run_cached(ctx, result, key, "llava_twist.eval.answer_loss", [
         "--model-path", str(model_dir), "--data", str(chains),
         "--image-folder", str(layout.data / "grounding" / "images"),
@@ -479,7 +481,8 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         *twist,
         Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft),
         Stage("lora", folder("lora"), ("base", "data"), train_lora),
-        Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, clean=False, code=(Path(__file__),)),
+        Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, clean=False,
+              code=(Path(__file__), ANSWER_LOSS)),
         Stage("report", lambda lay: lay.work / "report", ("eval", *trained), write_report,
               code=(Path(__file__).with_name("report.py"),)),
     ]

@@ -1,5 +1,5 @@
 """Where a model's loss sits: teacher-forced loss on the answers of a LLaVA conversation file, per token, split into
-box-coordinate tokens (the numbers inside ``[x1, y1, x2, y2]``) and every other answer token.
+box-coordinate tokens (the numbers inside ``[x1, y1, x2, y2]``, also by place in the box) and every other token.
 
 A model can write a grounding chain's words and format perfectly and still know nothing of where things are; the
 overall loss hides which. Records are read with LLaVA's own dataset and collator (``--version v1``), as in
@@ -26,33 +26,43 @@ from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, l
 IGNORE_INDEX = -100
 
 
-def coordinate_mask(pieces: Sequence[str]) -> list[bool]:
-    """For the pieces of an answer, in order: which carry a digit inside a ``[...]`` box."""
-    mask, in_box = [], False
+CORNERS = ("x1", "y1", "x2", "y2")
+KINDS = ("coordinate", "text", *CORNERS)
+
+
+def coordinate_positions(pieces: Sequence[str]) -> list[int | None]:
+    """For the pieces of an answer, in order: the index of the box number (0-3: x1, y1, x2, y2) whose digits a
+    piece carries, or None for a piece with no digit inside a ``[...]`` box."""
+    positions: list[int | None] = []
+    in_box, index = False, 0
     for piece in pieces:
-        digit_in_box = False
+        found = None
         for ch in piece:
             if ch == "[":
-                in_box = True
+                in_box, index = True, 0
             elif ch == "]":
                 in_box = False
-            elif in_box and ch.isdigit():
-                digit_in_box = True
-        mask.append(digit_in_box)
-    return mask
+            elif in_box and ch == ",":
+                index += 1
+            elif in_box and ch.isdigit() and found is None:
+                found = index
+        positions.append(found)
+    return positions
 
 
 def split_losses(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> dict[str, list[float]]:
-    """Per-token cross-entropy of every answer token of a batch (next-token shift as in training), by kind."""
+    """Per-token cross-entropy of every answer token of a batch (next-token shift as in training), by kind: text,
+    coordinate, and each coordinate again under its place in the box (``x1`` ... ``y2``)."""
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
                              reduction="none")
-    out: dict[str, list[float]] = {"coordinate": [], "text": []}
+    out: dict[str, list[float]] = {k: [] for k in KINDS}
     for row_labels, row_loss in zip(labels[:, 1:], losses, strict=True):
         keep = row_labels != IGNORE_INDEX
-        ids = row_labels[keep].tolist()
-        for is_coord, loss in zip(coordinate_mask(tokenizer.convert_ids_to_tokens(ids)), row_loss[keep].tolist(),
-                                 strict=True):
-            out["coordinate" if is_coord else "text"].append(loss)
+        pieces = tokenizer.convert_ids_to_tokens(row_labels[keep].tolist())
+        for position, loss in zip(coordinate_positions(pieces), row_loss[keep].tolist(), strict=True):
+            out["text" if position is None else "coordinate"].append(loss)
+            if position is not None and position < len(CORNERS):
+                out[CORNERS[position]].append(loss)
     return out
 
 
@@ -88,7 +98,7 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
         raise EvalError(f"{data}: no record with an image")
     collate = DataCollatorForSupervisedDataset(tokenizer)
     extra = {"twist_route": route} if loaded.is_twist else {}
-    losses: dict[str, list[float]] = {"coordinate": [], "text": []}
+    losses: dict[str, list[float]] = {k: [] for k in KINDS}
     for start in tqdm(range(0, len(picked), batch_size), desc="answer loss", unit="batch", file=sys.stderr):
         rows = []
         for i in picked[start:start + batch_size]:
