@@ -12,6 +12,7 @@ The model writes boxes as normalised ``[x1, y1, x2, y2]`` in the padded square i
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 import os
@@ -360,7 +361,7 @@ class Backend:
             settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
         except PlaygroundError as exc:
             raise gr.Error(str(exc)) from exc
-        self.lock.acquire()
+        self._acquire()
         started: list[Iterator[str | InferenceResult]] = []
         finished = False
         try:
@@ -377,6 +378,14 @@ class Backend:
                 self._finish(started)
             else:
                 threading.Thread(target=self._finish, args=(started,), daemon=True).start()
+
+    def _acquire(self) -> None:
+        """Take the lock. A cancelled request frees it from its handler's ``finally``, which runs only when the
+        abandoned generator is finalised; held in a reference cycle, that waits for the cyclic garbage collector
+        (the likely cause of a request that once hung for a minute in the full suite), so a busy lock runs it."""
+        if not self.lock.acquire(timeout=1.0):
+            gc.collect()
+            self.lock.acquire()
 
     def _finish(self, started: list[Iterator[str | InferenceResult]]) -> None:
         try:
