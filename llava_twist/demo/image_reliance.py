@@ -17,21 +17,15 @@ from scout_data.output import atomic_write_text
 def image_reliance(model_path: str, data: str, image_folder: str, num: int = 64, seed: int = 0) -> dict[str, Any]:
     """Mean answer-token loss of ``num`` records of ``data`` with their own and with shuffled images."""
     import torch
-    from llava import conversation as conversation_lib
     from llava.model.builder import load_pretrained_model
-    from llava.train.train import DataArguments, DataCollatorForSupervisedDataset, LazySupervisedDataset
+    from llava.train.train import DataCollatorForSupervisedDataset
+
+    from llava_twist.eval.answer_loss import llava_records
 
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_path, None, "llava-demo", device="cpu", device_map="cpu", torch_dtype=torch.float32)
     model = model.float().eval()
-    conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    args = DataArguments(data_path=data, lazy_preprocess=True, is_multimodal=True, image_folder=image_folder,
-                         image_aspect_ratio="pad")
-    args.image_processor, args.mm_use_im_start_end = image_processor, False
-    dataset = LazySupervisedDataset(data, tokenizer, args)
-    picked = [i for i in range(len(dataset)) if "image" in dataset.list_data_dict[i]][:num]
+    dataset, picked = llava_records(data, image_folder, tokenizer, image_processor, num)
     if len(picked) < 2:
         raise ValueError(f"{data}: fewer than 2 records with an image")
     batch = DataCollatorForSupervisedDataset(tokenizer)([dataset[i] for i in picked])

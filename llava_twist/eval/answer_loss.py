@@ -17,14 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from llava.constants import IGNORE_INDEX
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, write_result
 from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, load_model
-
-IGNORE_INDEX = -100
-
 
 CORNERS = ("x1", "y1", "x2", "y2")
 KINDS = ("coordinate", "text", *CORNERS)
@@ -72,23 +70,19 @@ def summarise(losses: dict[str, list[float]], records: int) -> dict[str, Any]:
     return {"records": records, "tokens": {k: len(v) for k, v in losses.items()}, "loss_per_token": mean}
 
 
-def answer_loss(model_path: str, data: str, image_folder: str, model_base: str | None = None,
-                model_class: str = "twist", route: str = "auto", num: int = 64, batch_size: int = 16,
-                device: str = "cpu") -> dict[str, Any]:
-    """Mean loss per answer token of the first ``num`` records of ``data`` with an image, by token kind."""
+def llava_records(data: str, image_folder: str, tokenizer: Any, image_processor: Any,
+                  num: int) -> tuple[Any, list[int]]:
+    """LLaVA's own ``LazySupervisedDataset`` over ``data`` (``--version v1``, padded images, as in training) and the
+    indices of its first ``num`` records with an image."""
     from llava import conversation as conversation_lib
-    from llava.train.train import DataArguments, DataCollatorForSupervisedDataset, LazySupervisedDataset
+    from llava.train.train import DataArguments, LazySupervisedDataset
 
-    if route not in ROUTES:
-        raise EvalError(f"--route {route!r}: expected one of {ROUTES}")
-    loaded = load_model(model_path, model_base, device=device, model_class=model_class)
-    tokenizer, model = loaded.tokenizer, loaded.model
     conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     args = DataArguments(data_path=data, lazy_preprocess=True, is_multimodal=True, image_folder=image_folder,
                          image_aspect_ratio="pad")
-    args.image_processor, args.mm_use_im_start_end = loaded.image_processor, False
+    args.image_processor, args.mm_use_im_start_end = image_processor, False
     try:
         dataset = LazySupervisedDataset(data, tokenizer, args)
     except (OSError, ValueError) as exc:
@@ -96,6 +90,20 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
     picked = [i for i in range(len(dataset)) if "image" in dataset.list_data_dict[i]][:num]
     if not picked:
         raise EvalError(f"{data}: no record with an image")
+    return dataset, picked
+
+
+def answer_loss(model_path: str, data: str, image_folder: str, model_base: str | None = None,
+                model_class: str = "twist", route: str = "auto", num: int = 64, batch_size: int = 16,
+                device: str = "cpu") -> dict[str, Any]:
+    """Mean loss per answer token of the first ``num`` records of ``data`` with an image, by token kind."""
+    from llava.train.train import DataCollatorForSupervisedDataset
+
+    if route not in ROUTES:
+        raise EvalError(f"--route {route!r}: expected one of {ROUTES}")
+    loaded = load_model(model_path, model_base, device=device, model_class=model_class)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    dataset, picked = llava_records(data, image_folder, tokenizer, loaded.image_processor, num)
     collate = DataCollatorForSupervisedDataset(tokenizer)
     extra = {"twist_route": route} if loaded.is_twist else {}
     losses: dict[str, list[float]] = {k: [] for k in KINDS}
