@@ -324,10 +324,12 @@ def run_cached(ctx: Context, output: Path, key: dict[str, Any], module: str, arg
 def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path) -> bool:
     """``llava_twist.eval.model_grounding`` for one model; cached on the model's stamp and the questions.
     Returns whether it ran."""
+    from llava_twist.serve.inference import DEFAULT_CONV_MODE
+
     layout, spec = ctx.layout, ctx.recipe.eval
     answers = out / "answers.jsonl"
     key = {"model": ctx.stamps[name]["id"], "questions": questions_file.read_text(),
-           "eval": [spec.max_new_tokens, spec.batch_size]}
+           "eval": [spec.max_new_tokens, spec.batch_size], "conv_mode": DEFAULT_CONV_MODE}
     return run_cached(ctx, answers, key, "llava_twist.eval.model_grounding", [
         "--model-path", str(model_dir),
         "--model-id", name,
@@ -336,6 +338,7 @@ def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: P
         "--answers-file", str(answers),
         "--batch-size", str(spec.batch_size),
         "--max_new_tokens", str(spec.max_new_tokens),
+        "--conv-mode", DEFAULT_CONV_MODE,
         "--temperature", "0",
         "--device", "cpu",
         "--overwrite",

@@ -26,7 +26,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStrea
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
 from scout_data.parse import BOX_RE, MARKER_RE, ParsedChain, parse_chain
 
-DEFAULT_CONV_MODE = "llava_v1"
+# The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
+# ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
+DEFAULT_CONV_MODE = "vicuna_v1"
 ROUTES = ("auto", "frozen", "grounding")
 MODEL_CLASSES = ("twist", "llava")
 NO_ANSWER_LINE = "no answer line"  # scout_data.parse's problem for text without ``Answer:`` and without boxes

@@ -24,7 +24,7 @@ run_chunks() {
             --num-chunks "$CHUNKS" \
             --chunk-idx "$IDX" \
             --temperature 0 \
-            --conv-mode "${CONV_MODE:-llava_v1}" \
+            --conv-mode "${CONV_MODE:-vicuna_v1}" \
             --batch-size "${BATCH_SIZE:-8}" \
             --max_new_tokens "${MAX_NEW_TOKENS:-512}" \
             --device "${DEVICE:-auto}" \
