@@ -149,6 +149,10 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     reliance = results["image_reliance"]
     assert reliance["records"] >= 2 and reliance["loss_own_images"] > 0 and reliance["loss_shuffled_images"] > 0
     assert "Does the base use the image?" in (demo["out"] / "report.md").read_text()
+    grounding = results["base_grounding"]
+    assert grounding["n"] > 0 and 0.0 <= grounding["acc@0.5"] <= 1.0 and 0.0 <= grounding["parse_failure_rate"] <= 1.0
+    assert f"Does the base ground? On {grounding['n']} held-out one-shot box prompts" in (
+        demo["out"] / "report.md").read_text()
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 

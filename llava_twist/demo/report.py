@@ -327,6 +327,15 @@ def image_reliance_line(r: dict[str, Any] | None) -> str:
             f"their own images and {shuffled:.4f} with the images shuffled among them: {verdict}.")
 
 
+def base_grounding_line(r: dict[str, Any] | None) -> str:
+    """Whether the base grounds a little on its own prompt format, as LLaVA-1.5 does on RefCOCO."""
+    if not r:
+        return "Does the base ground? Not measured (no held-out one-shot box prompts in its data)."
+    return (f"Does the base ground? On {r['n']} held-out one-shot box prompts of its own data (\"Please provide the "
+            f"bounding box coordinate of the region this sentence describes: ...\") its Acc@0.5 is "
+            f"{pct(r['acc@0.5'])} (mean IoU {r['mean_iou']:.3f}, unparseable answers {pct(r['parse_failure_rate'])}).")
+
+
 def write_report(ctx: Context) -> dict[str, Any]:
     """``report.md``, ``grid.png``, ``results.json`` and ``playground.json`` in ``--out``."""
     from llava_twist.demo.stages import build_stages, model_dirs
@@ -383,6 +392,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "",
         image_reliance_line(metrics.get("image_reliance")),
         "",
+        base_grounding_line(metrics.get("base_grounding")),
+        "",
         *chain_loss_section(recipe, names, models),
         "## Held-out scenes",
         "",
@@ -407,6 +418,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "recipe": recipe.to_json(),
         "questions": qcount,
         "image_reliance": metrics.get("image_reliance"),
+        "base_grounding": metrics.get("base_grounding"),
         "models": {n: {**models[n], "path": os.path.relpath(dirs[n], out),
                        "trainable_params": get(stamps.get(n, {}), "info", "trainable_params"),
                        "train": {k: get(stamps.get(n, {}), "info", k) for k in ("steps", "first_loss", "last_loss")}}

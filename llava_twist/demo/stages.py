@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
 ANSWER_LOSS = Path(__file__).parents[1] / "eval" / "answer_loss.py"
 GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"
-BENCHMARK_FILES = ("refexp", "localization", "vqa")
+BENCHMARK_FILES = ("refexp", "localization", "vqa", "region")  # region: the base's own one-shot box prompts
 
 
 # ---------------------------------------------------------------- helpers
@@ -271,21 +271,23 @@ def _records_by_id(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def build_questions(layout: Layout, limit: int) -> dict[str, list[dict[str, Any]]]:
-    """Held-out question files (``llava_twist.eval.scout_questions``), merged into one set whose ids and image
-    paths are unique under ``work/data``; each line also carries ``task`` and ``difficulty``."""
+    """Held-out question files (``llava_twist.eval.scout_questions``), merged into one set (``all.jsonl``) whose
+    ids and image paths are unique under ``work/data``; each line also carries ``task`` and ``difficulty``. The
+    base's own one-shot box prompts (``region``) are kept apart: only the base answers them."""
     from llava_twist.eval.scout_questions import convert
 
     qdir = layout.eval / "questions"
     shutil.rmtree(qdir, ignore_errors=True)
-    sources = (("grounding", GROUNDING_PREFIX, ("refexp", "localization")), ("base", UNDERSTANDING_PREFIX, ("vqa",)))
+    sources = (("grounding", GROUNDING_PREFIX, {"refexp": "refexp", "localization": "localization"}),
+               ("base", UNDERSTANDING_PREFIX, {"vqa": "vqa", "refexp": "region"}))
     out: dict[str, list[dict[str, Any]]] = {b: [] for b in BENCHMARK_FILES}
     for folder, prefix, benchmarks in sources:
         test = layout.data / folder / "test.json"
         raw = qdir / folder
         convert(str(test), str(raw), limit)
         records = _records_by_id(test)
-        for bench in benchmarks:
-            path = raw / f"{bench}.jsonl"
+        for source, bench in benchmarks.items():
+            path = raw / f"{source}.jsonl"
             if not path.is_file():
                 continue
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -435,12 +437,28 @@ def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, 
     }
 
 
+def base_grounding(ctx: Context, model_dir: Path, region: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The base on its own held-out one-shot box prompts (LLaVA-1.5's RefCOCO-style "Please provide the bounding
+    box coordinate ..."): whether it grounds a little, which every grounding run builds on."""
+    from llava_twist.eval.common import read_jsonl
+    from llava_twist.eval.eval_refexp import score_refexp
+
+    if not region:
+        return None
+    out = ctx.layout.eval / "base_region"
+    answer_questions(ctx, "base", model_dir, ctx.layout.eval / "questions" / "region.jsonl", out)
+    result = score_refexp(region, read_jsonl(str(out / "answers.jsonl"), "answers"))
+    result.pop("rows")
+    return {"n": result["n"], **{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}}
+
+
 def evaluate(ctx: Context) -> dict[str, Any]:
     """Answer the held-out questions with every model and score them (``work/eval/metrics.json``)."""
     from llava_twist.eval.common import read_jsonl
 
     recipe, layout = ctx.recipe, ctx.layout
     questions = build_questions(layout, recipe.eval.limit)
+    region = questions.pop("region")
     all_file = layout.eval / "questions" / "all.jsonl"
     dirs = model_dirs(recipe, layout)
     ran = {}
@@ -458,7 +476,8 @@ def evaluate(ctx: Context) -> dict[str, Any]:
                       "--data", str(layout.data / "base" / "train.json"),
                       "--image-folder", str(layout.data / "base" / "images"), "--out", str(reliance))
     write_json(layout.eval / "metrics.json", {"questions": counts, "models": models,
-                                             "image_reliance": read_json(reliance)})
+                                             "image_reliance": read_json(reliance),
+                                             "base_grounding": base_grounding(ctx, dirs["base"], region)})
     return {"questions": counts, "answered": ran}
 
 
