@@ -17,6 +17,7 @@ from llava_twist.demo.recipe import Recipe, Warmup
 from llava_twist.tiny import COORDINATES
 from scout_data.output import atomic_write_text
 from scout_data.sources.synthetic import KINDS, parse_weights
+from scout_data.writer import REGION_PROMPT
 
 LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA"}
 MAX_CELL_CHARS = 400
@@ -331,9 +332,10 @@ def base_grounding_line(r: dict[str, Any] | None) -> str:
     """Whether the base grounds a little on its own prompt format, as LLaVA-1.5 does on RefCOCO."""
     if not r:
         return "Does the base ground? Not measured (no held-out one-shot box prompts in its data)."
-    return (f"Does the base ground? On {r['n']} held-out one-shot box prompts of its own data (\"Please provide the "
-            f"bounding box coordinate of the region this sentence describes: ...\") its Acc@0.5 is "
-            f"{pct(r['acc@0.5'])} (mean IoU {r['mean_iou']:.3f}, unparseable answers {pct(r['parse_failure_rate'])}).")
+    prompt = REGION_PROMPT.removesuffix(".").format(query="...")
+    return (f"Does the base ground? On {r['n']} held-out one-shot box prompts of its own data (\"{prompt}\") its "
+            f"Acc@0.5 is {pct(r['acc@0.5'])} (mean IoU {r['mean_iou']:.3f}, unparseable answers "
+            f"{pct(r['parse_failure_rate'])}).")
 
 
 def write_report(ctx: Context) -> dict[str, Any]:
