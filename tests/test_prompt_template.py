@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llava.constants import IGNORE_INDEX
 
 from llava_twist.eval.answer_loss import llava_records
 from llava_twist.serve.inference import DEFAULT_CONV_MODE, load_image, load_model, prepare_inputs
@@ -26,7 +27,7 @@ def test_inference_prompt_is_the_training_prompt_up_to_the_answer(tiny_llava: Pa
     assert len(picked) == 4
     for i in picked:
         item = dataset[i]
-        first_answer = int((item["labels"] != -100).nonzero()[0])
+        first_answer = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
         question = records[i]["conversations"][0]["value"]
         built = prepare_inputs(loaded, [question], [load_image(str(images / records[i]["image"]))])
         assert built["input_ids"][0].tolist() == item["input_ids"][:first_answer].tolist(), (DEFAULT_CONV_MODE, i)

@@ -366,6 +366,11 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def refexp_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a ``score_refexp`` result."""
+    return {**{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}, "n": result["n"]}
+
+
 def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: list[dict[str, Any]],
                 base_answers: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Every metric of one model, from the project's scorers; their result JSONs go to ``out``."""
@@ -380,8 +385,7 @@ def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: 
         result = score_refexp(refexp, answers)
         rows = result.pop("rows")
         write_result(out / "refexp.result.json", {**result, "name": f"{name} scout-refexp"})
-        metrics["refexp"] = {k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}
-        metrics["refexp"]["n"] = result["n"]
+        metrics["refexp"] = refexp_summary(result)
         difficulty = {q["question_id"]: q.get("difficulty") or "simple" for q in refexp}
         for level in ("simple", "hard"):
             sub = [r for r in rows if difficulty.get(r["question_id"]) == level]
@@ -447,9 +451,7 @@ def base_grounding(ctx: Context, model_dir: Path, region: list[dict[str, Any]]) 
         return None
     out = ctx.layout.eval / "base_region"
     answer_questions(ctx, "base", model_dir, ctx.layout.eval / "questions" / "region.jsonl", out)
-    result = score_refexp(region, read_jsonl(str(out / "answers.jsonl"), "answers"))
-    result.pop("rows")
-    return {"n": result["n"], **{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}}
+    return refexp_summary(score_refexp(region, read_jsonl(str(out / "answers.jsonl"), "answers")))
 
 
 def evaluate(ctx: Context) -> dict[str, Any]:
