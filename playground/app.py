@@ -12,7 +12,7 @@ The model writes boxes as normalised ``[x1, y1, x2, y2]`` in the padded square i
 
 from __future__ import annotations
 
-import gc
+import functools
 import html
 import json
 import os
@@ -42,6 +42,7 @@ from llava_twist.serve.inference import (  # noqa: E402
     stream_generate,
 )
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
+from playground.worker import GenerationJob  # noqa: E402
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent
 DATA_DIR = PLAYGROUND_DIR / "data"
@@ -316,15 +317,16 @@ class Backend:
         self, items: Iterator[str | InferenceResult], query: str, image: Image.Image, settings: GenerationSettings
     ) -> Iterator[PanelUpdate]:
         """One update whenever a step or a box completes (else at most every ``UPDATE_EVERY_S`` seconds), then
-        the final one (``done``). Closing this generator leaves ``items`` running (see :meth:`run`)."""
+        the final one (``done``). Closing this generator leaves ``items`` running (see :class:`GenerationJob`)."""
         label = ROUTE_LABELS.get(settings.route, settings.route)
         frame = settings.box_frame or self.box_frame
         text, final, drawn_boxes, drawn = "", None, -1, image
         last_key, last_time = None, 0.0
-        for item in items:
+        for item in items:  # read to the end: a job's next generation follows in the same stream
             if isinstance(item, InferenceResult):
                 final = item
-                break
+            if final is not None:
+                continue
             text += item
             partial = result_from_text(text, image.size, frame, prompt=query)
             if len(partial.boxes) != drawn_boxes:
@@ -349,9 +351,9 @@ class Backend:
     ) -> Iterator[tuple[Any, ...]]:
         """The Gradio handler: yields (image, steps, info, data) for TWIST, then the same for original LLaVA.
 
-        Holds the lock until every generation it started has ended: when the request is closed early
-        (cancelled, disconnected), a thread runs the rest of the generation and then frees the lock, so
-        closing never blocks Gradio's event loop and the next request never shares the model mid-generate."""
+        The generations run on a :class:`GenerationJob`, which holds the lock until they end: a request closed
+        early (cancelled, disconnected) frees the model when its generation ends, however late Python finalises
+        this generator, and the next request never shares the model mid-generate."""
         try:
             image = check_image(image)
             query = check_query(query)
@@ -361,12 +363,11 @@ class Backend:
             settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
         except PlaygroundError as exc:
             raise gr.Error(str(exc)) from exc
-        self._acquire()
-        started: list[Iterator[str | InferenceResult]] = []
-        finished = False
+        routes = [route] + (["frozen"] if compare and route != "frozen" else [])
+        runs = [GenerationSettings(route=r, **settings) for r in routes]
+        job = GenerationJob(self.lock, [functools.partial(self.start, query, image, s) for s in runs])
         try:
-            yield from self._panels(started, query, image, route, compare, settings)
-            finished = True
+            yield from self._panels(job, runs, query, image, compare)
         except (InferenceError, PlaygroundError) as exc:
             raise gr.Error(str(exc)) from exc
         except gr.Error:
@@ -374,54 +375,23 @@ class Backend:
         except Exception as exc:
             raise gr.Error(f"Generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            if finished:
-                self._finish(started)
-            else:
-                threading.Thread(target=self._finish, args=(started,), daemon=True).start()
-
-    def _acquire(self) -> None:
-        """Take the lock. A cancelled request frees it from its handler's ``finally``, which runs only when the
-        abandoned generator is finalised; held in a reference cycle, that waits for the cyclic garbage collector
-        (the likely cause of a request that once hung for a minute in the full suite), so a busy lock runs it."""
-        if not self.lock.acquire(timeout=1.0):
-            gc.collect()
-            self.lock.acquire()
-
-    def _finish(self, started: list[Iterator[str | InferenceResult]]) -> None:
-        try:
-            for items in started:
-                for _ in items:
-                    pass
-        except Exception:
-            pass  # the request that started it is gone; its error has nowhere to go
-        finally:
-            self.lock.release()
+            job.abandon()
 
     def _panels(
-        self,
-        started: list[Iterator[str | InferenceResult]],
-        query: str,
-        image: Image.Image,
-        route: str,
-        compare: bool,
-        settings: dict[str, Any],
+        self, job: GenerationJob, runs: list[GenerationSettings], query: str, image: Image.Image, compare: bool
     ) -> Iterator[tuple[Any, ...]]:
         empty = (None, "", "", None)
-        twist_settings = GenerationSettings(route=route, **settings)
-        started.append(self.start(query, image, twist_settings))
         twist = None
-        for twist in self.updates(started[-1], query, image, twist_settings):
+        for twist in self.updates(job.pieces(), query, image, runs[0]):
             yield (twist.image, twist.html(), twist.info(), twist.data(), *empty)
         if not compare:
             return
-        if route == "frozen":
+        if len(runs) == 1:
             note = twist.info() + "  \n(the selected route already is the original LLaVA computation)"
             yield (twist.image, twist.html(), twist.info(), twist.data(),
                    twist.image, twist.html(), note, twist.data())
             return
-        base_settings = GenerationSettings(route="frozen", **settings)
-        started.append(self.start(query, image, base_settings))
-        for base in self.updates(started[-1], query, image, base_settings):
+        for base in self.updates(job.pieces(), query, image, runs[1]):
             yield (twist.image, twist.html(), twist.info(), twist.data(),
                    base.image, base.html(), base.info(), base.data())
 

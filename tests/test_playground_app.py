@@ -3,8 +3,10 @@ model behind it, model resolution, errors, and the bundled examples."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,18 +138,39 @@ def test_generation_failure_is_a_ui_error_and_frees_the_lock() -> None:
 
 def test_closed_request_finishes_its_generation_before_freeing_the_lock() -> None:
     produced: list[str] = []
+    first_read, may_go_on = threading.Event(), threading.Event()
 
     def gen(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str]:
-        for piece in chunks(CHAIN):
+        for i, piece in enumerate(chunks(CHAIN)):
+            if i == 1:
+                first_read.set()
+                assert may_go_on.wait(10)
             produced.append(piece)
             yield piece
 
     backend = Backend(None, generate_fn=gen)
-    run = backend.run(grey(), "q", AUTO, False, 0.0, 16)
+    run = backend.run(grey(), "q", AUTO, True, 0.0, 16)  # compare: a second generation would follow
     next(run)
-    assert backend.lock.locked()
-    run.close()  # returns at once; the rest of the generation runs in a thread that then frees the lock
-    assert backend.lock.acquire(timeout=5) and "".join(produced) == CHAIN
+    assert first_read.wait(10) and backend.lock.locked()
+    run.close()  # returns at once; the generation goes on to its end on the job's thread, then frees the lock
+    may_go_on.set()
+    assert backend.lock.acquire(timeout=5) and "".join(produced) == CHAIN  # the closed request's base run skipped
+
+
+def test_an_abandoned_request_frees_the_lock_without_being_finalised() -> None:
+    """Gradio drops a cancelled handler without closing it; the lock must not wait for the garbage collector."""
+    backend = Backend(None, generate_fn=fake_generator(CHAIN))
+    runs = [backend.run(grey(), "q", AUTO, False, 0.0, 16)]
+    next(runs[0])
+    runs.append(runs)  # a reference cycle: only the cyclic collector would finalise it
+    gc.disable()
+    try:
+        assert backend.lock.acquire(timeout=5)
+        backend.lock.release()
+        final = list(backend.run(grey(), "next", AUTO, False, 0.0, 16))[-1]
+    finally:
+        gc.enable()
+    assert final[3]["done"]
 
 
 def test_checked_image_rejects_unreadable_and_huge_uploads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
