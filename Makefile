@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LLAVA := llava-torch==1.2.2.post1
+# DeepSpeed JIT-compiles its CPU communication op on first use; `install` builds it here, so no run compiles.
+# Runs find the venv's tools first (as the launcher's children do): a build by another ninja is rebuilt.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Re-install when the install files change.
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
 
@@ -18,6 +22,7 @@ $(STAMP):
 	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,dev]"
 	$(PIP) install -q --no-deps $(LLAVA)
 	$(PY) -c "import llava_twist.model, scout_data, deepspeed, peft" >/dev/null
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 	@echo "installed into $(VENV)"
 

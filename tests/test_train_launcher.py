@@ -46,12 +46,27 @@ def run(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("launcher")
     data, images = write_dataset(root / "data", n_grounding=4, n_understanding=4)
     out = root / "run"
+    extensions_before = built_extensions()
     shm_left = launch(tiny_llava, data, images, out)
-    return {"base": tiny_llava, "data": data, "images": images, "out": out, "root": root, "shm_left": shm_left}
+    return {"base": tiny_llava, "data": data, "images": images, "out": out, "root": root, "shm_left": shm_left,
+            "extensions": (extensions_before, built_extensions())}
+
+
+def built_extensions() -> dict[str, int]:
+    """Files of torch's JIT extension folder (where DeepSpeed compiles its CPU ops), with their mtimes."""
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 def test_launcher_removes_deepspeeds_shared_memory_buffers(run: dict) -> None:
     assert run["shm_left"] == []
+
+
+def test_launcher_compiles_nothing(run: dict) -> None:
+    """`make install` builds DeepSpeed's CPU communication op; a training run only loads it."""
+    before, after = run["extensions"]
+    assert any(name.endswith(".so") for name in before), f"no op built at install time in {sorted(before)}"
+    assert after == before
 
 
 def log_history(out: Path) -> list[dict]:

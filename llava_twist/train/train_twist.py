@@ -40,6 +40,7 @@ from llava_twist.model.builder import (  # noqa: E402
 from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
 from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
+from llava_twist.train.distributed import exit_distributed  # noqa: E402
 from llava_twist.train.lora import add_twist_lora, freeze_for_twist_lora, merged_twist_state  # noqa: E402
 from llava_twist.train.records import validated_records  # noqa: E402
 from llava_twist.train.trainer import TwistTrainer  # noqa: E402
@@ -213,9 +214,7 @@ def train(argv: Sequence[str] | None = None, attn_implementation: str | None = N
 
 def main(argv: Sequence[str] | None = None) -> None:
     train(argv)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every process done writing before any tears the group down
-        torch.distributed.destroy_process_group()  # else gloo's threads abort the interpreter at exit
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""Ending a distributed rank without an abort at exit.
+
+torch 2.14's gloo process group has no ``shutdown``: ``destroy_process_group`` unregisters a group, but its
+worker threads live until the group object is freed, and DeepSpeed keeps the groups alive to the end (the
+engine, the ZeRO-3 optimizer, every partitioned parameter's ``ds_process_group``, ``deepspeed.utils.groups``;
+after a TWIST run, 6 gloo threads were still alive past ``destroy_process_group`` and ``gc.collect``). They were
+freed during interpreter finalisation, where a worker thread retiring a finished all-gather must take the GIL
+of a dying interpreter: ``terminate called without an active exception``, exit status 250, after a run that
+had saved everything (a core dump showed ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` ->
+``PyThread_exit_thread``). So a rank that has finished ends before finalisation starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+
+def exit_distributed(status: int = 0) -> None:
+    """Wait for every rank, destroy the process groups, flush what was printed and logged, and end the process
+    with ``status`` without interpreter finalisation. Call it when every output is written."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done writing before any tears the group down
+        torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
