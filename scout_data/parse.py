@@ -1,13 +1,16 @@
 """The one parser of chain text (gpt turns, model output): used by validation, evaluation, the playground.
 
-Grammar (lenient): ``Step N: sentence`` markers, then ``Answer: text``; boxes are ``[x1, y1, x2, y2]``
-with integers or any number of decimals and optional spaces. Text without ``Answer:`` but with boxes
-(one-shot region answers) answers with every box it holds. :func:`parse_chain` never raises: whatever
-is odd is noted in ``problems`` (boxes outside [0, 1] are clamped and noted).
+Grammar (lenient): ``Step N: sentence`` markers, then ``Answer: text``; boxes are LLaVA-1.5's
+``[x1, y1, x2, y2]``, fractions of the image in [0, 1], with any number of decimals and optional spaces.
+Text without ``Answer:`` but with boxes (one-shot region answers) answers with every box it holds.
+:func:`parse_chain` never raises: whatever is odd is noted in ``problems`` (boxes a little outside [0, 1]
+are clamped and noted; a box with a coordinate past ``NORMALISED_LIMIT``, such as pixels or Ferret's 0-1000
+grid, is not read at all). Other models' box formats (Qwen-VL's ``<box>(x1,y1),(x2,y2)</box>``, MiniGPT-v2's
+``{<x1><y1><x2><y2>}``) are not read.
 
 Problems start with a stable phrase: ``no answer line``, ``unparseable box``, ``unterminated box``,
-``box outside [0, 1]``, ``degenerate box``, ``steps out of order``, ``text before Step 1``,
-``step after the answer``, ``several answer lines``.
+``coordinates not normalised``, ``box outside [0, 1]``, ``degenerate box``, ``steps out of order``,
+``text before Step 1``, ``step after the answer``, ``several answer lines``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM}
 _BRACKET_RE = re.compile(r"\[[^\[\]\n]{0,200}\]")
 _UNTERMINATED_RE = re.compile(r"\[[\d\s.,\-]*$")
 MARKER_RE = re.compile(r"(?<![A-Za-z])(?:Step\s*(\d{1,9})\s*:|Answer\s*:)")
+NORMALISED_LIMIT = 1.5  # a coordinate past this is not a fraction of the image that was clamped, but another unit
+NO_ANSWER_LINE = "no answer line"
+BROKEN_BOX_PROBLEMS = ("unparseable box", "unterminated box", "coordinates not normalised")
 
 
 @dataclass
@@ -58,6 +64,9 @@ def parse_boxes(text: str, problems: list[str] | None = None) -> list[Box]:
         except (ValueError, OverflowError):
             notes.append(f"unparseable box {m.group(0)!r}")
             continue
+        if max(abs(v) for v in raw) > NORMALISED_LIMIT:
+            notes.append(f"coordinates not normalised {m.group(0)}: LLaVA's boxes are fractions of the image")
+            continue
         box = clamp_xyxy_norm(raw)
         if box != raw:
             notes.append(f"box outside [0, 1] (clamped): {m.group(0)}")
@@ -72,6 +81,11 @@ def parse_boxes(text: str, problems: list[str] | None = None) -> list[Box]:
     if tail and any(c.isdigit() for c in tail.group(0)):
         notes.append(f"unterminated box {tail.group(0)[:60]!r}")
     return boxes
+
+
+def broken_box(problems: list[str]) -> str | None:
+    """The first problem that says a box was written but could not be read, if any."""
+    return next((p for p in problems if p.startswith(BROKEN_BOX_PROBLEMS)), None)
 
 
 def _segments(text: str) -> tuple[str, list[tuple[str, int | None, str]]]:
@@ -100,8 +114,8 @@ def _parse_chain(text: str) -> ParsedChain:
     if not segs:
         out.answer_text = text.strip()
         out.answer_boxes_xyxy_norm = parse_boxes(text, out.problems)
-        if not out.answer_boxes_xyxy_norm:
-            out.problems.append("no answer line")
+        if not out.answer_boxes_xyxy_norm and not broken_box(out.problems):
+            out.problems.append(NO_ANSWER_LINE)
         return out
     if head.strip():
         out.problems.append(f"text before Step 1: {head.strip()[:60]!r}")
@@ -122,7 +136,7 @@ def _parse_chain(text: str) -> ParsedChain:
             out.problems.append(f"steps out of order: expected Step {expected}, got Step {num}")
         out.steps.append(ParsedStep(num, body.strip(), parse_boxes(body, out.problems)))
     if not out.has_answer_line:
-        out.problems.append("no answer line")
+        out.problems.append(NO_ANSWER_LINE)
     return out
 
 

@@ -120,6 +120,9 @@ def _close(a: Iterable[float], b: Iterable[float]) -> bool:
     return all(abs(x - y) <= _BOX_TOLERANCE for x, y in zip(a, b, strict=True))
 
 
+_CHECKED_WHEN_UNTAGGED = ("box outside", "coordinates not normalised", "degenerate box", "steps out of order")
+
+
 def _chain_problems(record: dict[str, Any]) -> list[str]:
     task = record.get("task")
     if task == "understanding":
@@ -134,7 +137,7 @@ def _chain_problems(record: dict[str, Any]) -> list[str]:
             if p.startswith("no answer line"):
                 if strict and chain.steps:
                     problems.append(where + p)
-            elif strict or p.startswith(("box outside", "degenerate box", "steps out of order")):
+            elif strict or p.startswith(_CHECKED_WHEN_UNTAGGED):
                 problems.append(where + p)
         if j == 0 and strict and isinstance(record.get("answer_boxes_xyxy_norm"), list):
             stored = record["answer_boxes_xyxy_norm"]

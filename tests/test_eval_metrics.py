@@ -216,6 +216,7 @@ def test_summary_table_and_chart(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.result.json").write_text(json.dumps(
         {"benchmark": "refexp", "name": "ckpt refcoco_val", "n": 10, "headline": ["acc@0.5"],
+         "protocol": {"name": "lmms-eval", "frame": "original"},
          "metrics": {"acc@0.5": 0.5, "mean_iou": 0.41, "invalid_ground_truth": 0}}))
     (tmp_path / "y.result.json").write_text(json.dumps(
         {"benchmark": "localization", "name": "ckpt coco", "n": 4, "headline": ["AP"],
@@ -224,7 +225,7 @@ def test_summary_table_and_chart(tmp_path):
     md_path, png_path, n = summary.summarize(str(tmp_path), str(tmp_path / "out" / "summary"))
     assert n == 2
     table = Path(md_path).read_text()
-    assert "| result | benchmark | n | AP | acc@0.5 | mean_iou | invalid_ground_truth |" in table
-    assert "| ckpt coco | localization | 4 | 0.2500 |  |  |  |" in table
-    assert "| ckpt refcoco_val | refexp | 10 |  | 0.5000 | 0.4100 | 0 |" in table
+    assert "| result | benchmark | protocol | n | AP | acc@0.5 | mean_iou | invalid_ground_truth |" in table
+    assert "| ckpt coco | localization |  | 4 | 0.2500 |  |  |  |" in table
+    assert "| ckpt refcoco_val | refexp | lmms-eval | 10 |  | 0.5000 | 0.4100 | 0 |" in table
     assert png_path and Image.open(png_path).format == "PNG"

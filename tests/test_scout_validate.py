@@ -82,7 +82,7 @@ def test_good_records_pass_including_untagged_and_understanding():
     assert record_problems({**text_only, "task": "understanding"}) == []
     assert record_problems(text_only) == []  # untagged: only 4-number boxes are checked
     assert any(
-        "box outside" in p
+        "coordinates not normalised" in p  # pixels, not fractions of the image
         for p in record_problems(
             bad(
                 task=None,

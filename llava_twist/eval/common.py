@@ -140,6 +140,9 @@ def write_result(path: str, result: dict[str, Any]) -> None:
 
 def format_metrics(result: dict[str, Any]) -> str:
     lines = [f"{result['benchmark']}: {result.get('name', '')} ({result['n']} questions)"]
+    if "protocol" in result:
+        rule = result["protocol"]
+        lines.append(f"  protocol: {rule['name']} ({rule['rule']}; frame {rule['frame']}, IoU >= {rule['threshold']})")
     for key, value in result["metrics"].items():
         lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     for group, metrics in result.get("by_group", {}).items():
@@ -178,15 +181,22 @@ def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argpars
     return 0
 
 
-def scorer_main(score: Callable[..., dict[str, Any]], doc: str | None, argv: Sequence[str] | None) -> int:
-    """The command line of a box scorer: ``score(questions, answers, frame_override)`` -> result."""
+def scorer_main(
+    score: Callable[..., dict[str, Any]], doc: str | None, argv: Sequence[str] | None,
+    protocols: Sequence[str] | None = None,
+) -> int:
+    """The command line of a box scorer: ``score(questions, answers, frame_override[, protocol=])`` -> result."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(parser)
     parser.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
+    if protocols:
+        parser.add_argument("--protocol", choices=protocols, default=protocols[0],
+                            help=f"the scoring rule the numbers follow (default: {protocols[0]})")
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
+        extra = {"protocol": args.protocol} if protocols else {}
         result = score(read_jsonl(args.question_file, "question file"),
-                       read_jsonl(args.answers_file, "answers file"), args.box_frame)
+                       read_jsonl(args.answers_file, "answers file"), args.box_frame, **extra)
         result.pop("rows", None)
         return result
 

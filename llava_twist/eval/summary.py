@@ -3,7 +3,8 @@
     python -m llava_twist.eval.summary ./playground/data/eval --out ./playground/data/eval/summary
 
 A result file is any ``*.json`` holding ``benchmark``, ``n`` and ``metrics`` (what the ``eval_*`` scripts
-write, ``*.result.json`` by default). Rows: results, sorted by benchmark and name; columns: every
+write, ``*.result.json`` by default). Rows: results, sorted by benchmark and name, with the scoring protocol
+a refexp result follows (``ours`` or ``lmms-eval``: their numbers are not comparable); columns: every
 numeric metric present (blank where a benchmark lacks it). The chart shows each result's headline
 metrics (all in [0, 1]).
 """
@@ -52,11 +53,12 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         for key in [*(r.get("headline") or []), *_numeric(r["metrics"])]:
             if key not in columns and key in _numeric(r["metrics"]):
                 columns.append(key)
-    header = ["result", "benchmark", "n", *columns]
+    header = ["result", "benchmark", "protocol", "n", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         values = _numeric(r["metrics"])
-        cells = [str(r.get("name") or r["path"]), str(r["benchmark"]), str(r["n"])]
+        protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
+        cells = [str(r.get("name") or r["path"]), str(r["benchmark"]), str(protocol.get("name", "")), str(r["n"])]
         cells += [_cell(values.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

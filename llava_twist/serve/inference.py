@@ -24,14 +24,13 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
-from scout_data.parse import BOX_RE, MARKER_RE, ParsedChain, parse_chain
+from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
 DEFAULT_CONV_MODE = "vicuna_v1"
 ROUTES = ("auto", "frozen", "grounding")
 MODEL_CLASSES = ("twist", "llava")
-NO_ANSWER_LINE = "no answer line"  # scout_data.parse's problem for text without ``Answer:`` and without boxes
 
 
 class InferenceError(Exception):
@@ -105,6 +104,11 @@ class InferenceResult:
         """Why this answer gives no box (None when it gives one): the parser's first problem."""
         if self.chain.answer_boxes_xyxy_norm:
             return None
+        answer_problems: list[str] = []
+        parse_boxes(self.chain.answer_text, answer_problems)
+        broken = broken_box(answer_problems)
+        if broken:
+            return f"broken box ({broken})"
         problems = self.chain.problems
         if NO_ANSWER_LINE in problems:
             return NO_ANSWER_LINE
