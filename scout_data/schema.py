@@ -51,6 +51,7 @@ class Sample:
     split: str = "train"
     source: str = "synthetic"
     source_ids: dict[str, object] = field(default_factory=dict)
+    expression: str = ""  # the referring expression alone (refexp; a region's query is one), for one-shot prompts
 
     def all_boxes_xyxy_px(self) -> list[Box]:
         return [b for s in self.steps for b in s.boxes_xyxy_px] + list(self.answer_boxes_xyxy_px)

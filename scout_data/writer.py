@@ -216,4 +216,7 @@ def render_record(sample: Sample, frame: str = DEFAULT_FRAME) -> dict[str, Any]:
         source=sample.source,
         source_ids=sample.source_ids,
     )
+    expression = sample.expression or (sample.query if sample.kind == "region" else "")
+    if expression:
+        record["expression"] = " ".join(expression.split())
     return record

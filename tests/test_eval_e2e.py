@@ -214,6 +214,55 @@ def test_runner_refuses_missing_images_and_other_models_answers(tiny_llava, refe
     assert "pass --overwrite" in capsys.readouterr().err
 
 
+def test_answers_made_otherwise_are_never_resumed_and_other_files_never_touched(
+    tiny_llava, refexp_questions, tmp_path, capsys
+):
+    qfile, images = refexp_questions
+    answers = tmp_path / "a.jsonl"
+    assert run_answers(tiny_llava, qfile, images, answers, "--route", "frozen", "--batch-size", "4") == 0
+    frozen = answers.read_text()
+    assert run_answers(tiny_llava, qfile, images, answers, "--route", "grounding") == 2
+    err = capsys.readouterr().err
+    assert "route was 'frozen', now 'grounding'" in err and "stale" in err
+    assert run_answers(tiny_llava, qfile, images, answers, "--route", "frozen", "--max_new_tokens", "9") == 2
+    assert "max_new_tokens was 8, now 9" in capsys.readouterr().err
+    assert answers.read_text() == frozen
+    assert run_answers(tiny_llava, qfile, images, answers, "--route", "frozen") == 0  # same settings: resumed
+    assert "resuming" in capsys.readouterr().out and answers.read_text() == frozen
+    assert run_answers(tiny_llava, qfile, images, answers, "--route", "grounding", "--overwrite") == 0
+    assert all(json.loads(line)["metadata"]["settings"]["route"] == "grounding"
+               for line in answers.read_text().splitlines())
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two\n")
+    assert run_answers(tiny_llava, qfile, images, notes) == 2
+    assert "line 1 is not an answer this command wrote" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\nline two\n"
+
+
+def test_refexp_questions_can_be_asked_with_llavas_or_lmms_evals_prompt(tiny_llava, tmp_path, capsys):
+    image = tmp_path / "img" / "0.png"
+    image.parent.mkdir()
+    Image.new("RGB", (64, 48), (200, 200, 200)).save(image)
+    q = {"question_id": "r0", "image": "0.png", "text": "Where is the red circle? Answer step by step.",
+         "expression": "the red circle", "width": 64, "height": 48, "bbox_xyxy_px": [5, 5, 20, 20]}
+    qfile = write_questions(tmp_path, [q])
+    answers = tmp_path / "llava.jsonl"
+    assert run_answers(tiny_llava, qfile, image.parent, answers, "--prompt", "llava") == 0
+    row = json.loads(answers.read_text())
+    assert row["prompt"] == "Please provide the bounding box coordinate of the region this sentence describes: " \
+                            "the red circle."
+    assert run_answers(tiny_llava, qfile, image.parent, tmp_path / "lmms.jsonl", "--prompt", "lmms-eval") == 0
+    assert json.loads((tmp_path / "lmms.jsonl").read_text())["prompt"].endswith("describes: the red circle")
+    assert run_answers(tiny_llava, qfile, image.parent, answers, "--prompt", "scout") == 2
+    assert "prompt was 'llava', now 'scout'" in capsys.readouterr().err
+    del q["expression"]
+    (tmp_path / "bare").mkdir()
+    bare = write_questions(tmp_path / "bare", [q])
+    assert run_answers(tiny_llava, bare, image.parent, tmp_path / "x.jsonl", "--prompt", "llava") == 2
+    assert "needs its 'expression'" in capsys.readouterr().err
+
+
 def test_retention_base_llava_vs_converted_twist_is_identical(tiny_llava, refexp_questions, tmp_path):
     qfile, images = refexp_questions
     base, twist = tmp_path / "base.jsonl", tmp_path / "twist.jsonl"

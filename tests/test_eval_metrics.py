@@ -206,6 +206,9 @@ def test_scout_questions_from_synthetic_test_split(tmp_path):
         for q in qs:
             Image.open(data / "images" / q["image"]).verify()
             assert "<image>" not in q["text"] and q["box_frame"] == "padded"
+    for q in read_jsonl(str(tmp_path / "q" / "refexp.jsonl")):  # what --prompt llava / lmms-eval ask about
+        record = records[q["question_id"]]
+        assert q["expression"] and (record["query"] if record["kind"] == "region" else q["expression"]) in q["text"]
     vqa = read_jsonl(str(tmp_path / "q" / "vqa.jsonl"))
     assert all(q["answer"] for q in vqa)
     with pytest.raises(EvalError, match="not found"):

@@ -51,12 +51,26 @@ def test_refcoco_shards_over_gpus_merges_and_scores(tmp_path):
     assert len(runs) == 2
     assert runs[0].startswith("GPU=3 ") and "--num-chunks 2 --chunk-idx 0" in runs[0]
     assert runs[1].startswith("GPU=5 ") and "--num-chunks 2 --chunk-idx 1" in runs[1]
-    answers = data / "answers" / "refcoco_val" / "ckpt"
+    assert all("--route auto --prompt scout" in r for r in runs)
+    answers = data / "answers" / "refcoco_val" / "ckpt" / "auto-scout"
     merged = [json.loads(line) for line in (answers / "merge.jsonl").read_text().splitlines()]
     assert merged == [{"question_id": 0}, {"question_id": 1}]
-    assert calls[-1].endswith("--answers-file ./playground/data/eval/refcoco/answers/refcoco_val/ckpt/merge.jsonl "
-                              "--name ckpt refcoco_val")
+    where = "./playground/data/eval/refcoco/answers/refcoco_val/ckpt/auto-scout"
+    assert calls[-1].endswith(f"--answers-file {where}/merge.jsonl --result-file {where}/ours.result.json "
+                              "--protocol ours --name ckpt refcoco_val auto scout")
     assert "llava_twist.eval.eval_refexp" in calls[-1]
+
+
+def test_refcoco_keeps_each_route_and_prompt_apart_and_scores_lmms_evals_way(tmp_path):
+    data = tmp_path / "playground" / "data" / "eval" / "refcoco"
+    data.mkdir(parents=True)
+    (data / "refcoco_val.jsonl").write_text("{}\n")
+    proc, calls = run_script("refcoco.sh", tmp_path, SPLITS="refcoco_val", ROUTE="grounding", PROMPT="lmms-eval",
+                             PROTOCOL="lmms-eval")
+    assert proc.returncode == 0, proc.stderr
+    assert "--route grounding --prompt lmms-eval" in calls[0]
+    assert (data / "answers" / "refcoco_val" / "ckpt" / "grounding-lmms-eval" / "merge.jsonl").is_file()
+    assert "--protocol lmms-eval" in calls[-1] and "lmms-eval.result.json" in calls[-1]
 
 
 def test_retention_runs_base_and_twist_then_compares(tmp_path):

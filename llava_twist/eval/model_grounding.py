@@ -5,8 +5,11 @@ ground truth for the scorers). Answer lines, LLaVA's format: ``{"question_id", "
 "answer_id", "model_id", "metadata": {"route", "router_prob", "route_forced", "answer_box_scores"}}``.
 
 ``--num-chunks/--chunk-idx`` shard the questions as LLaVA's eval scripts do (one process per GPU). An
-existing answers file is resumed: its complete lines are kept and their questions skipped (a torn last
-line is dropped); ``--overwrite`` starts afresh. Lines are flushed after every batch.
+existing answers file is resumed only when every line was written by this command with the same model,
+route, template, prompt, generation settings and prompt-building code (``metadata.settings``): its questions
+are skipped (a torn last line is dropped). Otherwise the file is refused untouched, with what differs;
+``--overwrite`` replaces it. Lines are flushed after every batch. ``--prompt`` chooses how a refexp question
+is asked (:mod:`llava_twist.eval.prompts`).
 
     python -m llava_twist.eval.model_grounding --model-path ./checkpoints/llava-v1.5-7b-twist \\
         --question-file refcoco_val.jsonl --image-folder ./playground/data/eval/refcoco/images \\
@@ -29,6 +32,7 @@ import shortuuid
 from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
+from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
 from llava_twist.serve.inference import (
     DEFAULT_CONV_MODE,
     MODEL_CLASSES,
@@ -56,44 +60,96 @@ def get_chunk(items: list[Any], n: int, k: int) -> list[Any]:
     return chunks[k] if k < len(chunks) else []
 
 
-def answer_record(question: dict[str, Any], result: InferenceResult, model_id: str) -> dict[str, Any]:
+def answer_record(
+    question: dict[str, Any], result: InferenceResult, model_id: str, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    metadata = {
+        "route": result.route,
+        "router_prob": result.router_prob,
+        "route_forced": result.route_forced,
+        "answer_box_scores": result.answer_box_scores,
+    }
+    if settings is not None:
+        metadata["settings"] = settings
     return {
         "question_id": question["question_id"],
-        "prompt": question["text"],
+        "prompt": result.prompt or question["text"],
         "text": result.text,
         "answer_id": shortuuid.uuid(),
         "model_id": model_id,
-        "metadata": {
-            "route": result.route,
-            "router_prob": result.router_prob,
-            "route_forced": result.route_forced,
-            "answer_box_scores": result.answer_box_scores,
-        },
+        "metadata": metadata,
     }
 
 
-def resume_answers(path: str, model_id: str, overwrite: bool) -> set[str]:
-    """Question ids already answered in ``path`` (rewritten without a torn last line)."""
+def answer_settings(args: argparse.Namespace, model_id: str) -> dict[str, Any]:
+    """Everything that changes an answer besides the question: an answers file resumes only when it matches."""
+    return {
+        "model_id": model_id,
+        "model_class": args.model_class,
+        "route": args.route,
+        "conv_mode": args.conv_mode,
+        "prompt": args.prompt,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt_code": prompt_code_version(),
+    }
+
+
+def _differences(had: Any, want: dict[str, Any]) -> str:
+    if not isinstance(had, dict):
+        return "its lines carry no generation settings (written by another program or an older version)"
+    keys = [k for k in want if had.get(k) != want[k]]
+    return "; ".join(f"{k} was {had.get(k)!r}, now {want[k]!r}" for k in keys)
+
+
+def resume_answers(path: str, settings: dict[str, Any], prompts: dict[str, str], overwrite: bool) -> set[str]:
+    """Question ids already answered in ``path`` with the same ``settings`` and prompts.
+
+    A file this command did not write, or wrote with other settings, is refused untouched (``--overwrite``
+    replaces it); a torn last line (an interrupted run) is dropped."""
     if overwrite or not os.path.exists(path):
         atomic_write_text(path, "")
         return set()
+    if os.path.isdir(path):
+        raise EvalError(f"--answers-file {path} is a folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+    except UnicodeDecodeError:
+        raise EvalError(f"--answers-file {path} is not an answers file; pass --overwrite to replace it") from None
     kept, done = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or "question_id" not in row:
-                continue
-            if row.get("model_id") != model_id:
-                raise EvalError(
-                    f"--answers-file {path} holds answers of model {row.get('model_id')!r}, not {model_id!r}; "
-                    "pass --overwrite or another answers file"
-                )
-            kept.append(json.dumps(row, ensure_ascii=False) + "\n")
-            done.add(str(row["question_id"]))
-    atomic_write_text(path, "".join(kept))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):
+                continue  # the torn last line of an interrupted run
+            row = None
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("metadata"), dict):
+            raise EvalError(
+                f"--answers-file {path}: line {n} is not an answer this command wrote; the file is left as it is "
+                "(pass --overwrite to replace it, or choose another --answers-file)"
+            )
+        differs = _differences(row["metadata"].get("settings"), settings)
+        if differs:
+            raise EvalError(
+                f"--answers-file {path} holds answers made otherwise ({differs}); its answers would be stale: "
+                "pass --overwrite or another --answers-file"
+            )
+        qid = str(row["question_id"])
+        if qid in prompts and row.get("prompt") != prompts[qid]:
+            raise EvalError(
+                f"--answers-file {path}: question {qid} was asked {row.get('prompt')!r}, now {prompts[qid]!r}; "
+                "pass --overwrite or another --answers-file"
+            )
+        kept.append(line if line.endswith("\n") else line + "\n")
+        done.add(qid)
+    if "".join(kept) != "".join(lines):
+        atomic_write_text(path, "".join(kept))
     return done
 
 
@@ -123,8 +179,11 @@ def answer_questions(
     batch_size: int = 1,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     progress: bool = True,
+    prompt: str = "scout",
+    record_settings: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer ``questions`` in batches (images of the next batch load while the model runs this one)."""
+    """Answer ``questions`` in batches (images of the next batch load while the model runs this one), each asked
+    with its ``prompt`` style (:mod:`llava_twist.eval.prompts`)."""
 
     def load(batch: list[dict[str, Any]]) -> list[Any]:
         return [load_image(os.path.join(image_folder, q["image"])) for q in batch]
@@ -137,8 +196,10 @@ def answer_questions(
         for i, batch in enumerate(batches):
             images = pending.result()
             pending = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-            results = generate(loaded, [q["text"] for q in batch], images, settings)
-            records = [answer_record(q, r, loaded.model_name) for q, r in zip(batch, results, strict=True)]
+            results = generate(loaded, [question_prompt(q, prompt) for q in batch], images, settings)
+            records = [
+                answer_record(q, r, loaded.model_name, record_settings) for q, r in zip(batch, results, strict=True)
+            ]
             out.extend(records)
             if on_batch is not None:
                 on_batch(records)
@@ -152,11 +213,13 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
     questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
     image_folder = os.path.expanduser(args.image_folder)
     check_questions(questions, image_folder, args.question_file)
+    prompts = {str(q["question_id"]): question_prompt(q, args.prompt) for q in questions}
     loaded = load_model(os.path.expanduser(args.model_path), args.model_base, args.device, args.model_class)
     if args.model_id:
         loaded.model_name = args.model_id
     answers_file = os.path.expanduser(args.answers_file)
-    done = resume_answers(answers_file, loaded.model_name, args.overwrite)
+    record_settings = answer_settings(args, loaded.model_name)
+    done = resume_answers(answers_file, record_settings, prompts, args.overwrite)
     todo = [q for q in questions if str(q["question_id"]) not in done]
     if done:
         print(f"resuming {answers_file}: {len(questions) - len(todo)} of {len(questions)} already answered")
@@ -175,7 +238,8 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
             f.flush()
 
         start = time.perf_counter()
-        answer_questions(loaded, todo, image_folder, settings, args.batch_size, write)
+        answer_questions(loaded, todo, image_folder, settings, args.batch_size, write, prompt=args.prompt,
+                         record_settings=record_settings)
         seconds = time.perf_counter() - start
     return {"answered": len(todo), "skipped": len(questions) - len(todo), "seconds": seconds}
 
@@ -199,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--route", choices=ROUTES, default="auto")
+    p.add_argument("--prompt", choices=PROMPT_STYLES, default="scout",
+                   help="how a refexp question is asked: its own text (scout), LLaVA-1.5's REC prompt (llava) or "
+                        "lmms-eval's (lmms-eval); the last two use the question's 'expression'")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the answers file; without it an existing file is resumed only when it holds this "
+                        "command's answers made with the same model and settings")
     return p
 
 

@@ -4,7 +4,8 @@
 
 writes, for the records of each kind present:
 
-- ``refexp.jsonl`` (refexp, region): ``bbox_xyxy_px`` of the target -> ``eval_refexp``;
+- ``refexp.jsonl`` (refexp, region): ``bbox_xyxy_px`` of the target and the ``expression`` alone (for
+  ``model_grounding --prompt llava | lmms-eval``) -> ``eval_refexp``;
 - ``grounded_caption.jsonl``: ``phrases: [{phrase, boxes_xyxy_px}]`` -> ``eval_grounded_caption``;
 - ``localization.jsonl`` (find_all, count): ``gt_boxes_xyxy_px``, ``category`` -> ``eval_localization``;
 - ``vqa.jsonl`` (qa): ``answer`` -> ``eval_retention`` (accuracy delta against the base).
@@ -92,6 +93,8 @@ def question_for(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         if not boxes:
             return None
         q["bbox_xyxy_px"] = boxes[0]
+        if record.get("expression"):
+            q["expression"] = record["expression"]  # for --prompt llava / lmms-eval (model_grounding)
     elif bench == "grounded_caption":
         q["phrases"] = caption_phrases(record)
     elif bench == "localization":

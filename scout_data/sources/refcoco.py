@@ -302,6 +302,7 @@ def _ref_samples(
             height=height,
             query=query,
             kind="refexp",
+            expression=text.strip(),
             steps=steps,
             answer_boxes_xyxy_px=[target],
             difficulty="simple" if total == 1 else "hard",

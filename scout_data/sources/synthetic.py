@@ -571,6 +571,7 @@ class Built:
     difficulty: str = "simple"
     task: str = "grounding"
     answer_boxes: list[Box] | None = None  # default: the targets' boxes
+    expression: str = ""
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -693,7 +694,8 @@ def _build_refexp(rng: random.Random, scene: Scene, cfg: SynthConfig, region: bo
         return Built("region", ref, [], targets, difficulty=difficulty)
     query = rng.choice(REFEXP_QUERIES).format(ref=ref)
     return Built(
-        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0]), targets, difficulty=difficulty
+        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0]), targets, difficulty=difficulty,
+        expression=ref,
     )
 
 
@@ -883,6 +885,7 @@ def generate(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Sampl
             steps=b.steps,
             answer_boxes_xyxy_px=[scene.objects[j].box for j in b.targets],
             answer_text=b.answer_text,
+            expression=b.expression,
             difficulty=b.difficulty,  # type: ignore[arg-type]
             split=split,
             source=NAME,

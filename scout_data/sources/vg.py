@@ -266,6 +266,7 @@ def _region_samples(path, index: ImageIndex, split: str, kind: str, seed: int) -
                 yield Sample(
                     query=rng.choice([f"Where is {q}?", f"Find the region described as {q}."]),
                     kind="refexp",
+                    expression=text,
                     steps=steps,
                     **base,
                 )

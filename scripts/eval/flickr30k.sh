@@ -10,8 +10,8 @@ MODEL_PATH=${MODEL_PATH:-./checkpoints/$CKPT}
 EVAL=./playground/data/eval/flickr30k
 SPLIT=${SPLIT:-flickr30k_test}
 
-run_chunks "$EVAL/$SPLIT.jsonl" "$EVAL/flickr30k-images" "$EVAL/answers/$SPLIT/$CKPT" --route "${ROUTE:-auto}"
+run_chunks "$EVAL/$SPLIT.jsonl" "$EVAL/flickr30k-images" "$EVAL/answers/$SPLIT/$CKPT/${ROUTE:-auto}" --route "${ROUTE:-auto}"
 $PYTHON -m llava_twist.eval.eval_grounded_caption \
     --question-file "$EVAL/$SPLIT.jsonl" \
-    --answers-file "$EVAL/answers/$SPLIT/$CKPT/merge.jsonl" \
+    --answers-file "$EVAL/answers/$SPLIT/$CKPT/${ROUTE:-auto}/merge.jsonl" \
     --name "$CKPT $SPLIT"

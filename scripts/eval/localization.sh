@@ -10,8 +10,8 @@ MODEL_PATH=${MODEL_PATH:-./checkpoints/$CKPT}
 EVAL=./playground/data/eval/localization
 SPLIT=${SPLIT:-coco_val2017_find_all}
 
-run_chunks "$EVAL/$SPLIT.jsonl" "${IMAGE_FOLDER:-$EVAL/val2017}" "$EVAL/answers/$SPLIT/$CKPT" --route "${ROUTE:-auto}"
+run_chunks "$EVAL/$SPLIT.jsonl" "${IMAGE_FOLDER:-$EVAL/val2017}" "$EVAL/answers/$SPLIT/$CKPT/${ROUTE:-auto}" --route "${ROUTE:-auto}"
 $PYTHON -m llava_twist.eval.eval_localization \
     --question-file "$EVAL/$SPLIT.jsonl" \
-    --answers-file "$EVAL/answers/$SPLIT/$CKPT/merge.jsonl" \
+    --answers-file "$EVAL/answers/$SPLIT/$CKPT/${ROUTE:-auto}/merge.jsonl" \
     --name "$CKPT $SPLIT"

@@ -15,10 +15,10 @@ $PYTHON -m llava_twist.eval.scout_questions --scout-json "$SCOUT_JSON" --out-dir
 declare -A SCORER=([refexp]=eval_refexp [grounded_caption]=eval_grounded_caption [localization]=eval_localization)
 for BENCH in refexp grounded_caption localization; do
     [ -f "$EVAL/$BENCH.jsonl" ] || continue
-    run_chunks "$EVAL/$BENCH.jsonl" "$IMAGE_FOLDER" "$EVAL/answers/$BENCH/$CKPT" --route "${ROUTE:-auto}"
+    run_chunks "$EVAL/$BENCH.jsonl" "$IMAGE_FOLDER" "$EVAL/answers/$BENCH/$CKPT/${ROUTE:-auto}" --route "${ROUTE:-auto}"
     $PYTHON -m llava_twist.eval.${SCORER[$BENCH]} \
         --question-file "$EVAL/$BENCH.jsonl" \
-        --answers-file "$EVAL/answers/$BENCH/$CKPT/merge.jsonl" \
+        --answers-file "$EVAL/answers/$BENCH/$CKPT/${ROUTE:-auto}/merge.jsonl" \
         --name "$CKPT scout-$BENCH"
 done
 if [ -f "$EVAL/vqa.jsonl" ]; then
