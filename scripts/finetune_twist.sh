@@ -9,7 +9,8 @@
 #
 # Output: OUT holds the grounding-only delta (twist_delta.safetensors + config.json), loadable with
 #   llava_twist.model.builder.load_pretrained_model(OUT, MODEL, ...) / --model-path OUT --model-base MODEL;
-# with --twist_save_full True also a full TWIST checkpoint in OUT/full. Re-running resumes from OUT/checkpoint-*.
+# with --twist_save_full True also a full checkpoint in OUT/llava-v1.5-full: TWIST for our loader, the original
+# model for LLaVA's (llava.model.builder, llava.eval.run_llava). Re-running resumes from OUT/checkpoint-*.
 #
 # Multi-node: list the machines in a hostfile ("node1 slots=8" per line), make this repository and the data
 # reachable at the same path on every node (passwordless ssh between them, as DeepSpeed's launcher requires), and

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from llava_twist.model import is_twist_param
 from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
+from llava_twist.train.trainer import FULL_CHECKPOINT_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))
 from deepspeed_shm import free_port, shm_buffers  # noqa: E402
@@ -110,7 +111,7 @@ def test_grounding_loss_goes_down_and_each_step_is_logged(run: dict) -> None:
 
 
 def test_every_non_twist_weight_is_bitwise_unchanged(run: dict) -> None:
-    full = load_file(str(run["out"] / "full" / "model.safetensors"))
+    full = load_file(str(run["out"] / FULL_CHECKPOINT_DIR / "model.safetensors"))
     base = load_file(str(run["base"] / "model.safetensors"))
     clip = load_file(str(run["base"] / "clip-vision-tower" / "model.safetensors"))
     prefix = "model.vision_tower.vision_tower."
@@ -125,9 +126,25 @@ def test_every_non_twist_weight_is_bitwise_unchanged(run: dict) -> None:
     assert any(not torch.equal(delta[k], full[k.replace(".twist_expert", "")]) for k in delta if ".twist_expert." in k)
 
 
+def test_plain_llavas_loader_reads_the_full_checkpoint_as_the_original_model(run: dict) -> None:
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model import LlavaLlamaForCausalLM
+    from llava.model.builder import load_pretrained_model as llava_load
+
+    full = str(run["out"] / FULL_CHECKPOINT_DIR)
+    tokenizer, model, processor, _ = llava_load(full, None, get_model_name_from_path(full), device="cpu")
+    _, original, _, _ = llava_load(str(run["base"]), None, "llava-v1.5-tiny", device="cpu")
+    assert type(model) is LlavaLlamaForCausalLM and not any(is_twist_param(n) for n, _ in model.named_parameters())
+    record = json.loads(run["data"].read_text())[0]
+    batch = prompt_batch(tokenizer, processor, model.config, record, run["images"])
+    batch["images"] = batch["images"].half()  # LLaVA's builder loads in float16
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, original(**batch).logits)
+
+
 def test_delta_on_base_reproduces_the_trained_model(run: dict) -> None:
     tokenizer, from_delta, processor, _ = load_pretrained_model(str(run["out"]), str(run["base"]), device="cpu")
-    _, from_full, _, _ = load_pretrained_model(str(run["out"] / "full"), None, device="cpu")
+    _, from_full, _, _ = load_pretrained_model(str(run["out"] / FULL_CHECKPOINT_DIR), None, device="cpu")
     _, untrained, _, _ = load_pretrained_model(str(run["base"]), None, device="cpu")
     record = json.loads(run["data"].read_text())[0]
     batch = prompt_batch(tokenizer, processor, from_delta.config, record, run["images"])
@@ -156,7 +173,7 @@ def test_checkpoints_hold_delta_and_deepspeed_state(run: dict) -> None:
         assert (ckpt / DELTA_WEIGHTS).is_file() and (ckpt / "config.json").is_file()
         assert (ckpt / f"global_step{step}").is_dir()
         assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
-        assert (ckpt / "full" / "model.safetensors").is_file()
+        assert (ckpt / FULL_CHECKPOINT_DIR / "model.safetensors").is_file()
     assert not (run["out"] / "checkpoint-4" / "model.safetensors").exists()  # full weights only under full/
 
 

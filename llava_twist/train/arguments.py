@@ -36,7 +36,8 @@ class TwistArguments:
         default=None, metadata={"help": "per-step loss weights: '1,1,2' (steps in order), 'answer:2', 'steps:0.5'"}
     )
     twist_save_full: bool = field(
-        default=False, metadata={"help": "also save a full 16-bit TWIST checkpoint (in <dir>/full) at each save"}
+        default=False,
+        metadata={"help": "also save a full 16-bit TWIST checkpoint (in <dir>/llava-v1.5-full) at each save"},
     )
     twist_skip_bad_records: bool = field(
         default=False, metadata={"help": "skip (and log) bad data records instead of failing on the first"}

@@ -3,7 +3,8 @@
 LLaVA's command line plus ``--twist_*`` (see `llava_twist.train.arguments`). Under ``--deepspeed
 scripts/zero3.json`` the model is built partitioned (``zero.Init``) and the grounding experts are copied from
 the frozen ones with gathered parameters. Saves the grounding-only delta to ``--output_dir`` (and to every
-``checkpoint-*``), plus a full TWIST checkpoint in ``<output_dir>/full`` with ``--twist_save_full True``;
+``checkpoint-*``), plus a full TWIST checkpoint in ``<output_dir>/llava-v1.5-full`` with ``--twist_save_full
+True`` (our loader reads it as TWIST; LLaVA's own builder and ``llava.eval.run_llava`` as the original model);
 resumes from the last ``checkpoint-*`` in ``--output_dir``, as LLaVA does.
 
     deepspeed llava_twist/train/train_twist.py --deepspeed scripts/zero3.json --model_name_or_path ... (see

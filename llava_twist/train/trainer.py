@@ -19,7 +19,9 @@ from llava_twist.model.builder import apply_twist_delta, is_twist_delta, save_tw
 from llava_twist.model.routing import mark_router_positions, split_router_marks
 from llava_twist.train.steps import MAX_LOGGED_STEPS, SPAN_ANSWER, SPAN_OTHER, StepWeights, align_span_ids, span_name
 
-FULL_CHECKPOINT_DIR = "full"
+# LLaVA's builder picks its loader by the folder's name: one holding "llava" (and "v1" for run_llava's template)
+# loads as plain LlavaLlamaForCausalLM, which ignores the twist_ weights, i.e. as the original model.
+FULL_CHECKPOINT_DIR = "llava-v1.5-full"
 _FIXED_METRICS = ("lm_loss", "router_loss", "router_acc")
 _SPAN_SLOTS = [SPAN_OTHER, SPAN_ANSWER, *range(1, MAX_LOGGED_STEPS + 1)]
 METRIC_NAMES = [*_FIXED_METRICS, *(f"loss_{span_name(s)}" for s in _SPAN_SLOTS)]
@@ -185,7 +187,8 @@ class TwistTrainer(LLaVATrainer):
     # ----- saving and resuming -----
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The grounding-only delta in ``output_dir`` (every save); with ``save_full`` also a full TWIST
-        checkpoint in ``output_dir/full``. Call on every process (ZeRO-3 gathers)."""
+        checkpoint in ``output_dir/llava-v1.5-full`` (:data:`FULL_CHECKPOINT_DIR`). Call on every process (ZeRO-3
+        gathers)."""
         output_dir = output_dir or self.args.output_dir
         state = self.twist_state_fn(self.model)
         if self.args.should_save:
