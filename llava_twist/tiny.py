@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
+from scout_data.output import OutputError, check_output
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -201,10 +203,17 @@ def build_tiny_llava(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m llava_twist.tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_spec_arguments(parser, TinyLlavaSpec())
     args = parser.parse_args(argv)
+    try:
+        check_output(args.out, overwrite=args.overwrite)
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = build_tiny_llava(args.out, spec_from_args(TinyLlavaSpec, args))
     print(f"wrote a tiny LLaVA-1.5 checkpoint to {out} (vision tower: {out / 'clip-vision-tower'})")
 

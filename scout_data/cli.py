@@ -18,7 +18,9 @@ from typing import Any
 from scout_data.boxes import DEFAULT_FRAME, FRAMES
 from scout_data.output import (
     OutputError,
+    atomic_write,
     atomic_write_text,
+    check_output,
     dumps_records,
     format_summary,
     prepare_out_dir,
@@ -27,6 +29,7 @@ from scout_data.output import (
 from scout_data.validate import DataError, load_records, validate_file
 
 PROG = "scout-data"
+RUN_ONLY_FLAGS = {"out", "resume", "quiet", "shard_size", "no_check_images"}  # they change no record
 SOURCE_COMMANDS = {
     "synth": ("synthetic", "synthetic scenes (no download needed)"),
     "coco": ("coco", "COCO instances: find-all, counting, relations"),
@@ -104,6 +107,7 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     which.add_argument("--index", type=int, default=0)
     which.add_argument("--id")
     p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser, modules
 
 
@@ -111,7 +115,8 @@ def _generate(args: argparse.Namespace, module: Any) -> int:
     name = SOURCE_COMMANDS[args.command][0]
     if hasattr(module, "check_args"):
         module.check_args(args)
-    done = prepare_out_dir(args.out, args.resume)
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
+    done = prepare_out_dir(args.out, args.resume, settings)
     args.skip_ids = done
     folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
     total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
@@ -137,10 +142,7 @@ def _mix(args: argparse.Namespace) -> int:
     from scout_data.mix import mix_records
 
     out = os.path.abspath(args.out)
-    if out in {os.path.abspath(f) for f in [*args.scout, args.replay]}:
-        raise CliError(f"--out {args.out} is one of the inputs; inputs are never overwritten")
-    if os.path.exists(out) and not args.overwrite:
-        raise CliError(f"--out {args.out} exists; pass --overwrite to replace it")
+    check_output(out, [*args.scout, args.replay], args.overwrite)
     scout = [r for f in args.scout for r in load_records(f)]
     replay = load_records(args.replay)
     ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
@@ -201,15 +203,13 @@ def _preview(args: argparse.Namespace) -> int:
             f"{args.file}: record id={rec.get('id') if isinstance(rec, dict) else '?'} has no image"
         )
     path = os.path.join(args.image_folder, rec["image"])
+    check_output(args.out, [args.file, path], args.overwrite)
     try:
         with Image.open(path) as im:
             out = draw_record(rec, im)
     except OSError as exc:
         raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    out.save(tmp, format="PNG")
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda tmp: out.save(tmp, format="PNG"))
     print(f"preview of id={rec.get('id')} -> {args.out}")
     return 0
 

@@ -23,12 +23,12 @@ def replay_count(n_scout: int, ratio: float | None = None, replay_fraction: floa
     if (ratio is None) == (replay_fraction is None):
         raise ValueError("give exactly one of ratio (replay per SCOUT record) and replay_fraction")
     if ratio is not None:
-        if ratio < 0:
-            raise ValueError("ratio must be >= 0")
+        if not 0 <= ratio < float("inf"):
+            raise ValueError(f"--ratio {ratio}: must be a finite number >= 0")
         return int(round(ratio * n_scout))
     assert replay_fraction is not None
     if not 0 <= replay_fraction < 1:
-        raise ValueError("replay_fraction must be in [0, 1)")
+        raise ValueError(f"--replay-fraction {replay_fraction}: must be in [0, 1)")
     return int(round(replay_fraction / (1 - replay_fraction) * n_scout))
 
 

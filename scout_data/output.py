@@ -8,20 +8,25 @@ Layout of an output folder ``DIR``::
     DIR/images/                                    rendered images (synthetic source only)
     DIR/summary.json                               records per split, skips per reason, the image folder
 
-``resume=True`` reads the ids already in ``DIR`` (split files and shards) and skips them; without it a
-non-empty ``DIR`` is refused. A resumed run ends with the same records as a fresh one (records written
-before the interruption come first). Every file is written to a temp file and moved into place.
+    DIR/.scout-run.json                            what made the folder: the command's settings, its splits
+
+``resume=True`` reads the ids already in the folder's own split files and shards and skips them; it is
+refused unless ``.scout-run.json`` says this command made the folder with the same settings (so another
+seed, or a folder of the user's, is never mixed in or rewritten). Without it a non-empty ``DIR`` is refused.
+A resumed run ends with the same records as a fresh one (records written before the interruption come first).
+Every file is written to a temp file and moved into place; only the folder's own split files are touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -33,6 +38,7 @@ from scout_data.writer import render_record
 
 SUMMARY = "summary.json"
 SHARDS = "shards"
+RUN_FILE = ".scout-run.json"
 MAX_EXAMPLES = 5
 
 
@@ -40,13 +46,41 @@ class OutputError(Exception):
     """The output folder cannot be used as asked (e.g. not empty without ``--resume``)."""
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def check_output(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
+    flag: str = "--out",
+) -> None:
+    """The one rule for every command that writes: never over one of its own inputs; never over an existing
+    file, or into a non-empty folder, unless ``overwrite``. Raises :class:`OutputError` naming the flag."""
+    target = os.path.realpath(path)
+    for given in inputs:
+        if given is not None and os.path.realpath(given) == target:
+            raise OutputError(f"{flag} {path} is one of this command's inputs ({given}); inputs are never overwritten")
+    taken = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))
+    if taken and not overwrite:
+        raise OutputError(f"{flag} {path} exists and this command did not make it; pass --overwrite to replace it")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then move it into place; on failure nothing is left."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def dumps_records(records: Iterable[dict[str, Any]]) -> str:
@@ -59,13 +93,27 @@ def atomic_write_records(path: str, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, dumps_records(records))
 
 
+def read_run(out_dir: str) -> dict[str, Any] | None:
+    """The folder's run file (settings and splits of the command that made it), or None."""
+    path = os.path.join(out_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    run = load_json(path)
+    if not isinstance(run, dict) or not isinstance(run.get("splits"), list):
+        raise OutputError(f"{path}: not a scout-data run file")
+    return run
+
+
+def write_run(out_dir: str, settings: dict[str, Any], splits: Iterable[str]) -> None:
+    run = {"settings": settings, "splits": sorted(set(splits))}
+    atomic_write_text(os.path.join(out_dir, RUN_FILE), json.dumps(run, indent=2, ensure_ascii=False) + "\n")
+
+
 def _split_files(out_dir: str) -> dict[str, str]:
-    out = {}
-    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
-        name = os.path.basename(path)[: -len(".json")]
-        if name != SUMMARY[: -len(".json")]:
-            out[name] = path
-    return out
+    """This command's split files in ``out_dir`` (those its run file names), never a user's other JSON."""
+    run = read_run(out_dir)
+    splits = run["splits"] if run else []
+    return {s: p for s in splits if os.path.isfile(p := os.path.join(out_dir, f"{s}.json"))}
 
 
 def _shard_files(out_dir: str, split: str | None = None) -> list[str]:
@@ -80,8 +128,11 @@ def _read_list(path: str) -> list[dict[str, Any]]:
     return data
 
 
-def prepare_out_dir(out_dir: str, resume: bool) -> set[str]:
-    """Create ``out_dir`` or check it may be used; returns the ids already written (with ``resume``)."""
+def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None = None) -> set[str]:
+    """Create ``out_dir`` or check it may be used; returns the ids already written (with ``resume``).
+
+    ``settings`` are what makes the records (JSON values); a resumed folder must have been made with the same."""
+    settings = json.loads(json.dumps(settings or {}, default=str))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"--out {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
@@ -90,7 +141,19 @@ def prepare_out_dir(out_dir: str, resume: bool) -> set[str]:
             raise OutputError(
                 f"--out {out_dir} is not empty; pass --resume to continue that run, or choose an empty folder"
             )
+        write_run(out_dir, settings, [])
         return set()
+    run = read_run(out_dir)
+    if run is None:
+        if os.listdir(out_dir):
+            raise OutputError(f"--out {out_dir}: no {RUN_FILE}, so this command did not make it; nothing to resume")
+        write_run(out_dir, settings, [])
+        return set()
+    had = run.get("settings", {})
+    differ = [f"{k} was {had.get(k)!r}, now {settings.get(k)!r}" for k in sorted(set(had) | set(settings))
+              if had.get(k) != settings.get(k)]
+    if differ:
+        raise OutputError(f"--out {out_dir} was made with other settings ({'; '.join(differ)}); cannot resume it")
     done: set[str] = set()
     for path in [*_split_files(out_dir).values(), *_shard_files(out_dir)]:
         done.update(str(r.get("id")) for r in _read_list(path) if isinstance(r, dict))
@@ -194,11 +257,14 @@ class DatasetWriter:
         """Flush, merge shards into split files, write and return the summary."""
         for split in list(self.buffers):
             self._flush(split)
+        run = read_run(self.out_dir)
         splits = sorted(
             {os.path.basename(p).rsplit("-", 1)[0] for p in _shard_files(self.out_dir)}
             | set(_split_files(self.out_dir))
         )
         totals = {s: self._merge(s) for s in splits}
+        if run is not None:
+            write_run(self.out_dir, run.get("settings", {}), splits)
         shard_dir = os.path.join(self.out_dir, SHARDS)
         if os.path.isdir(shard_dir) and not os.listdir(shard_dir):
             os.rmdir(shard_dir)

@@ -171,7 +171,7 @@ def test_same_seed_gives_byte_identical_output(tmp_path):
     generate_dir(tmp_path / "b", *flags)
     generate_dir(tmp_path / "c", *flags, seed=1)
     a, b, c = _hash_tree(tmp_path / "a"), _hash_tree(tmp_path / "b"), _hash_tree(tmp_path / "c")
-    assert a == b and len(a) == 16 + 3
+    assert a == b and len(a) == 16 + 4  # 16 images, 3 splits, the run file
     assert a["train.json"] != c["train.json"]
 
 

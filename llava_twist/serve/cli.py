@@ -31,6 +31,11 @@ from llava_twist.serve.inference import (
     stream_generate,
 )
 from scout_data.boxes import FRAMES
+from scout_data.output import OutputError, atomic_write, check_output
+
+
+def image_format(path: str) -> str:
+    return "PNG" if path.lower().endswith(".png") else "JPEG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame of the model's box text (default: padded for image_aspect_ratio=pad)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
     p.add_argument("--save-image", default=None, metavar="OUT.png", help="write the image with the boxes drawn")
+    p.add_argument("--overwrite", action="store_true", help="replace --save-image if it exists")
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     return p
@@ -86,8 +92,19 @@ def format_result(result: InferenceResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     image = load_image(args.image_file)
-    if args.save_image and not args.save_image.lower().endswith((".png", ".jpg", ".jpeg")):
-        raise InferenceError(f"--save-image {args.save_image}: use a .png or .jpg file name")
+    if args.save_image:
+        if not args.save_image.lower().endswith((".png", ".jpg", ".jpeg")):
+            raise InferenceError(f"--save-image {args.save_image}: use a .png or .jpg file name")
+        try:
+            check_output(args.save_image, [args.image_file], args.overwrite, "--save-image")
+        except OutputError as exc:
+            raise InferenceError(str(exc)) from None
+        folder = os.path.dirname(os.path.abspath(args.save_image))
+        existing = folder
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK):
+            raise InferenceError(f"--save-image {args.save_image}: cannot write into {folder}")
     loaded = load_model(args.model_path, args.model_base, args.device, args.model_class,
                         load_8bit=args.load_8bit, load_4bit=args.load_4bit)
     settings = GenerationSettings(
@@ -113,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
                 result = item
         print()
     if args.save_image:
-        folder = os.path.dirname(os.path.abspath(args.save_image))
-        os.makedirs(folder, exist_ok=True)
-        draw_boxes(image, result).save(args.save_image)
+        drawn = draw_boxes(image, result)
+        try:
+            atomic_write(args.save_image, lambda tmp: drawn.save(tmp, format=image_format(args.save_image)))
+        except OSError as exc:
+            raise InferenceError(f"--save-image {args.save_image}: {exc.strerror or exc}") from None
     if args.json:
         payload = result.to_json()
         payload.update(model=args.model_path, image_file=args.image_file, query=args.query,
