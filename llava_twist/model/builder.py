@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -43,6 +44,26 @@ SHAPE_FIELDS = (
     "mm_projector_type",
 )
 VISION_TOWER_PREFIX = "model.vision_tower."
+
+
+def resolve_checkpoint(name: str | os.PathLike, flag: str = "--model-path", cache_dir: str | None = None) -> str:
+    """A local checkpoint folder for ``name``: the folder itself, or a hub id (``liuhaotian/llava-v1.5-7b``)
+    resolved as LLaVA's own loader resolves it (``from_pretrained``'s download and cache; with
+    ``HF_HUB_OFFLINE=1``, the cache alone)."""
+    if os.path.isdir(name):
+        return str(name)
+    name = str(name)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{flag} {name}: no such folder (and not a hub id such as liuhaotian/llava-v1.5-7b)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001 - any hub failure means the same thing here
+        raise FileNotFoundError(
+            f"{flag} {name}: not a local folder, and the hub id could not be resolved "
+            f"({type(exc).__name__}; offline, it must be in the Hugging Face cache)"
+        ) from exc
 
 
 def read_config_json(model_path: str | os.PathLike) -> dict[str, Any]:
@@ -192,9 +213,21 @@ def is_twist_delta(model_path: str | os.PathLike) -> bool:
 
 
 def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.PathLike, check_base: bool = True) -> None:
-    """Load a grounding delta into a TWIST model built on its base; refuse a base that does not match."""
+    """Load a grounding delta into a TWIST model built on its base. Refused: a base other than the one in the
+    weights' own metadata (the authority; ``config.json`` must agree), non-finite weights, names or shapes
+    that do not fit."""
     path = Path(delta_dir) / DELTA_WEIGHTS
-    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        stamped = (f.metadata() or {}).get("twist_base_fingerprint")
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    if not stamped:
+        raise ValueError(f"{path}: carries no base fingerprint in its metadata, so its base cannot be verified")
+    configured = read_config_json(delta_dir).get("twist_base_fingerprint")
+    if configured and configured != stamped:
+        raise ValueError(f"{path}: its metadata and {Path(delta_dir) / 'config.json'} name different bases")
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"{path}: non-finite weights (NaN or inf) in {broken[:5]} ({len(broken)} tensors)")
     expected = {n: p for n, p in model.named_parameters() if is_twist_param(n)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -203,9 +236,8 @@ def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.Pat
              if tuple(t.shape) != tuple(getattr(expected[n], "ds_shape", expected[n].shape))]
     if wrong:
         raise ValueError(f"{path}: shapes differ from the base: {wrong[:5]}")
-    recorded = model.config.twist_base_fingerprint
-    if check_base and recorded:
-        actual = base_fingerprint(model)
+    if check_base:
+        recorded, actual = stamped, base_fingerprint(model)
         if actual != recorded:
             raise ValueError(
                 f"{path}: this delta was trained on another base (fingerprint {recorded[:12]}..., "
@@ -287,6 +319,8 @@ def load_pretrained_model(
     ``torch_dtype`` defaults to float16 on CUDA and float32 elsewhere."""
     from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 
+    model_path = resolve_checkpoint(model_path, "--model-path")
+    model_base = None if model_base is None else resolve_checkpoint(model_base, "--model-base")
     twist_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("twist_")}
     load_kwargs: dict[str, Any] = {"device_map": device_map if device == "cuda" else {"": device}, **kwargs}
     dtype = load_kwargs.pop("torch_dtype", torch.float16 if device == "cuda" else torch.float32)

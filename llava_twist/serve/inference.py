@@ -157,11 +157,17 @@ def load_model(
     device = resolve_device(device)
     if model_class not in MODEL_CLASSES:
         raise InferenceError(f"--model-class {model_class!r}: expected one of {MODEL_CLASSES}")
+    from llava_twist.model.builder import resolve_checkpoint
+
+    model_name = get_model_name_from_path(model_path.rstrip("/"))
+    try:
+        model_path = resolve_checkpoint(model_path, "--model-path")
+        model_base = None if model_base is None else resolve_checkpoint(model_base, "--model-base")
+    except FileNotFoundError as exc:
+        raise InferenceError(str(exc)) from None
     for path, what in ((model_path, "--model-path"), (model_base, "--model-base")):
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
-            where = "no such folder" if not os.path.isdir(path) else "no config.json in it"
-            raise InferenceError(f"{what} {path}: {where}; expected a LLaVA-1.5 / TWIST checkpoint folder")
-    model_name = get_model_name_from_path(model_path.rstrip("/"))
+            raise InferenceError(f"{what} {path}: no config.json in it; expected a LLaVA-1.5 / TWIST checkpoint folder")
     try:
         if model_class == "llava":
             tokenizer, model, processor, context_len = _load_plain_llava(model_path, model_base, device, torch_dtype)
@@ -238,6 +244,27 @@ def build_prompt(query: str, conv_mode: str = DEFAULT_CONV_MODE, mm_use_im_start
     return conv.get_prompt()
 
 
+def context_limit(loaded: LoadedModel) -> int:
+    """Positions the model can attend over: LLaVA's context length, capped by the language model's positions."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None) or loaded.context_len
+    return min(loaded.context_len, positions)
+
+
+def check_prompt_length(loaded: LoadedModel, prompt_ids: Sequence[torch.Tensor]) -> None:
+    """Refuse a prompt that, with its image's tokens, leaves no room in the context (it would answer garbage)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    image_tokens = loaded.model.get_vision_tower().num_patches
+    limit = context_limit(loaded)
+    for ids in prompt_ids:
+        length = len(ids) + int((ids == IMAGE_TOKEN_INDEX).sum()) * (image_tokens - 1)
+        if length >= limit:
+            raise InferenceError(
+                f"the prompt is {length} tokens with the image's {image_tokens}, and the model's context is "
+                f"{limit}: shorten the question"
+            )
+
+
 def prepare_inputs(
     loaded: LoadedModel, queries: Sequence[str], images: Sequence[Image.Image], conv_mode: str = DEFAULT_CONV_MODE
 ) -> dict[str, Any]:
@@ -253,6 +280,7 @@ def prepare_inputs(
                               return_tensors="pt")
         for q in queries
     ]
+    check_prompt_length(loaded, ids)
     width = max(len(x) for x in ids)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
