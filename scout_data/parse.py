@@ -28,6 +28,7 @@ MARKER_RE = re.compile(r"(?<![A-Za-z])(?:Step\s*(\d{1,9})\s*:|Answer\s*:)")
 NORMALISED_LIMIT = 1.5  # a coordinate past this is not a fraction of the image that was clamped, but another unit
 NO_ANSWER_LINE = "no answer line"
 BROKEN_BOX_PROBLEMS = ("unparseable box", "unterminated box", "coordinates not normalised")
+INVALID_BOX_PROBLEMS = (*BROKEN_BOX_PROBLEMS, "box outside", "degenerate box")  # not fit to train on
 
 
 @dataclass

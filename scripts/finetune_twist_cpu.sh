@@ -27,7 +27,10 @@ trap remove_shm_buffers EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 
-"$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/train_twist.py \
+# The launcher runs in the background, in a process group of its own, so that a SIGTERM or SIGINT to this script
+# reaches all of it: DeepSpeed's single-node runner dies on SIGTERM without passing it on, which left the
+# launcher and its workers training with nobody to report to.
+setsid "$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/train_twist.py \
     --deepspeed "$DS_CONFIG" \
     --ddp_backend gloo \
     --model_name_or_path "$MODEL" \
@@ -57,4 +60,13 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFOR
     --lazy_preprocess True \
     --report_to none \
     --seed 0 \
-    "$@"
+    "$@" &
+launcher=$!
+trap 'kill -TERM -- "-$launcher" 2>/dev/null' TERM INT
+status=0
+wait "$launcher" || status=$?
+while kill -0 "$launcher" 2>/dev/null; do  # interrupted by a signal: wait for the workers to be ended
+    status=0
+    wait "$launcher" || status=$?
+done
+exit "$status"

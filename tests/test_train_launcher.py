@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,43 @@ def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(run: d
     delta_a, delta_b = load_file(str(run["out"] / DELTA_WEIGHTS)), load_file(str(resumed / DELTA_WEIGHTS))
     for name in delta_a:
         torch.testing.assert_close(delta_b[name], delta_a[name], atol=1e-6, rtol=1e-5)
+
+
+def test_sigterm_to_the_launcher_ends_its_workers(run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    env = dict(os.environ, MODEL=str(run["base"]), DATA=str(run["data"]), IMAGES=str(run["images"]), OUT=str(out),
+               STEPS="100000", SAVE_STEPS="100000", MASTER_PORT=str(free_port()),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "finetune_twist_cpu.sh")], cwd=REPO, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "'loss'" not in log.read_text():  # training has started
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            assert workers_of(out), "no training worker found"
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    deadline = time.monotonic() + 30
+    while workers_of(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert workers_of(out) == [], log.read_text()[-2000:]
+    assert proc.returncode != 0
+
+
+def workers_of(out: Path) -> list[int]:
+    """Processes whose command line names ``out`` (the run's DeepSpeed runner, launcher and ranks)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in args and any(b"train_twist" in a or b"deepspeed" in a for a in args):
+            found.append(int(cmdline.parent.name))
+    return found

@@ -20,10 +20,12 @@ import torch
 
 
 def exit_distributed(status: int = 0) -> None:
-    """Wait for every rank, destroy the process groups, flush what was printed and logged, and end the process
-    with ``status`` without interpreter finalisation. Call it when every output is written."""
+    """Destroy the process groups (after waiting for every rank when ``status`` is 0), flush what was printed
+    and logged, and end the process with ``status`` without interpreter finalisation. Call it when every
+    output is written, or when this rank failed (then without waiting: the others may not come)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank done writing before any tears the group down
+        if status == 0:
+            torch.distributed.barrier()  # every rank done writing before any tears the group down
         torch.distributed.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()

@@ -3,8 +3,9 @@
 A record needs ``conversations`` (a list of ``{from: human|gpt, value: str}`` turns that alternate,
 starting with human, with at least one gpt turn) and, when it has ``image``, the file under
 ``--image_folder`` and one ``<image>`` placeholder in the first human turn; a record without ``image``
-has no placeholder. ``task`` (SCOUT) is ``grounding`` or ``understanding``; records without it are
-understanding samples (LLaVA's own instruction data).
+has no placeholder; an image path stays inside ``--image_folder`` (no absolute path, no ``..``). ``task``
+(SCOUT) is ``grounding`` or ``understanding``; records without it are understanding samples (LLaVA's own
+instruction data). A grounding record's answers hold only valid boxes: fractions in [0, 1], x1 < x2, y1 < y2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+
+from scout_data.parse import INVALID_BOX_PROBLEMS, parse_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,13 @@ def record_problem(record: Any, image_folder: str | None) -> str | None:
     task = record.get("task", "understanding")
     if task not in TASKS:
         return f"task {task!r}: expected one of {TASKS}"
+    if task == "grounding":
+        for turn in turns[1::2]:
+            problems: list[str] = []
+            parse_boxes(turn["value"], problems)
+            invalid = [p for p in problems if p.startswith(INVALID_BOX_PROBLEMS)]
+            if invalid:
+                return f"invalid box in a gpt turn: {invalid[0]}"
     placeholders = sum(turn["value"].count(DEFAULT_IMAGE_TOKEN) for turn in conversations)
     image = record.get("image")
     if image is None:
@@ -57,6 +67,8 @@ def record_problem(record: Any, image_folder: str | None) -> str | None:
         return None
     if not isinstance(image, str) or not image:
         return f"'image' must be a file name, got {image!r}"
+    if os.path.isabs(image) or ".." in Path(image).parts:
+        return f"image {image!r} leaves --image_folder (an absolute path or '..')"
     if placeholders != 1 or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
         return f"expected one {DEFAULT_IMAGE_TOKEN} placeholder in the first human turn, found {placeholders} in all"
     if not os.path.isfile(os.path.join(image_folder or "", image)):
@@ -71,6 +83,10 @@ def load_records(path: str | os.PathLike) -> list[Any]:
         raise FileNotFoundError(f"--data_path {file}: no such file")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadRecordError(f"--data_path {file}: not a UTF-8 JSON file") from None
+    except RecursionError:
+        raise BadRecordError(f"--data_path {file}: JSON nested too deeply") from None
     except json.JSONDecodeError as e:
         raise BadRecordError(f"--data_path {file}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     if not isinstance(data, list):

@@ -22,7 +22,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import logging  # noqa: E402
-import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -36,6 +35,7 @@ from llava_twist.model.builder import (  # noqa: E402
     freeze_all_but_twist,
     load_twist_model,
     read_config_json,
+    resolve_checkpoint,
     twist_config_for,
 )
 from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
@@ -43,8 +43,9 @@ from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
 from llava_twist.train.distributed import exit_distributed  # noqa: E402
 from llava_twist.train.lora import add_twist_lora, freeze_for_twist_lora, merged_twist_state  # noqa: E402
-from llava_twist.train.records import validated_records  # noqa: E402
+from llava_twist.train.records import BadRecordError, validated_records  # noqa: E402
 from llava_twist.train.trainer import TwistTrainer  # noqa: E402
+from scout_data.output import OutputError, check_output  # noqa: E402
 
 logger = logging.getLogger("llava_twist.train")
 
@@ -58,18 +59,6 @@ BASE_VISION_FIELDS = {
     "mm_use_im_start_end": "mm_use_im_start_end",
     "mm_use_im_patch_token": "mm_use_im_patch_token",
 }
-
-
-def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
-    """A local checkpoint folder for ``--model_name_or_path`` (a hub id is downloaded once)."""
-    if os.path.isdir(name):
-        return name
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name, cache_dir=cache_dir)
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
-        raise FileNotFoundError(f"--model_name_or_path {name}: not a local folder, and not downloadable: {e}") from e
 
 
 def match_base_vision_args(model_args: Any, base_config: dict[str, Any], where: str) -> None:
@@ -132,7 +121,8 @@ def train(argv: Sequence[str] | None = None, attn_implementation: str | None = N
     ds_config = getattr(training_args, "hf_deepspeed_config", None)
     if twist_args.twist_router_lr is not None and ds_config is not None and "optimizer" in ds_config.config:
         warn("--twist_router_lr is ignored: the DeepSpeed config builds its own optimizer (one learning rate)")
-    base = resolve_model_path(model_args.model_name_or_path, training_args.cache_dir)
+    base = resolve_checkpoint(model_args.model_name_or_path, "--model_name_or_path", training_args.cache_dir)
+    check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir")
     base_config = read_config_json(base)
     check_llava_llama(base_config, str(Path(base) / "config.json"))
     match_base_vision_args(model_args, base_config, base)
@@ -214,7 +204,12 @@ def train(argv: Sequence[str] | None = None, attn_implementation: str | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    train(argv)
+    """Train; a bad input (data, paths, flags) is one line naming it and exit status 2, on every rank."""
+    try:
+        train(argv)
+    except (BadRecordError, FileNotFoundError, OutputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        exit_distributed(2)
     exit_distributed()
 
 

@@ -1,0 +1,162 @@
+"""The bad-input sweep as a table: each probe gives a command a bad input and checks that it stops with a
+one-line error (exit status 2) naming the problem, and that every file the user had is left as it was.
+A new probe is one line in PROBES (and, if it needs files, a few in ``make_files``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    argv: str  # `python -m` module and arguments; {name} is a file made by make_files
+    message: str  # a piece of the one-line error
+    untouched: tuple[str, ...] = ()  # files that must keep their bytes
+
+
+TRAIN = ("llava_twist.train.train_twist --model_name_or_path {model} --image_folder {images} --version v1 "
+         "--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
+         "--mm_use_im_patch_token False --image_aspect_ratio pad --report_to none --max_steps 1")
+PROBES = [
+    Probe("answers file is someone's notes", "llava_twist.eval.model_grounding --model-path {model} --question-file "
+          "{questions} --image-folder {images} --answers-file {notes} --device cpu", "is not an answer this command",
+          ("notes",)),
+    Probe("synth resumes into a folder it did not make", "scout_data synth --out {user_dir} --num 4 --resume --quiet",
+          "did not make it", ("user_json",)),
+    Probe("synth resumes another seed's run", "scout_data synth --out {synth_dir} --num 4 --seed 1 --resume --quiet",
+          "seed was 0, now 1", ("synth_train",)),
+    Probe("tiny writes over a checkpoint", "llava_twist.tiny --out {model}", "pass --overwrite", ("model_config",)),
+    Probe("training writes into its base", TRAIN + " --output_dir {model} --data_path {train_json}",
+          "is one of this command's inputs", ("model_config", "model_weights")),
+    Probe("preview over its data file", "scout_data preview {synth_train} --image-folder {synth_dir} --out "
+          "{synth_train}", "inputs are never overwritten", ("synth_train",)),
+    Probe("cli saves over its image", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q "
+          "--save-image {image} --device cpu", "inputs are never overwritten", ("image",)),
+    Probe("delta without a config fingerprint on another base", "llava_twist.serve.cli --model-path {delta_bare} "
+          "--model-base {other_model} --image-file {image} --query q --device cpu", "trained on another base"),
+    Probe("delta full of NaN", "llava_twist.serve.cli --model-path {delta_nan} --model-base {model} --image-file "
+          "{image} --query q --device cpu", "non-finite weights"),
+    Probe("a query past the model's context", "llava_twist.serve.cli --model-path {model} --image-file {image} "
+          "--query {long_query} --device cpu", "the model's context is"),
+    Probe("hub id not in the cache", "llava_twist.serve.cli --model-path no-such-org/no-such-model --image-file "
+          "{image} --query q --device cpu", "hub id could not be resolved"),
+    Probe("training on a degenerate box", TRAIN + " --output_dir {out} --data_path {bad_box_json}", "degenerate box"),
+    Probe("training on an image outside its folder", TRAIN + " --output_dir {out} --data_path {escape_json}",
+          "leaves --image_folder"),
+    Probe("training on a PNG as data", TRAIN + " --output_dir {out} --data_path {image}", "not a UTF-8 JSON file"),
+    Probe("mix with an infinite ratio", "scout_data mix --scout {synth_train} --replay {synth_train} --out "
+          "{out}/m.json --ratio inf", "must be a finite number"),
+]
+
+
+def grounding_record(image: str, box: str) -> dict:
+    return {"id": "g0", "image": image, "task": "grounding", "conversations": [
+        {"from": "human", "value": "<image>\nWhere is the red circle? Answer step by step."},
+        {"from": "gpt", "value": f"Step 1: The red circle {box}.\nAnswer: {box}"}]}
+
+
+@pytest.fixture(scope="module")
+def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from llava_twist.model.builder import convert_llava_to_twist, save_twist_delta
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    images = root / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), (120, 120, 120)).save(images / "0.png")
+    f = {"model": tiny_llava, "other_model": other_tiny_llava, "images": images, "image": images / "0.png",
+         "model_config": tiny_llava / "config.json", "model_weights": tiny_llava / "model.safetensors",
+         "out": root / "out", "long_query": "red," * 5000}
+    (root / "q.jsonl").write_text(json.dumps({"question_id": "q0", "image": "0.png", "text": "Where?"}) + "\n")
+    f["questions"] = root / "q.jsonl"
+    f["notes"] = root / "notes.txt"
+    f["notes"].write_text("my notes\nline two\n")
+    f["user_dir"] = root / "mine"
+    f["user_dir"].mkdir()
+    f["user_json"] = f["user_dir"] / "mine.json"
+    f["user_json"].write_text(json.dumps([{"a": 1}, {"a": 2}, {"a": 3}]))
+    f["synth_dir"] = root / "synth"
+    from scout_data.cli import main as scout
+
+    assert scout(["synth", "--out", str(f["synth_dir"]), "--num", "4", "--quiet"]) == 0
+    f["synth_train"] = f["synth_dir"] / "train.json"
+    for name, image, box in [("train_json", "0.png", "[0.10, 0.20, 0.30, 0.40]"),
+                             ("bad_box_json", "0.png", "[0.30, 0.20, 0.30, 0.40]"),
+                             ("escape_json", "../images/0.png", "[0.10, 0.20, 0.30, 0.40]")]:
+        f[name] = root / f"{name}.json"
+        f[name].write_text(json.dumps([grounding_record(image, box)]))
+    twist = convert_llava_to_twist(tiny_llava, twist_layers="all")
+    f["delta_bare"] = save_twist_delta(twist, root / "delta-bare")
+    config = json.loads((f["delta_bare"] / "config.json").read_text())
+    del config["twist_base_fingerprint"]
+    (f["delta_bare"] / "config.json").write_text(json.dumps(config))
+    f["delta_nan"] = save_twist_delta(twist, root / "delta-nan")
+    weights = f["delta_nan"] / "twist_delta.safetensors"
+    with safe_open(str(weights), framework="pt") as opened:
+        metadata = opened.metadata()
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first] = torch.full_like(state[first], math.nan)
+    save_file(state, str(weights), metadata=metadata)
+    return {k: str(v) for k, v in f.items()}
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
+def test_bad_input_is_one_clear_line_and_loses_nothing(probe: Probe, files: dict[str, str]) -> None:
+    before = {name: Path(files[name]).read_bytes() for name in probe.untouched}
+    argv = [a.format(**files) if "{" in a else a for a in probe.argv.split()]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert probe.message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name, content in before.items():
+        assert Path(files[name]).read_bytes() == content, f"{name} was changed"
+
+
+def test_hub_ids_resolve_from_the_cache_as_llavas_loader_does(tiny_llava: Path, tmp_path: Path) -> None:
+    """``--model-path liuhaotian/llava-v1.5-7b`` style ids, offline, from a cache laid out as the hub's."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--llava-v1.5-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for item in tiny_llava.iterdir():
+        (snapshot / item.name).symlink_to(item)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(image)
+    proc = subprocess.run([sys.executable, "-m", "llava_twist.serve.cli", "--model-path", "tiny-org/llava-v1.5-tiny",
+                           "--image-file", str(image), "--query", "Where?", "--max-new-tokens", "2", "--device", "cpu",
+                           "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["model"] == "tiny-org/llava-v1.5-tiny"
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    from scout_data.output import atomic_write
+
+    def broken(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "out.json", broken)
+    assert list(tmp_path.iterdir()) == []
