@@ -31,12 +31,14 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from llava_twist.serve.inference import (  # noqa: E402
     ANSWER_COLOUR,
+    MAX_IMAGE_PIXELS,
     STEP_COLOURS,
     GenerationSettings,
     InferenceError,
     InferenceResult,
     LoadedModel,
     draw_boxes,
+    image_size_problem,
     load_model,
     result_from_text,
     stream_generate,
@@ -52,8 +54,6 @@ TINY_DIR = DATA_DIR / "tiny-llava"
 TINY_DONE = "tiny_llava_spec.json"  # written last by build_tiny_llava
 
 MAX_FILE_SIZE = "10mb"
-MAX_IMAGE_PIXELS = 40_000_000
-MIN_IMAGE_SIDE = 8
 MAX_QUERY_CHARS = 2000
 UPDATE_EVERY_S = 0.25
 ROUTE_CHOICES: dict[str, str] = {
@@ -256,13 +256,9 @@ def check_image(image: Image.Image | None) -> Image.Image:
     """An RGB copy of a usable image, or a :class:`PlaygroundError` saying what is wrong with it."""
     if image is None:
         raise PlaygroundError("No image: upload one or pick an example below.")
-    w, h = image.size
-    if min(w, h) < MIN_IMAGE_SIDE:
-        raise PlaygroundError(f"The image is {w}x{h} pixels; both sides must be at least {MIN_IMAGE_SIDE}.")
-    if w * h > MAX_IMAGE_PIXELS:
-        raise PlaygroundError(
-            f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f}."
-        )
+    problem = image_size_problem(*image.size)
+    if problem:
+        raise PlaygroundError(f"The image cannot be used: {problem}.")
     return image.convert("RGB")
 
 

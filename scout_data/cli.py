@@ -113,6 +113,9 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
 
 def _generate(args: argparse.Namespace, module: Any) -> int:
     name = SOURCE_COMMANDS[args.command][0]
+    images = getattr(args, "images", None)
+    if images and not os.path.isdir(images):
+        raise CliError(f"--images {images}: no such folder")
     if hasattr(module, "check_args"):
         module.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}

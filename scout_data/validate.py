@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -46,6 +47,8 @@ def load_json(path: str) -> Any:
         raise DataError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
 
@@ -55,6 +58,13 @@ def load_records(path: str) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def image_path_problem(image: str) -> str | None:
+    """The rule for an image path in a record or question: relative, and inside its image folder."""
+    if os.path.isabs(image) or ".." in Path(image).parts:
+        return f"image {image!r} leaves the image folder (an absolute path or '..')"
+    return None
 
 
 class ImageChecker:
@@ -107,6 +117,8 @@ def _structure_problems(record: Any) -> list[str]:
     if "image" in record:
         if not isinstance(record["image"], str) or not record["image"]:
             problems.append("'image' must be a non-empty string path")
+        elif escape := image_path_problem(record["image"]):
+            problems.append(escape)
         if n_tokens[0] != 1:
             problems.append(f"first human turn has {n_tokens[0]} '<image>' tokens, expected exactly 1")
         if sum(n_tokens[1:]):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +59,34 @@ PROBES = [
           "{image} --query q --device cpu", "hub id could not be resolved"),
     Probe("training on a degenerate box", TRAIN + " --output_dir {out} --data_path {bad_box_json}", "degenerate box"),
     Probe("training on an image outside its folder", TRAIN + " --output_dir {out} --data_path {escape_json}",
-          "leaves --image_folder"),
+          "leaves the image folder"),
+    Probe("a question whose image is outside its folder", "llava_twist.eval.model_grounding --model-path {model} "
+          "--question-file {escape_questions} --image-folder {images} --answers-file {out}/a.jsonl --device cpu",
+          "leaves the image folder"),
     Probe("training on a PNG as data", TRAIN + " --output_dir {out} --data_path {image}", "not a UTF-8 JSON file"),
+    Probe("a 1x1 image", "llava_twist.serve.cli --model-path {model} --image-file {tiny_image} --query q --device cpu",
+          "both sides must be at least"),
+    Probe("a PNG header claiming 20000x20000", "llava_twist.serve.cli --model-path {model} --image-file {bomb} "
+          "--query q --device cpu", "cannot be read as an image"),
+    Probe("no beams", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --num_beams 0 "
+          "--device cpu", "beams and new tokens must be at least 1"),
+    Probe("4-bit without bitsandbytes or a GPU", "llava_twist.serve.cli --model-path {model} --image-file {image} "
+          "--query q --load-4bit --device cpu", "need a CUDA GPU and the bitsandbytes package"),
+    Probe("converter images folder that is not there", "scout_data refcoco --refs {notes} --instances {notes} "
+          "--images {out}/typo --out {out}/refcoco", "--images {out}/typo: no such folder"),
+    Probe("JSON nested too deeply", "scout_data validate {deep_json} --image-folder {images}", "nested too deeply"),
     Probe("mix with an infinite ratio", "scout_data mix --scout {synth_train} --replay {synth_train} --out "
           "{out}/m.json --ratio inf", "must be a finite number"),
 ]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression-bomb probe), with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def grounding_record(image: str, box: str) -> dict:
@@ -83,6 +108,14 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
          "out": root / "out", "long_query": "red," * 5000}
     (root / "q.jsonl").write_text(json.dumps({"question_id": "q0", "image": "0.png", "text": "Where?"}) + "\n")
     f["questions"] = root / "q.jsonl"
+    f["escape_questions"] = root / "escape.jsonl"
+    f["escape_questions"].write_text(json.dumps({"question_id": "e", "image": "../images/0.png", "text": "?"}) + "\n")
+    Image.new("RGB", (1, 1)).save(root / "one.png")
+    f["tiny_image"] = root / "one.png"
+    f["bomb"] = root / "bomb.png"
+    f["bomb"].write_bytes(png_header_only(20000, 20000))
+    f["deep_json"] = root / "deep.json"
+    f["deep_json"].write_text("[" * 100_000 + "]" * 100_000)
     f["notes"] = root / "notes.txt"
     f["notes"].write_text("my notes\nline two\n")
     f["user_dir"] = root / "mine"
@@ -119,12 +152,13 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
 def test_bad_input_is_one_clear_line_and_loses_nothing(probe: Probe, files: dict[str, str]) -> None:
     before = {name: Path(files[name]).read_bytes() for name in probe.untouched}
     argv = [a.format(**files) if "{" in a else a for a in probe.argv.split()]
+    message = probe.message.format(**files)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WORLD_SIZE": "1"}
     proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert probe.message in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for name, content in before.items():
         assert Path(files[name]).read_bytes() == content, f"{name} was changed"

@@ -45,6 +45,7 @@ from llava_twist.serve.inference import (
     load_image,
     load_model,
 )
+from scout_data.validate import image_path_problem
 
 
 def split_list(items: list[Any], n: int) -> list[list[Any]]:
@@ -165,6 +166,8 @@ def check_questions(questions: list[dict[str, Any]], image_folder: str, path: st
         for key in ("question_id", "text", "image"):
             if key not in q:
                 raise EvalError(f"{path}: question {n} has no {key!r}")
+        if escape := image_path_problem(str(q["image"])):
+            raise EvalError(f"{path}: question {n} ({q['question_id']!r}): {escape}")
         if not os.path.isfile(os.path.join(image_folder, q["image"])):
             missing.append(os.path.join(image_folder, q["image"]))
     if missing:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -326,6 +327,9 @@ def load_pretrained_model(
     dtype = load_kwargs.pop("torch_dtype", torch.float16 if device == "cuda" else torch.float32)
     if load_8bit or load_4bit:
         from transformers import BitsAndBytesConfig
+
+        if importlib.util.find_spec("bitsandbytes") is None or device != "cuda":
+            raise ValueError("--load-8bit/--load-4bit need a CUDA GPU and the bitsandbytes package")
 
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=load_8bit,

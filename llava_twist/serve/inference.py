@@ -31,6 +31,8 @@ from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, bro
 DEFAULT_CONV_MODE = "vicuna_v1"
 ROUTES = ("auto", "frozen", "grounding")
 MODEL_CLASSES = ("twist", "llava")
+MIN_IMAGE_SIDE = 8  # smaller images make CLIP's preprocessing guess the channel axis wrong
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class InferenceError(Exception):
@@ -216,14 +218,27 @@ def _load_plain_llava(
     return tokenizer, model, vision_tower.image_processor, getattr(model.config, "max_sequence_length", 2048)
 
 
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size cannot be asked about (LLaVA's preprocessing, memory), or None."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return f"it is {width}x{height} pixels; both sides must be at least {MIN_IMAGE_SIDE}"
+    if width * height > MAX_IMAGE_PIXELS:
+        megapixels, limit = width * height / 1e6, MAX_IMAGE_PIXELS / 1e6
+        return f"it is {width}x{height} = {megapixels:.0f} megapixels; the limit is {limit:.0f}"
+    return None
+
+
 def load_image(path: str) -> Image.Image:
     """An RGB image, or an :class:`InferenceError` naming the file."""
     if not os.path.isfile(path):
         raise InferenceError(f"image file {path}: not found")
     try:
         with Image.open(path) as im:
+            problem = image_size_problem(*im.size)
+            if problem:
+                raise InferenceError(f"image file {path}: {problem}")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InferenceError(f"image file {path}: cannot be read as an image ({exc})") from exc
 
 
@@ -357,6 +372,11 @@ def _last_route(loaded: LoadedModel) -> Any:
 def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict[str, Any]:
     if settings.route not in ROUTES:
         raise InferenceError(f"--route {settings.route!r}: expected one of {ROUTES}")
+    if settings.num_beams < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
+        raise InferenceError(
+            f"--num_beams {settings.num_beams}, --max-new-tokens {settings.max_new_tokens}, --temperature "
+            f"{settings.temperature}: beams and new tokens must be at least 1, the temperature at least 0"
+        )
     tokenizer = loaded.tokenizer
     kwargs: dict[str, Any] = {
         "do_sample": settings.temperature > 0,

@@ -20,6 +20,7 @@ from typing import Any
 from llava.constants import DEFAULT_IMAGE_TOKEN
 
 from scout_data.parse import INVALID_BOX_PROBLEMS, parse_boxes
+from scout_data.validate import image_path_problem
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def record_problem(record: Any, image_folder: str | None) -> str | None:
         return None
     if not isinstance(image, str) or not image:
         return f"'image' must be a file name, got {image!r}"
-    if os.path.isabs(image) or ".." in Path(image).parts:
-        return f"image {image!r} leaves --image_folder (an absolute path or '..')"
+    if escape := image_path_problem(image):
+        return escape
     if placeholders != 1 or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
         return f"expected one {DEFAULT_IMAGE_TOKEN} placeholder in the first human turn, found {placeholders} in all"
     if not os.path.isfile(os.path.join(image_folder or "", image)):
