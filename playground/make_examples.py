@@ -48,7 +48,10 @@ def write_examples(out_dir: str | Path = EXAMPLES_DIR, seed: int = 0) -> list[di
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default=str(EXAMPLES_DIR))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -36,7 +36,10 @@ def merge_lora(lora_dir: str | Path, base: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--lora-dir", required=True, help="output_dir of llava.train.train --lora_enable True")
     p.add_argument("--base", required=True, help="the LLaVA-1.5 checkpoint the LoRA run started from")
     p.add_argument("--out", required=True)

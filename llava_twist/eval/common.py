@@ -186,7 +186,9 @@ def scorer_main(
     protocols: Sequence[str] | None = None,
 ) -> int:
     """The command line of a box scorer: ``score(questions, answers, frame_override[, protocol=])`` -> result."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module = getattr(sys.modules.get(score.__module__), "__spec__", None)
+    parser = argparse.ArgumentParser(prog=f"python -m {module.name}" if module else None, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(parser)
     parser.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")
     if protocols:

@@ -121,7 +121,10 @@ def score_retention(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--question-file", required=True)
     p.add_argument("--base-answers", required=True, help="answers of the base LLaVA model")
     p.add_argument("--twist-answers", required=True, help="answers of TWIST (auto route)")

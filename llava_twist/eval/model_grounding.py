@@ -248,7 +248,10 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None)
     p.add_argument("--model-class", choices=MODEL_CLASSES, default="twist",

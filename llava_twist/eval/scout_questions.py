@@ -137,7 +137,10 @@ def convert(scout_json: str, out_dir: str, limit: int | None = None) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--scout-json", required=True, help="a SCOUT split file, e.g. DIR/test.json")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per benchmark")

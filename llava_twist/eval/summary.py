@@ -111,7 +111,10 @@ def summarize(folder: str, out_prefix: str) -> tuple[str, str | None, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("folder", help="folder searched (recursively) for result JSON files")
     p.add_argument("--out", default=None, help="output prefix (default: <folder>/summary)")
     args = p.parse_args(argv)

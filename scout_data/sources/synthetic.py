@@ -229,7 +229,10 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("synthetic scenes")
     g.add_argument("--num", type=int, default=1000, help="records in all splits together")
-    g.add_argument("--splits", default="train:0.9,val:0.05,test:0.05", help="split fractions")
+    g.add_argument(
+        "--splits", default="train:0.9,val:0.05,test:0.05",
+        help="split:fraction pairs, comma-separated, summing to 1 (default %(default)s)",
+    )
     g.add_argument("--image-size", default="336", help="N (square) or WxH")
     g.add_argument("--random-aspect", action="store_true", help="random aspect ratio per scene, same area")
     g.add_argument("--aspect-range", default="0.5,2.0", help="min,max width/height with --random-aspect")
