@@ -49,7 +49,7 @@ def write_examples(out_dir: str | Path = EXAMPLES_DIR, seed: int = 0) -> list[di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m playground.make_examples", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default=str(EXAMPLES_DIR))

@@ -29,7 +29,9 @@ class GenerationJob:
     """Runs ``generations`` one after another under ``lock`` on a daemon thread, as soon as the lock is free.
 
     :meth:`pieces` yields the next generation's pieces. After :meth:`abandon`, generations not yet started are
-    skipped (the one running goes on to its end: a model mid-``generate`` cannot be interrupted safely)."""
+    skipped (the one running goes on to its end: a model mid-``generate`` cannot be interrupted safely). A request
+    that is dropped without being closed calls it late or never, so its later generations may run too: the lock
+    is freed all the same when they end."""
 
     def __init__(self, lock: threading.Lock, generations: list[Generation]) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -40,20 +42,21 @@ class GenerationJob:
         self._thread.start()
 
     def _work(self, lock: threading.Lock, generations: list[Generation]) -> None:
-        failure = None
-        with lock:
-            for k, generation in enumerate(generations):
-                if k and self._abandoned.is_set():
-                    break
-                try:
-                    for piece in generation():
-                        self._queue.put(piece)
-                except Exception as exc:
-                    failure = _Failed(exc)
-                    break
-                self._queue.put(_End)
-        if failure is not None:
-            self._queue.put(failure)
+        ending: Any = _End
+        try:
+            with lock:
+                for k, generation in enumerate(generations):
+                    if k and self._abandoned.is_set():
+                        break
+                    try:
+                        for piece in generation():
+                            self._queue.put(piece)
+                    except BaseException as exc:  # noqa: BLE001 - the reader must hear of any end
+                        ending = _Failed(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                        break
+                    self._queue.put(_End)
+        finally:
+            self._queue.put(ending)  # after the lock is free; a reader waiting for another generation gets it
 
     def pieces(self) -> Iterator[Any]:
         """The pieces of the next generation, in order; raises the error a generation raised."""

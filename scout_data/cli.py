@@ -29,7 +29,7 @@ from scout_data.output import (
 from scout_data.validate import DataError, load_records, validate_file
 
 PROG = "scout-data"
-RUN_ONLY_FLAGS = {"out", "resume", "quiet", "shard_size", "no_check_images"}  # they change no record
+RUN_ONLY_FLAGS = {"out", "resume", "quiet", "shard_size", "no_check_images", "workers"}  # they change no record
 SOURCE_COMMANDS = {
     "synth": ("synthetic", "synthetic scenes (no download needed)"),
     "coco": ("coco", "COCO instances: find-all, counting, relations"),

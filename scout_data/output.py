@@ -93,6 +93,15 @@ def atomic_write_records(path: str, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, dumps_records(records))
 
 
+def describe_differences(had: Any, want: dict[str, Any]) -> str:
+    """``"seed was 0, now 1; ..."`` for the settings in which ``had`` (what made an output) and ``want`` differ;
+    empty when they agree. The rule behind every ``--resume``."""
+    if not isinstance(had, dict):
+        return "it carries no settings (made by another program or an older version)"
+    keys = sorted(set(had) | set(want))
+    return "; ".join(f"{k} was {had.get(k)!r}, now {want.get(k)!r}" for k in keys if had.get(k) != want.get(k))
+
+
 def read_run(out_dir: str) -> dict[str, Any] | None:
     """The folder's run file (settings and splits of the command that made it), or None."""
     path = os.path.join(out_dir, RUN_FILE)
@@ -137,7 +146,7 @@ def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None 
         raise OutputError(f"--out {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     if not resume:
-        if os.listdir(out_dir):
+        if set(os.listdir(out_dir)) - {RUN_FILE}:
             raise OutputError(
                 f"--out {out_dir} is not empty; pass --resume to continue that run, or choose an empty folder"
             )
@@ -149,11 +158,9 @@ def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None 
             raise OutputError(f"--out {out_dir}: no {RUN_FILE}, so this command did not make it; nothing to resume")
         write_run(out_dir, settings, [])
         return set()
-    had = run.get("settings", {})
-    differ = [f"{k} was {had.get(k)!r}, now {settings.get(k)!r}" for k in sorted(set(had) | set(settings))
-              if had.get(k) != settings.get(k)]
+    differ = describe_differences(run.get("settings"), settings)
     if differ:
-        raise OutputError(f"--out {out_dir} was made with other settings ({'; '.join(differ)}); cannot resume it")
+        raise OutputError(f"--out {out_dir} was made with other settings ({differ}); cannot resume it")
     done: set[str] = set()
     for path in [*_split_files(out_dir).values(), *_shard_files(out_dir)]:
         done.update(str(r.get("id")) for r in _read_list(path) if isinstance(r, dict))

@@ -62,11 +62,11 @@ setsid "$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/
     --seed 0 \
     "$@" &
 launcher=$!
-trap 'kill -TERM -- "-$launcher" 2>/dev/null' TERM INT
+stop_launcher() { kill -TERM -- "-$launcher" 2>/dev/null || true; }
+trap stop_launcher TERM INT HUP
 status=0
 wait "$launcher" || status=$?
-while kill -0 "$launcher" 2>/dev/null; do  # interrupted by a signal: wait for the workers to be ended
-    status=0
-    wait "$launcher" || status=$?
+while kill -0 -- "-$launcher" 2>/dev/null; do  # stopped by a signal: wait until every worker has ended
+    sleep 0.5
 done
 exit "$status"

@@ -240,6 +240,26 @@ def test_answers_made_otherwise_are_never_resumed_and_other_files_never_touched(
     assert notes.read_text() == "my notes\nline two\n"
 
 
+def test_another_model_under_the_same_folder_name_is_not_resumed(tiny_llava, other_tiny_llava, refexp_questions,
+                                                                   tmp_path, capsys):
+    qfile, images = refexp_questions
+    answers = tmp_path / "a.jsonl"
+    assert tiny_llava.name == other_tiny_llava.name  # same model_id: only the weights tell them apart
+    assert run_answers(tiny_llava, qfile, images, answers, "--batch-size", "4") == 0
+    assert run_answers(other_tiny_llava, qfile, images, answers) == 2
+    assert "weights was" in capsys.readouterr().err
+
+
+def test_resume_reads_lines_as_json_writes_them(tmp_path):
+    settings = {"route": "auto"}
+    row = {"question_id": "q0", "prompt": "p", "text": "a\u2028b\x85c", "metadata": {"settings": settings}}
+    path = tmp_path / "a.jsonl"
+    path.write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode() + b'{"question_id": "q1", "te'
+                     + "\u00e9".encode()[:1])  # killed inside a line, inside a character
+    assert model_grounding.resume_answers(str(path), settings, {"q0": "p"}, overwrite=False) == {"q0"}
+    assert json.loads(path.read_text(encoding="utf-8")) == row  # the torn line is gone, the answer kept whole
+
+
 def test_refexp_questions_can_be_asked_with_llavas_or_lmms_evals_prompt(tiny_llava, tmp_path, capsys):
     image = tmp_path / "img" / "0.png"
     image.parent.mkdir()

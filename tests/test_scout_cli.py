@@ -153,3 +153,17 @@ def test_module_entry_point_help():
     assert res.returncode == 0
     for cmd in ("synth", "coco", "refcoco", "flickr30k", "vg", "mix", "validate", "stats", "preview"):
         assert cmd in res.stdout
+
+
+def test_a_run_that_failed_before_writing_does_not_block_the_next(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+
+    def broken(args):
+        raise OSError("the source could not be read")
+        yield  # a generator, as the sources are
+
+    monkeypatch.setattr(synthetic, "iter_samples", broken)
+    assert synth(out, 4) == 2
+    assert [p.name for p in out.iterdir()] == [".scout-run.json"]  # what it knew before the source failed
+    monkeypatch.undo()
+    assert synth(out, 4, "--seed", "3") == 0  # another command, without --resume: the folder counts as empty

@@ -37,7 +37,7 @@ def merge_lora(lora_dir: str | Path, base: str | Path, out: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m llava_twist.demo.merge_lora", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--lora-dir", required=True, help="output_dir of llava.train.train --lora_enable True")

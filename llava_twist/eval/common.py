@@ -186,8 +186,8 @@ def scorer_main(
     protocols: Sequence[str] | None = None,
 ) -> int:
     """The command line of a box scorer: ``score(questions, answers, frame_override[, protocol=])`` -> result."""
-    module = getattr(sys.modules.get(score.__module__), "__spec__", None)
-    parser = argparse.ArgumentParser(prog=f"python -m {module.name}" if module else None, description=doc,
+    spec = getattr(sys.modules.get(score.__module__), "__spec__", None)  # run with -m, __name__ is "__main__"
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.name}" if spec else None, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_io_args(parser)
     parser.add_argument("--box-frame", choices=FRAMES, default=None, help="override the questions' box_frame")

@@ -119,7 +119,7 @@ def score_refexp(
     metrics = _summary(rows)
     n = metrics.pop("n")
     metrics["invalid_ground_truth"] = invalid_gt
-    frame_used = frames_used.pop() if len(frames_used) == 1 else "per question"
+    frame_used = frames_used.pop() if len(frames_used) == 1 else ("per question" if frames_used else "none")
     return {
         "benchmark": "refexp",
         "n": n,

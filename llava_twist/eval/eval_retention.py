@@ -122,7 +122,7 @@ def score_retention(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m llava_twist.eval.eval_retention", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--question-file", required=True)

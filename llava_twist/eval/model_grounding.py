@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
 from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
+from llava_twist.model.builder import weights_fingerprint
 from llava_twist.serve.inference import (
     DEFAULT_CONV_MODE,
     MODEL_CLASSES,
@@ -45,6 +46,7 @@ from llava_twist.serve.inference import (
     load_image,
     load_model,
 )
+from scout_data.output import describe_differences
 from scout_data.validate import image_path_problem
 
 
@@ -82,10 +84,13 @@ def answer_record(
     }
 
 
-def answer_settings(args: argparse.Namespace, model_id: str) -> dict[str, Any]:
-    """Everything that changes an answer besides the question: an answers file resumes only when it matches."""
+def answer_settings(args: argparse.Namespace, loaded: LoadedModel) -> dict[str, Any]:
+    """Everything that changes an answer besides the question: an answers file resumes only when it matches.
+    The model is known by its weights (a strided sample of every tensor), not by its folder's name."""
     return {
-        "model_id": model_id,
+        "model_id": loaded.model_name,
+        "weights": weights_fingerprint(loaded.model)[:16],
+        "dtype": str(loaded.dtype),
         "model_class": args.model_class,
         "route": args.route,
         "conv_mode": args.conv_mode,
@@ -98,44 +103,34 @@ def answer_settings(args: argparse.Namespace, model_id: str) -> dict[str, Any]:
     }
 
 
-def _differences(had: Any, want: dict[str, Any]) -> str:
-    if not isinstance(had, dict):
-        return "its lines carry no generation settings (written by another program or an older version)"
-    keys = [k for k in want if had.get(k) != want[k]]
-    return "; ".join(f"{k} was {had.get(k)!r}, now {want[k]!r}" for k in keys)
-
-
 def resume_answers(path: str, settings: dict[str, Any], prompts: dict[str, str], overwrite: bool) -> set[str]:
     """Question ids already answered in ``path`` with the same ``settings`` and prompts.
 
     A file this command did not write, or wrote with other settings, is refused untouched (``--overwrite``
-    replaces it); a torn last line (an interrupted run) is dropped."""
+    replaces it); a torn last line (an interrupted run, possibly cut inside a character) is dropped."""
     if overwrite or not os.path.exists(path):
         atomic_write_text(path, "")
         return set()
     if os.path.isdir(path):
         raise EvalError(f"--answers-file {path} is a folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines(keepends=True)
-    except UnicodeDecodeError:
-        raise EvalError(f"--answers-file {path} is not an answers file; pass --overwrite to replace it") from None
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")  # JSON lines end in "\n" only; answers may hold U+2028 and friends
+    not_ours = (f"--answers-file {path}: line {{}} is not an answer this command wrote; the file is left as it is "
+                "(pass --overwrite to replace it, or choose another --answers-file)")
     kept, done = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, chunk in enumerate(raw, 1):
+        torn = n == len(raw)  # the text after the last newline: empty, or an interrupted line
+        if not chunk.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith("\n"):
-                continue  # the torn last line of an interrupted run
-            row = None
+            row = json.loads(chunk.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if torn:
+                continue
+            raise EvalError(not_ours.format(n)) from None
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("metadata"), dict):
-            raise EvalError(
-                f"--answers-file {path}: line {n} is not an answer this command wrote; the file is left as it is "
-                "(pass --overwrite to replace it, or choose another --answers-file)"
-            )
-        differs = _differences(row["metadata"].get("settings"), settings)
+            raise EvalError(not_ours.format(n))
+        differs = describe_differences(row["metadata"].get("settings"), settings)
         if differs:
             raise EvalError(
                 f"--answers-file {path} holds answers made otherwise ({differs}); its answers would be stale: "
@@ -147,9 +142,9 @@ def resume_answers(path: str, settings: dict[str, Any], prompts: dict[str, str],
                 f"--answers-file {path}: question {qid} was asked {row.get('prompt')!r}, now {prompts[qid]!r}; "
                 "pass --overwrite or another --answers-file"
             )
-        kept.append(line if line.endswith("\n") else line + "\n")
+        kept.append(chunk.decode("utf-8") + "\n")
         done.add(qid)
-    if "".join(kept) != "".join(lines):
+    if raw[-1].strip():  # a torn last line: rewrite the file without it
         atomic_write_text(path, "".join(kept))
     return done
 
@@ -221,7 +216,7 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
     if args.model_id:
         loaded.model_name = args.model_id
     answers_file = os.path.expanduser(args.answers_file)
-    record_settings = answer_settings(args, loaded.model_name)
+    record_settings = answer_settings(args, loaded)
     done = resume_answers(answers_file, record_settings, prompts, args.overwrite)
     todo = [q for q in questions if str(q["question_id"]) not in done]
     if done:
@@ -249,7 +244,7 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m llava_twist.eval.model_grounding", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-path", required=True)

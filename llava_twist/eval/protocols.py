@@ -42,7 +42,9 @@ class Protocol:
 
 
 OURS = Protocol("ours", None, "first Answer: box (LLaVA box text), question's frame, clamped to the image")
-LMMS_EVAL = Protocol("lmms-eval", "original", "first [a, b, c, d] in the text, original frame, not clamped")
+LMMS_EVAL = Protocol(
+    "lmms-eval", "original", "first [a, b, c, d] in the text, original frame (whatever --box-frame says), not clamped"
+)
 PROTOCOLS = {p.name: p for p in (OURS, LMMS_EVAL)}
 
 

@@ -138,7 +138,7 @@ def convert(scout_json: str, out_dir: str, limit: int | None = None) -> dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m llava_twist.eval.scout_questions", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--scout-json", required=True, help="a SCOUT split file, e.g. DIR/test.json")

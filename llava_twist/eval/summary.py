@@ -112,7 +112,7 @@ def summarize(folder: str, out_prefix: str) -> tuple[str, str | None, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__,
+        prog="python -m llava_twist.eval.summary", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("folder", help="folder searched (recursively) for result JSON files")

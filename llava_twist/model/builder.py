@@ -18,7 +18,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +157,18 @@ def base_named_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 @torch.no_grad()
-def base_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """:func:`base_fingerprint` over every weight, TWIST's included: which trained model this is."""
+    return base_fingerprint(model, samples_per_tensor, model.named_parameters())
+
+
+def base_fingerprint(
+    model: nn.Module, samples_per_tensor: int = 1024, params: Iterable[tuple[str, nn.Parameter]] | None = None
+) -> str:
     """A fingerprint of the base weights: names, shapes and a strided sample of every tensor, compared in
     bfloat16 so the same checkpoint matches whether loaded in fp32, fp16 or bf16."""
     digest = hashlib.sha256()
-    for name, param in base_named_params(model):
+    for name, param in base_named_params(model) if params is None else params:
         with gathered([param], modifier_rank=None):
             flat = param.detach().reshape(-1)
             step = max(1, flat.numel() // samples_per_tensor)

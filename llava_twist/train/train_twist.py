@@ -112,6 +112,14 @@ def set_conversation_template(version: str, tokenizer: Any) -> None:
 
 def train(argv: Sequence[str] | None = None, attn_implementation: str | None = None) -> TwistTrainer:
     """Parse the command line, train, save; returns the trainer."""
+    trainer = prepare_trainer(argv, attn_implementation)
+    fit(trainer)
+    return trainer
+
+
+def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str | None = None) -> TwistTrainer:
+    """Everything before the first step: arguments, base, data, model, trainer. The errors a user can fix
+    (bad data, paths, flags) are raised from here, before any training."""
     model_args, data_args, training_args, twist_args = parse_args(argv)
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if is_main else logging.WARNING)
@@ -194,22 +202,30 @@ def train(argv: Sequence[str] | None = None, attn_implementation: str | None = N
         router_lr=twist_args.twist_router_lr,
         twist_state_fn=merged_twist_state if lora else plain_twist_state,
     )
-    resume = any(Path(training_args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_state()
-    model.config.use_cache = True
-    trainer.save_model(training_args.output_dir)
-    say(f"saved the grounding delta to {training_args.output_dir}")
     return trainer
 
 
+def fit(trainer: TwistTrainer) -> None:
+    """Train (resuming from the last ``checkpoint-*`` in the output folder, as LLaVA does) and save the delta."""
+    output_dir = trainer.args.output_dir
+    resume = any(Path(output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_state()
+    trainer.model.config.use_cache = True
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        logger.info(f"saved the grounding delta to {output_dir}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Train; a bad input (data, paths, flags) is one line naming it and exit status 2, on every rank."""
+    """Train; a bad input (data, paths, flags) is one line naming it and exit status 2, on every rank. Errors
+    during training keep their traceback."""
     try:
-        train(argv)
+        trainer = prepare_trainer(argv)
     except (BadRecordError, FileNotFoundError, OutputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_distributed(2)
+    fit(trainer)
     exit_distributed()
 
 
