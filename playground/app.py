@@ -29,6 +29,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+from llava_twist.demo.pointer import PointerError, read_pointer  # noqa: E402
+from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
 from llava_twist.serve.inference import (  # noqa: E402
     ANSWER_COLOUR,
     MAX_IMAGE_PIXELS,
@@ -49,7 +51,6 @@ from playground.worker import GenerationJob  # noqa: E402
 PLAYGROUND_DIR = Path(__file__).resolve().parent
 DATA_DIR = PLAYGROUND_DIR / "data"
 DEMO_DIR = DATA_DIR / "demo"
-DEMO_POINTER = "playground.json"  # {"model_path": ..., "model_base": ... or null, "label": ...}, paths relative to it
 TINY_DIR = DATA_DIR / "tiny-llava"
 TINY_DONE = "tiny_llava_spec.json"  # written last by build_tiny_llava
 
@@ -57,9 +58,9 @@ MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
 UPDATE_EVERY_S = 0.25
 ROUTE_CHOICES: dict[str, str] = {
-    "Auto (router decides)": "auto",
-    "Original LLaVA (frozen)": "frozen",
-    "Grounding": "grounding",
+    "Auto (router decides)": AUTO,
+    "Original LLaVA (frozen)": FROZEN,
+    "Grounding": GROUNDING,
 }
 ROUTE_LABELS = {v: k for k, v in ROUTE_CHOICES.items()}
 NO_BOX = "No boxes in the model's output"
@@ -95,18 +96,13 @@ def ensure_tiny_model(out_dir: str | Path = TINY_DIR) -> Path:
 
 
 def find_demo_model(demo_dir: str | Path = DEMO_DIR) -> ModelSource | None:
-    """The model ``make demo`` trained, named by ``demo_dir/playground.json``; None when there is none."""
-    pointer = Path(demo_dir) / DEMO_POINTER
-    if not pointer.is_file():
-        return None
+    """The model ``make demo`` trained, named by its pointer (:mod:`llava_twist.demo.pointer`); None when there
+    is none."""
     try:
-        spec = json.loads(pointer.read_text())
-        path = (pointer.parent / spec["model_path"]).resolve()
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise PlaygroundError(f"{pointer}: expected {{'model_path': ..., 'model_base': ...}} ({exc})") from exc
-    base = spec.get("model_base")
-    base_path = str((pointer.parent / base).resolve()) if base else None
-    return ModelSource(str(path), base_path, spec.get("label") or f"the demo's trained TWIST model ({path})")
+        pointer = read_pointer(demo_dir)
+    except PointerError as exc:
+        raise PlaygroundError(str(exc)) from exc
+    return None if pointer is None else ModelSource(pointer.model_path, pointer.model_base, pointer.label)
 
 
 def resolve_model_source(
@@ -359,7 +355,7 @@ class Backend:
             settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
         except PlaygroundError as exc:
             raise gr.Error(str(exc)) from exc
-        routes = [route] + (["frozen"] if compare and route != "frozen" else [])
+        routes = [route] + ([FROZEN] if compare and route != FROZEN else [])
         runs = [GenerationSettings(route=r, **settings) for r in routes]
         job = GenerationJob(self.lock, [functools.partial(self.start, query, image, s) for s in runs])
         try:

@@ -14,6 +14,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
+from llava_twist.demo.pointer import POINTER_FILE
 from llava_twist.serve.inference import ANSWER_COLOUR, STEP_COLOURS, GenerationSettings, result_from_text
 from playground import app
 from playground.app import Backend, PlaygroundError
@@ -213,11 +214,11 @@ def test_model_source_resolution(tmp_path: Path, tiny_llava: Path) -> None:
     assert given.model_path == str(tiny_llava) and "LLaVA-1.5 checkpoint" in given.label
     demo = tmp_path / "demo"
     demo.mkdir()
-    (demo / app.DEMO_POINTER).write_text(json.dumps({"model_path": "twist", "model_base": "../base"}))
+    (demo / POINTER_FILE).write_text(json.dumps({"model_path": "twist", "model_base": "../base"}))
     found = app.resolve_model_source(None, None, demo_dir=demo, tiny_dir=tmp_path / "tiny")
     assert found.model_path == str(demo / "twist") and found.model_base == str(tmp_path / "base")
     assert "demo's trained TWIST model" in found.label and not (tmp_path / "tiny").exists()
-    (demo / app.DEMO_POINTER).write_text("{}")
+    (demo / POINTER_FILE).write_text("{}")
     with pytest.raises(PlaygroundError, match="model_path"):
         app.find_demo_model(demo)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import llava_twist.demo as demo_package
 from llava_twist.demo.pipeline import Layout, StageError, StageResult, run_stage
+from llava_twist.demo.pointer import read_pointer
 from llava_twist.demo.recipe import PROFILES, Recipe, get_recipe
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo"  # what `make playground` opens
@@ -54,11 +54,9 @@ def playground_hint(out: Path) -> str:
     """How to open the trained model: ``make playground`` for the default folder, else the explicit command."""
     if out.resolve() == DEFAULT_OUT.resolve():
         return "make playground"
-    import json
-
-    spec = json.loads((out / "playground.json").read_text())
-    path, base = (os.path.normpath(out / spec[k]) for k in ("model_path", "model_base"))
-    return f"python -m playground --model-path {path} --model-base {base}"
+    pointer = read_pointer(out)
+    base = f" --model-base {pointer.model_base}" if pointer and pointer.model_base else ""
+    return f"python -m playground --model-path {pointer.model_path if pointer else '?'}{base}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
+from llava_twist.demo.pointer import write_pointer
 from llava_twist.demo.recipe import Recipe, Warmup
 from llava_twist.tiny import COORDINATES
 from scout_data.output import atomic_write_text
@@ -355,12 +356,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
 
     rows = draw_grid(layout, names, models, recipe.eval.grid_scenes, recipe.eval.grid_cell_px, out / "grid.png")
 
-    pointer = {
-        "model_path": os.path.relpath(dirs[best], out),
-        "model_base": os.path.relpath(dirs["base"], out),
-        "label": f"the demo's {label(best)} on its tiny LLaVA-1.5 base ({recipe.profile} profile)",
-    }
-    write_json(out / "playground.json", pointer)
+    pointer = write_pointer(out, dirs[best], dirs["base"],
+                  f"the demo's {label(best)} on its tiny LLaVA-1.5 base ({recipe.profile} profile)")
 
     forgetting = ", ".join(
         f"{label(n)} {pct(get(models[n], 'understanding', 'accuracy'))}" for n in ("base", "full-ft", "lora"))

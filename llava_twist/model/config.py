@@ -7,12 +7,13 @@ from typing import Any
 
 from llava.model.language_model.llava_llama import LlavaConfig
 
+from llava_twist.model.routes import ROUTES
+
 TWIST_MODEL_TYPE = "llava_twist"
 LAYER_PRESETS = ("all", "every_other")
 EXPERT_KINDS = ("mlp", "layer")
 MIX_KINDS = ("learned", "fixed")
 ROUTER_KINDS = ("prompt", "token", "none")
-ROUTES = ("auto", "frozen", "grounding")
 
 
 class TwistConfig(LlavaConfig):

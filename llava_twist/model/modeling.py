@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
+from llava_twist.model.routes import AUTO, FROZEN, GROUNDING
 from llava_twist.model.routing import (
     RouteContext,
     RouteDecision,
@@ -80,9 +81,9 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
             if twist_route.shape != (batch,):
                 raise ValueError(f"twist_route tensor must have shape ({batch},), got {tuple(twist_route.shape)}")
             return twist_route.to(device=device, dtype=torch.bool)
-        if twist_route in ("frozen", "grounding"):
-            return torch.full((batch,), twist_route == "grounding", dtype=torch.bool, device=device)
-        if twist_route != "auto":
+        if twist_route in (FROZEN, GROUNDING):
+            return torch.full((batch,), twist_route == GROUNDING, dtype=torch.bool, device=device)
+        if twist_route != AUTO:
             raise ValueError(f"twist_route={twist_route!r}: expected 'auto', 'frozen', 'grounding' or a bool tensor")
         if self.config.twist_router == "none":
             raise ValueError("this TWIST model has no router (twist_router='none'): force twist_route")

@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache
 
+from llava_twist.model.routes import FROZEN, GROUNDING
+
 ROUTER_MARK = -2  # label value marking a router position while labels pass through LLaVA's multimodal prep
 
 
@@ -29,7 +31,7 @@ class RouteDecision:
     forced: bool  # True when the route was forced rather than chosen by the router
 
     def routes(self) -> list[str]:
-        return ["grounding" if g else "frozen" for g in self.grounding.tolist()]
+        return [GROUNDING if g else FROZEN for g in self.grounding.tolist()]
 
 
 class TwistRouter(nn.Module):

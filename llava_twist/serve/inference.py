@@ -23,13 +23,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
+from llava_twist.model.routes import ROUTES
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
 from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
 DEFAULT_CONV_MODE = "vicuna_v1"
-ROUTES = ("auto", "frozen", "grounding")
 MODEL_CLASSES = ("twist", "llava")
 MIN_IMAGE_SIDE = 8  # smaller images make CLIP's preprocessing guess the channel axis wrong
 MAX_IMAGE_PIXELS = 40_000_000
