@@ -66,6 +66,18 @@ def clamp_xyxy_norm(box_xyxy_norm: Sequence[float]) -> Box:
     return tuple(min(max(float(v), 0.0), 1.0) for v in box_xyxy_norm)  # type: ignore[return-value]
 
 
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two xyxy boxes in the same units; 0 when they do not overlap. (Scoring
+    many boxes at once uses ``torchvision.ops.box_iou``: ``llava_twist.eval.common.iou_matrix``.)"""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def is_degenerate(box_xyxy: Sequence[float], min_size: float = 0.0) -> bool:
     """True when the box has no area (or a side not larger than ``min_size``)."""
     x1, y1, x2, y2 = box_xyxy

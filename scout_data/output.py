@@ -168,8 +168,8 @@ def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None 
 
 
 def reason_key(reason: str) -> str:
-    """Group reasons that differ only in numbers (box values, sizes)."""
-    return re.sub(r"-?\d+(?:\.\d+)?", "#", reason)[:120]
+    """Group reasons that differ only in numbers (box values, sizes) or quoted text (ids, file names)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", re.sub(r"-?\d+(?:\.\d+)?", "#", reason))[:120]
 
 
 class DatasetWriter:

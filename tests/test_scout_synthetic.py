@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scout_data.boxes import box_xyxy_norm_to_px
+from scout_data.boxes import box_xyxy_norm_to_px, iou
 from scout_data.output import prepare_out_dir, write_dataset
 from scout_data.parse import parse_chain
 from scout_data.schema import Sample
@@ -213,7 +213,7 @@ def test_canvas_knobs():
     assert {o.shape for o in scene.objects} <= {"circle", "star"} and {o.colour for o in scene.objects} == {
         "red"
     }
-    assert all(S._iou(a.box, b.box) <= 0.3 for a in scene.objects for b in scene.objects if a is not b)
+    assert all(iou(a.box, b.box) <= 0.3 for a in scene.objects for b in scene.objects if a is not b)
     for style in S.CLUTTER:
         cfg = S.config_from_args(synth_args("--clutter", style, "--image-size", "64"))
         im = S.render_scene(S.make_scene(random.Random(1), cfg), random.Random(1), cfg)

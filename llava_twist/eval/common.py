@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +15,7 @@ from torchvision.ops import box_iou
 
 from llava_twist.serve.inference import InferenceError, InferenceResult, result_from_text
 from scout_data.boxes import FRAMES, Box, is_degenerate
-from scout_data.output import atomic_write_text
+from scout_data.output import atomic_write_text, reason_key
 
 MAX_EXAMPLES = 5
 NO_ANSWER = "no answer for this question in the answers file"
@@ -95,11 +94,6 @@ def iou_matrix(boxes_a: Sequence[Box], boxes_b: Sequence[Box]) -> torch.Tensor:
     iou[bad_a, :] = 0.0
     iou[:, bad_b] = 0.0
     return torch.nan_to_num(iou, nan=0.0)
-
-
-def reason_key(reason: str) -> str:
-    """Group reasons that differ only in numbers or quoted text."""
-    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", re.sub(r"-?\d+(?:\.\d+)?", "#", reason))[:120]
 
 
 class Failures:

@@ -156,14 +156,6 @@ def image_problem(images_dir: str | Path | None, rel_path: str) -> str | None:
     return None
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def area(b: Sequence[float]) -> float:
     return (b[2] - b[0]) * (b[3] - b[1])
 

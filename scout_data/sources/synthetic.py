@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from scout_data.boxes import Box, box_problem_px
+from scout_data.boxes import Box, box_problem_px, iou
 from scout_data.schema import Sample, Skip, Step
 from scout_data.writer import PHRASES, REGION_PROMPT, STEP_BY_STEP, item_list, phrase, slots
 
@@ -336,15 +336,6 @@ class Scene:
     objects: list[Obj]
 
 
-def _iou(a: Box, b: Box) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _fits(box: Box, placed: list[Obj], cfg: SynthConfig) -> bool:
     if cfg.max_overlap <= 0:
         g = cfg.min_gap
@@ -355,7 +346,7 @@ def _fits(box: Box, placed: list[Obj], cfg: SynthConfig) -> bool:
             or o.box[3] + g <= box[1]
             for o in placed
         )
-    return all(_iou(box, o.box) <= cfg.max_overlap for o in placed)
+    return all(iou(box, o.box) <= cfg.max_overlap for o in placed)
 
 
 def shape_mask(shape: str, side: int) -> Image.Image:

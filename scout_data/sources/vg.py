@@ -26,14 +26,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from scout_data.boxes import Box, coco_xywh_to_xyxy
+from scout_data.boxes import Box, coco_xywh_to_xyxy, iou
 from scout_data.schema import BOX_SLOT, Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
     check_box,
     count_phrase,
     image_size_problem,
-    iou,
     is_id,
     is_number,
     load_json,
