@@ -32,9 +32,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from llava_twist.demo.pointer import PointerError, read_pointer  # noqa: E402
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
 from llava_twist.serve.inference import (  # noqa: E402
-    ANSWER_COLOUR,
     MAX_IMAGE_PIXELS,
-    STEP_COLOURS,
     GenerationSettings,
     InferenceError,
     InferenceResult,
@@ -47,6 +45,7 @@ from llava_twist.serve.inference import (  # noqa: E402
 )
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
 from playground.worker import GenerationJob  # noqa: E402
+from scout_data.palette import ANSWER_COLOUR, step_colour  # noqa: E402
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent
 DATA_DIR = PLAYGROUND_DIR / "data"
@@ -199,7 +198,7 @@ def chain_html(result: InferenceResult, done: bool) -> str:
     rows = []
     steps = result.chain.steps
     for k, step in enumerate(steps):
-        colour = STEP_COLOURS[(step.index - 1) % len(STEP_COLOURS)]
+        colour = step_colour(step.index)
         boxes = [b.box_xyxy_px for b in result.boxes if b.step == step.index]
         pending = not done and k == len(steps) - 1 and not result.chain.has_answer_line
         box_html = "".join(f' <code class="twist-box">{_fmt_px(b)} px</code>' for b in boxes)

@@ -9,19 +9,8 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 from scout_data.boxes import DEFAULT_FRAME, box_xyxy_norm_to_px
+from scout_data.palette import ANSWER_COLOUR, step_colour
 from scout_data.parse import parse_chain
-
-STEP_COLOURS = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (128, 128, 0),
-)
-ANSWER_COLOUR = (255, 0, 0)
 
 
 def draw_chain(image: Image.Image, text: str, frame: str = DEFAULT_FRAME, title: str = "") -> Image.Image:
@@ -32,8 +21,7 @@ def draw_chain(image: Image.Image, text: str, frame: str = DEFAULT_FRAME, title:
     canvas = image.convert("RGB")
     d = ImageDraw.Draw(canvas)
     groups = [
-        (f"S{s.index}", STEP_COLOURS[k % len(STEP_COLOURS)], s.boxes_xyxy_norm, 2)
-        for k, s in enumerate(chain.steps)
+        (f"S{s.index}", step_colour(s.index), s.boxes_xyxy_norm, 2) for s in chain.steps
     ]
     groups.append(("A", ANSWER_COLOUR, chain.answer_boxes_xyxy_norm, 4))
     labels_at: dict[tuple[int, int], int] = {}
@@ -51,13 +39,12 @@ def draw_chain(image: Image.Image, text: str, frame: str = DEFAULT_FRAME, title:
     lines: list[tuple[str, tuple[int, int, int]]] = []
     if title:
         lines += [(t, (0, 0, 0)) for t in textwrap.wrap(title, chars)]
-    for k, s in enumerate(chain.steps):
-        colour = STEP_COLOURS[k % len(STEP_COLOURS)]
-        lines += [(t, colour) for t in textwrap.wrap(f"Step {s.index}: {s.text}", chars)]
+    for s in chain.steps:
+        lines += [(t, step_colour(s.index)) for t in textwrap.wrap(f"Step {s.index}: {s.text}", chars)]
     answer = (
         f"Answer: {chain.answer_text}" if chain.has_answer_line or not chain.steps else "(no answer line)"
     )
-    lines += [(t, ANSWER_COLOUR) for t in textwrap.wrap(answer, chars)]
+    lines += [(t, (0, 0, 0)) for t in textwrap.wrap(answer, chars)]  # the answer's gold is for boxes on images
     lines += [(t, (120, 120, 120)) for p in chain.problems for t in textwrap.wrap(f"! {p}", chars)]
     panel = 14 * len(lines) + 8
     out = Image.new("RGB", (w, h + panel), (255, 255, 255))

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from llava_twist.demo.pointer import POINTER_FILE
-from llava_twist.serve.inference import ANSWER_COLOUR, STEP_COLOURS, GenerationSettings, result_from_text
+from llava_twist.serve.inference import GenerationSettings, result_from_text
 from playground import app
 from playground.app import Backend, PlaygroundError
+from scout_data.palette import ANSWER_COLOUR, STEP_COLOURS
 
 AUTO, FROZEN, GROUNDING = app.ROUTE_LABELS["auto"], app.ROUTE_LABELS["frozen"], app.ROUTE_LABELS["grounding"]
 BACKGROUND = (200, 200, 200)

@@ -25,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStrea
 
 from llava_twist.model.routes import ROUTES
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
+from scout_data.palette import ANSWER_COLOUR, step_colour
 from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
@@ -565,11 +566,6 @@ def stream_generate(
     yield result_from_text(text, image.size, frame, route, prob, forced, None, query)
 
 
-STEP_COLOURS = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40),
-)
-ANSWER_COLOUR = (255, 215, 0)
 
 
 def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> Image.Image:
@@ -578,7 +574,7 @@ def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> I
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     for box in result.boxes:
-        colour = ANSWER_COLOUR if box.step is None else STEP_COLOURS[(box.step - 1) % len(STEP_COLOURS)]
+        colour = ANSWER_COLOUR if box.step is None else step_colour(box.step)
         x1, y1, x2, y2 = box.box_xyxy_px
         thick = width + 1 if box.step is None else width
         draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=thick)
