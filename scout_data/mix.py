@@ -18,6 +18,8 @@ import posixpath
 import random
 from typing import Any
 
+from scout_data.schema import GROUNDING_TASK, UNDERSTANDING_TASK
+
 
 def replay_count(n_scout: int, ratio: float | None = None, replay_fraction: float | None = None) -> int:
     if (ratio is None) == (replay_fraction is None):
@@ -61,12 +63,12 @@ def mix_records(
         order = list(range(len(replay)))
         rng.shuffle(order)
         for i in order[: n_replay - len(picked)]:
-            rec = _tagged(replay[i], "understanding", replay_image_prefix)
+            rec = _tagged(replay[i], UNDERSTANDING_TASK, replay_image_prefix)
             if passes:
                 rec["id"] = f"{rec.get('id')}#r{passes}"
             picked.append(rec)
         passes += 1
-    out = [_tagged(r, "grounding", scout_image_prefix) for r in scout] + picked
+    out = [_tagged(r, GROUNDING_TASK, scout_image_prefix) for r in scout] + picked
     seen: set[str] = set()
     for rec in out:
         rid = str(rec.get("id"))

@@ -15,6 +15,14 @@ from scout_data.boxes import Box
 BOX_SLOT = "<box>"
 
 Task = Literal["grounding", "understanding"]
+GROUNDING_TASK, UNDERSTANDING_TASK = "grounding", "understanding"
+TASKS = (GROUNDING_TASK, UNDERSTANDING_TASK)
+
+
+def record_task(record: dict) -> str:
+    """A training record's task: its ``task``, else understanding (LLaVA's own instruction data carries none).
+    Grounding records take TWIST's grounding route, understanding ones the frozen route."""
+    return record.get("task") or UNDERSTANDING_TASK
 Kind = Literal[
     "refexp",  # referring expression: attributes, spatial relations, superlatives
     "find_all",  # every instance of a category: several answer boxes

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, Box, box_xyxy_px_to_norm, format_box
-from scout_data.schema import BOX_SLOT, Sample
+from scout_data.schema import BOX_SLOT, UNDERSTANDING_TASK, Sample
 
 IMAGE_TOKEN = "<image>"
 STEP_BY_STEP = "Answer step by step."
@@ -200,7 +200,7 @@ def render_record(sample: Sample, frame: str = DEFAULT_FRAME) -> dict[str, Any]:
             {"text": _sentence(fill_slots(step.text, norm)), "boxes_xyxy_norm": [_rounded(b) for b in norm]}
         )
     record.update(
-        task="understanding" if sample.kind == "qa" else sample.task,
+        task=UNDERSTANDING_TASK if sample.kind == "qa" else sample.task,
         kind=sample.kind,
         difficulty=sample.difficulty,
         split=sample.split,

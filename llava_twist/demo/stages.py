@@ -12,6 +12,7 @@ from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, Stage, StageError, cpu_count, read_json, write_json
 from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
+from llava_twist.model.routes import TASK_ROUTE
 from llava_twist.spec_cli import spec_flags
 from scout_data.output import atomic_write_text, dumps_records
 
@@ -420,7 +421,6 @@ def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: 
 def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The route TWIST chose (auto) on every held-out prompt against its task: grounding prompts should take
     the grounding route, understanding prompts the frozen one."""
-    expected = {"grounding": "grounding", "understanding": "frozen"}
     right: Counter[str] = Counter()
     total: Counter[str] = Counter()
     probs: dict[str, list[float]] = {"grounding": [], "understanding": []}
@@ -429,7 +429,7 @@ def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, 
             meta = (by_id.get(q["question_id"]) or {}).get("metadata") or {}
             task = q.get("task") or "grounding"
             total[task] += 1
-            right[task] += meta.get("route") == expected[task]
+            right[task] += meta.get("route") == TASK_ROUTE[task]
             if isinstance(meta.get("router_prob"), int | float):
                 probs[task].append(float(meta["router_prob"]))
     n = sum(total.values())
@@ -437,7 +437,7 @@ def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, 
         "n": n,
         "accuracy": sum(right.values()) / n if n else None,
         "by_task": {t: {"n": total[t], "accuracy": right[t] / total[t] if total[t] else None,
-                        "mean_prob": _mean(probs[t])} for t in expected},
+                        "mean_prob": _mean(probs[t])} for t in TASK_ROUTE},
     }
 
 

@@ -4,3 +4,4 @@ FROZEN = "frozen"  # the original LLaVA computation, bit for bit
 GROUNDING = "grounding"  # through the grounding experts
 AUTO = "auto"  # the router decides per prompt
 ROUTES = (AUTO, FROZEN, GROUNDING)
+TASK_ROUTE = {"grounding": GROUNDING, "understanding": FROZEN}  # a record's task (scout_data.schema) -> its route

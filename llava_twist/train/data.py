@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,9 @@ import torch
 from llava.train.train import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from torch.utils.data import Dataset
 
+from llava_twist.model.routes import GROUNDING, TASK_ROUTE
 from llava_twist.train.steps import SPAN_OTHER, step_span_ids
+from scout_data.schema import TASKS, record_task
 
 
 class TwistSupervisedDataset(LazySupervisedDataset):
@@ -27,14 +30,14 @@ class TwistSupervisedDataset(LazySupervisedDataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = super().__getitem__(i)
-        item["twist_route"] = self.list_data_dict[i].get("task") == "grounding"
+        item["twist_route"] = TASK_ROUTE[record_task(self.list_data_dict[i])] == GROUNDING
         item["twist_step_ids"] = step_span_ids(item["labels"], self.tokenizer)
         return item
 
     @property
     def task_counts(self) -> dict[str, int]:
-        grounding = sum(1 for r in self.list_data_dict if r.get("task") == "grounding")
-        return {"grounding": grounding, "understanding": len(self.list_data_dict) - grounding}
+        counts = Counter(record_task(r) for r in self.list_data_dict)
+        return {task: counts[task] for task in TASKS}
 
 
 @dataclass

@@ -20,11 +20,11 @@ from typing import Any
 from llava.constants import DEFAULT_IMAGE_TOKEN
 
 from scout_data.parse import INVALID_BOX_PROBLEMS, parse_boxes
+from scout_data.schema import GROUNDING_TASK, TASKS, UNDERSTANDING_TASK
 from scout_data.validate import image_path_problem
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("grounding", "understanding")
 MAX_REASONS_LOGGED = 20
 
 
@@ -50,10 +50,10 @@ def record_problem(record: Any, image_folder: str | None) -> str | None:
             return "turns must alternate human, gpt, human, ... (LLaVA's v1 template)"
     if len(turns) < 2:
         return "no gpt answer to train on"
-    task = record.get("task", "understanding")
+    task = record.get("task", UNDERSTANDING_TASK)
     if task not in TASKS:
         return f"task {task!r}: expected one of {TASKS}"
-    if task == "grounding":
+    if task == GROUNDING_TASK:
         for turn in turns[1::2]:
             problems: list[str] = []
             parse_boxes(turn["value"], problems)
