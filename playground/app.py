@@ -45,6 +45,7 @@ from llava_twist.serve.inference import (  # noqa: E402
 )
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
 from playground.worker import GenerationJob  # noqa: E402
+from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
 from scout_data.palette import ANSWER_COLOUR, step_colour  # noqa: E402
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent
@@ -281,7 +282,7 @@ class Backend:
         self.loaded = loaded
         self.description = description
         self.generate_fn = generate_fn
-        self.box_frame = box_frame or (loaded.default_box_frame() if loaded is not None else "padded")
+        self.box_frame = box_frame or (loaded.default_box_frame() if loaded is not None else DEFAULT_FRAME)
         self.lock = threading.Lock()
 
     def _generator(self) -> TextGenerator:

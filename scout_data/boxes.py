@@ -17,6 +17,12 @@ Box = tuple[float, float, float, float]
 FRAMES = ("padded", "original")
 DEFAULT_FRAME = "padded"
 
+def model_frame(image_aspect_ratio: str | None) -> str:
+    """The frame a LLaVA model's boxes are in: the padded square it sees with ``image_aspect_ratio=pad``
+    (LLaVA-1.5's setting, and the default when unset), else the original image."""
+    return "padded" if (image_aspect_ratio or "pad") == "pad" else "original"
+
+
 def _check_frame(frame: str) -> None:
     if frame not in FRAMES:
         raise ValueError(f"unknown box frame {frame!r}; expected one of {FRAMES}")

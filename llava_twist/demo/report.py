@@ -339,10 +339,16 @@ def base_grounding_line(r: dict[str, Any] | None) -> str:
             f"{pct(r['parse_failure_rate'])}).")
 
 
+def model_dirs(recipe: Recipe, layout: Layout) -> dict[str, Path]:
+    """Evaluated models in report order: base, full FT, LoRA (merged), each TWIST variant (a delta)."""
+    dirs = {"base": layout.model("base"), "full-ft": layout.model("full-ft"),
+            "lora": layout.model("lora") / "merged"}
+    dirs.update({v.stage: layout.model(v.stage) for v in recipe.twist_variants})
+    return dirs
+
+
 def write_report(ctx: Context) -> dict[str, Any]:
     """``report.md``, ``grid.png``, ``results.json`` and ``playground.json`` in ``--out``."""
-    from llava_twist.demo.stages import build_stages, model_dirs
-
     recipe, layout = ctx.recipe, ctx.layout
     out = layout.out
     metrics = read_json(layout.eval / "metrics.json")
@@ -352,7 +358,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
     stamps = ctx.stamps
     best = best_twist(recipe, models)
     checks = {v.stage: twist_checks(recipe, v.stage, models) for v in recipe.twist_variants}
-    order = [s.name for s in build_stages(recipe) if s.name != ctx.stage]
+    order = [name for name in stamps if name != ctx.stage]  # the stages before this one, in run order
 
     rows = draw_grid(layout, names, models, recipe.eval.grid_scenes, recipe.eval.grid_cell_px, out / "grid.png")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from llava_twist.demo.pipeline import Context, Layout, Stage, StageError, cpu_count, read_json, write_json
 from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
+from llava_twist.demo.report import model_dirs, write_report
 from llava_twist.model.routes import TASK_ROUTE
 from llava_twist.spec_cli import spec_flags
 from scout_data.output import atomic_write_text, dumps_records
@@ -108,14 +109,6 @@ def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, ou
         "--fp16", "False",
         *(extra or []),
     ]
-
-
-def model_dirs(recipe: Recipe, layout: Layout) -> dict[str, Path]:
-    """Evaluated models in report order: base, full FT, LoRA (merged), each TWIST variant (a delta)."""
-    dirs = {"base": layout.model("base"), "full-ft": layout.model("full-ft"),
-            "lora": layout.model("lora") / "merged"}
-    dirs.update({v.stage: layout.model(v.stage) for v in recipe.twist_variants})
-    return dirs
 
 
 def is_twist(name: str) -> bool:
@@ -488,8 +481,6 @@ def evaluate(ctx: Context) -> dict[str, Any]:
 
 def build_stages(recipe: Recipe) -> list[Stage]:
     """Every stage in run order with its folder and the stages it reads from."""
-    from llava_twist.demo.report import write_report
-
     def folder(stage: str) -> Callable[[Layout], Path]:
         return lambda lay: stage_model(lay, stage)
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from llava_twist.model.routes import ROUTES
-from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
+from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px, model_frame
 from scout_data.palette import ANSWER_COLOUR, step_colour
 from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
@@ -60,8 +60,8 @@ class LoadedModel:
         return self.model.dtype
 
     def default_box_frame(self) -> str:
-        """``padded`` when the model sees padded squares (``image_aspect_ratio=pad``), else ``original``."""
-        return "padded" if getattr(self.model.config, "image_aspect_ratio", "pad") == "pad" else "original"
+        """The frame this model answers in (:func:`scout_data.boxes.model_frame`)."""
+        return model_frame(getattr(self.model.config, "image_aspect_ratio", None))
 
 
 @dataclass
@@ -73,6 +73,9 @@ class GenerationSettings:
     max_new_tokens: int = 512
     route: str = "auto"  # TWIST only: auto | frozen | grounding
     box_frame: str | None = None  # frame of the model's box text; None: the model's default
+
+    def frame(self, loaded: LoadedModel) -> str:
+        return self.box_frame or loaded.default_box_frame()
 
 
 @dataclass
@@ -496,7 +499,7 @@ def generate(
     """Answer a batch (one query per image) in one ``generate`` call; greedy batched output equals
     one-by-one output."""
     settings = settings or GenerationSettings()
-    frame = settings.box_frame or loaded.default_box_frame()
+    frame = settings.frame(loaded)
     inputs = prepare_inputs(loaded, queries, images, settings.conv_mode)
     kwargs = _generation_kwargs(loaded, settings)
     recorder = TokenLogprobRecorder(logprobs=settings.num_beams == 1)
@@ -530,7 +533,7 @@ def stream_generate(
 ) -> Iterator[str | InferenceResult]:
     """Yield text increments as they are generated, then the :class:`InferenceResult` (with the route)."""
     settings = settings or GenerationSettings()
-    frame = settings.box_frame or loaded.default_box_frame()
+    frame = settings.frame(loaded)
     inputs = prepare_inputs(loaded, [query], [image], settings.conv_mode)
     kwargs = _generation_kwargs(loaded, settings)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
