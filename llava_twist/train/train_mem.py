@@ -8,7 +8,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from llava_twist.train.train_twist import train  # noqa: E402
+from llava_twist.train.train_twist import main  # noqa: E402
 
 if __name__ == "__main__":
-    train(attn_implementation="flash_attention_2")
+    main(attn_implementation="flash_attention_2")

@@ -217,11 +217,11 @@ def fit(trainer: TwistTrainer) -> None:
         logger.info(f"saved the grounding delta to {output_dir}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, attn_implementation: str | None = None) -> None:
     """Train; a bad input (data, paths, flags) is one line naming it and exit status 2, on every rank. Errors
     during training keep their traceback."""
     try:
-        trainer = prepare_trainer(argv)
+        trainer = prepare_trainer(argv, attn_implementation)
     except (BadRecordError, FileNotFoundError, OutputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_distributed(2)
