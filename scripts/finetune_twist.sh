@@ -42,7 +42,8 @@ elif [[ -n "${GPUS:-}" ]]; then
     LAUNCH+=(--num_gpus "$GPUS")
 fi
 
-"${LAUNCH[@]}" "$ENTRY" \
+source scripts/_launcher.sh
+run_launcher "${LAUNCH[@]}" "$ENTRY" \
     --deepspeed "$DS_CONFIG" \
     --model_name_or_path "$MODEL" \
     --version v1 \

@@ -27,10 +27,9 @@ trap remove_shm_buffers EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 
-# The launcher runs in the background, in a process group of its own, so that a SIGTERM or SIGINT to this script
-# reaches all of it: DeepSpeed's single-node runner dies on SIGTERM without passing it on, which left the
-# launcher and its workers training with nobody to report to.
-setsid "$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/train_twist.py \
+source scripts/_launcher.sh
+status=0
+run_launcher "$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/train_twist.py \
     --deepspeed "$DS_CONFIG" \
     --ddp_backend gloo \
     --model_name_or_path "$MODEL" \
@@ -60,13 +59,5 @@ setsid "$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT" llava_twist/train/
     --lazy_preprocess True \
     --report_to none \
     --seed 0 \
-    "$@" &
-launcher=$!
-stop_launcher() { kill -TERM -- "-$launcher" 2>/dev/null || true; }
-trap stop_launcher TERM INT HUP
-status=0
-wait "$launcher" || status=$?
-while kill -0 -- "-$launcher" 2>/dev/null; do  # stopped by a signal: wait until every worker has ended
-    sleep 0.5
-done
+    "$@" || status=$?
 exit "$status"
