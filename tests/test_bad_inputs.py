@@ -43,6 +43,7 @@ PROBES = [
     Probe("synth resumes another seed's run", "scout_data synth --out {synth_dir} --num 4 --seed 1 --resume --quiet",
           "seed was 0, now 1", ("synth_train",)),
     Probe("tiny writes over a checkpoint", "llava_twist.tiny --out {model}", "pass --overwrite", ("model_config",)),
+    Probe("tiny writes over a file", "llava_twist.tiny --out {notes}", "pass --overwrite", ("notes",)),
     Probe("training writes into its base", TRAIN + " --output_dir {model} --data_path {train_json}",
           "is one of this command's inputs", ("model_config", "model_weights")),
     Probe("preview over its data file", "scout_data preview {synth_train} --image-folder {synth_dir} --out "
@@ -194,3 +195,15 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="disk full"):
         atomic_write(tmp_path / "out.json", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+HELPED = ["llava_twist.tiny", "llava_twist.eval.model_grounding", "llava_twist.eval.eval_refexp",
+          "llava_twist.serve.cli", "scout_data"]
+
+
+@pytest.mark.parametrize("module", HELPED)
+def test_help_names_the_command_a_user_types(module: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    usage = proc.stdout[:200]
+    assert proc.returncode == 0 and usage.startswith(("usage: python -m ", "usage: scout-data")), usage
