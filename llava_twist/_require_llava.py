@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 LLAVA_INSTALL_HINT = (
     "llava-twist needs the LLaVA codebase (import name `llava`), which is not installed.\n"
@@ -13,9 +14,12 @@ LLAVA_INSTALL_HINT = (
 
 
 def require_llava() -> None:
+    """Looks for ``llava/model`` without importing ``llava`` (whose ``__init__`` loads torch and transformers),
+    so that the light modules (answer parsing, scoring rules) stay light."""
     try:
-        found = importlib.util.find_spec("llava") is not None and importlib.util.find_spec("llava.model") is not None
+        spec = importlib.util.find_spec("llava")
     except (ImportError, ValueError):
-        found = False
-    if not found:
+        spec = None
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    if not any(os.path.isdir(os.path.join(location, "model")) for location in locations):
         raise ImportError(LLAVA_INSTALL_HINT)

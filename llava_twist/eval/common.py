@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torchvision.ops import box_iou
 
-from llava_twist.serve.inference import InferenceError, InferenceResult, result_from_text
+from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
 from scout_data.boxes import FRAMES, Box, is_degenerate
 from scout_data.output import atomic_write_text, reason_key
 

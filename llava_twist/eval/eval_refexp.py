@@ -32,7 +32,7 @@ from llava_twist.eval.common import (
     scorer_main,
 )
 from llava_twist.eval.protocols import ACC_THRESHOLD, OURS, PROTOCOLS, predicted_box
-from llava_twist.serve.inference import InferenceError
+from llava_twist.serve.result import InferenceError
 from scout_data.boxes import FRAMES, Box, is_degenerate
 
 HEADLINE = ["acc@0.5", "mean_iou"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llava_twist.serve.inference import InferenceError, result_from_text
+from llava_twist.serve.result import InferenceError, result_from_text
 from scout_data.boxes import FRAMES, Box, box_xyxy_norm_to_px
 
 ACC_THRESHOLD = 0.5

@@ -1,8 +1,9 @@
-"""Inference helpers shared by the CLI, the evaluation runner and the playground.
+"""Loading a model and generating answers, shared by the CLI, the evaluation runner and the playground.
 
 One query about one image goes: prompt (LLaVA conversation template, ``<image>`` token) -> token ids ->
-padded image tensor -> ``generate`` (TWIST with a route, or plain LLaVA) -> text -> parsed chain
-(:func:`scout_data.parse.parse_chain`, the one parser) -> boxes in pixels of the original image.
+padded image tensor -> ``generate`` (TWIST with a route, or plain LLaVA) -> text -> an
+:class:`~llava_twist.serve.result.InferenceResult` (:mod:`llava_twist.serve.result`: the parsed chain and its
+boxes in pixels of the original image; :mod:`llava_twist.serve.drawing` draws them).
 
 Batches are left-padded: LLaVA's ``prepare_inputs_labels_for_multimodal`` drops the padding given by the
 attention mask and re-pads on ``config.tokenizer_padding_side`` (``right`` in training), which is wrong
@@ -16,17 +17,29 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from llava_twist.model.routes import ROUTES
-from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px, model_frame
-from scout_data.palette import ANSWER_COLOUR, step_colour
-from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
+from llava_twist.serve.drawing import draw_boxes
+from llava_twist.serve.result import (
+    GroundedBox,
+    InferenceError,
+    InferenceResult,
+    answer_box_spans,
+    result_from_text,
+)
+from scout_data.boxes import model_frame
+
+__all__ = [  # the result and drawing names live in their own modules; callers may keep importing them here
+    "DEFAULT_CONV_MODE", "MODEL_CLASSES", "ROUTES", "GenerationSettings", "GroundedBox", "InferenceError",
+    "InferenceResult", "LoadedModel", "answer_box_spans", "draw_boxes", "generate", "load_image", "load_model",
+    "prepare_inputs", "result_from_text", "stream_generate",
+]
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
@@ -34,10 +47,6 @@ DEFAULT_CONV_MODE = "vicuna_v1"
 MODEL_CLASSES = ("twist", "llava")
 MIN_IMAGE_SIDE = 8  # smaller images make CLIP's preprocessing guess the channel axis wrong
 MAX_IMAGE_PIXELS = 40_000_000
-
-
-class InferenceError(Exception):
-    """A problem the user can fix (missing image, unloadable model, bad option): shown as a message."""
 
 
 @dataclass
@@ -76,73 +85,6 @@ class GenerationSettings:
 
     def frame(self, loaded: LoadedModel) -> str:
         return self.box_frame or loaded.default_box_frame()
-
-
-@dataclass
-class GroundedBox:
-    label: str  # "Step 2" or "Answer"
-    step: int | None  # the step's number, None for answer boxes
-    box_xyxy_norm: Box  # as the model wrote it (clamped to [0, 1]), in ``InferenceResult.box_frame``
-    box_xyxy_px: Box  # pixels of the original image, clamped to it
-
-
-@dataclass
-class InferenceResult:
-    """One answer: text, parsed chain, boxes in original-image pixels, route and router probability."""
-
-    text: str
-    chain: ParsedChain
-    boxes: list[GroundedBox]
-    image_size: tuple[int, int]
-    box_frame: str
-    route: str | None = None  # None for plain LLaVA
-    router_prob: float | None = None
-    route_forced: bool = False
-    answer_box_scores: list[float] | None = None  # geometric-mean token probability of each answer box's text
-    prompt: str = ""
-
-    @property
-    def answer_boxes_xyxy_px(self) -> list[Box]:
-        return [b.box_xyxy_px for b in self.boxes if b.step is None]
-
-    @property
-    def miss_reason(self) -> str | None:
-        """Why this answer gives no box (None when it gives one): the parser's first problem."""
-        if self.chain.answer_boxes_xyxy_norm:
-            return None
-        answer_problems: list[str] = []
-        parse_boxes(self.chain.answer_text, answer_problems)
-        broken = broken_box(answer_problems)
-        if broken:
-            return f"broken box ({broken})"
-        problems = self.chain.problems
-        if NO_ANSWER_LINE in problems:
-            return NO_ANSWER_LINE
-        return "no box in the answer" + (f" ({problems[0]})" if problems else "")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "route": self.route,
-            "router_prob": self.router_prob,
-            "route_forced": self.route_forced,
-            "image_size": list(self.image_size),
-            "box_frame": self.box_frame,
-            "steps": [
-                {
-                    "index": s.index,
-                    "text": s.text,
-                    "boxes_xyxy_px": [list(b.box_xyxy_px) for b in self.boxes if b.step == s.index],
-                }
-                for s in self.chain.steps
-            ],
-            "answer": self.chain.answer_text,
-            "answer_boxes_xyxy_px": [list(b) for b in self.answer_boxes_xyxy_px],
-            "answer_box_scores": self.answer_box_scores,
-            "boxes": [asdict(b) for b in self.boxes],
-            "problems": list(self.chain.problems),
-            "miss_reason": self.miss_reason,
-        }
 
 
 def load_model(
@@ -406,21 +348,6 @@ def _trim(row: torch.Tensor, eos_id: int | None) -> list[int]:
     return ids
 
 
-def answer_box_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the answer's boxes, in the order :func:`parse_chain` lists them."""
-    marks = list(MARKER_RE.finditer(text))
-    if not marks:
-        start, end = 0, len(text)
-    else:
-        answers = [i for i, m in enumerate(marks) if m.group(1) is None]
-        if not answers:
-            return []
-        i = answers[0]
-        start = marks[i].end()
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-    return [(m.start() + start, m.end() + start) for m in BOX_RE.finditer(text[start:end])]
-
-
 def span_scores(
     tokenizer: Any, ids: Sequence[int], logprobs: Sequence[float], text: str, spans: Sequence[tuple[int, int]]
 ) -> list[float]:
@@ -442,43 +369,6 @@ def span_scores(
         lp = [logprobs[i] for i in range(len(ends)) if starts[i] < e and ends[i] > s]
         out.append(math.exp(sum(lp) / len(lp)) if lp else 0.0)
     return out
-
-
-def result_from_text(
-    text: str,
-    image_size: tuple[int, int],
-    box_frame: str = DEFAULT_FRAME,
-    route: str | None = None,
-    router_prob: float | None = None,
-    route_forced: bool = False,
-    answer_box_scores: list[float] | None = None,
-    prompt: str = "",
-) -> InferenceResult:
-    """Parse model output and map its boxes to pixels of the original ``image_size`` (width, height)."""
-    if box_frame not in FRAMES:
-        raise InferenceError(f"--box-frame {box_frame!r}: expected one of {FRAMES}")
-    width, height = image_size
-    chain = parse_chain(text)
-
-    def px(box: Box) -> Box:
-        return clamp_xyxy_px(box_xyxy_norm_to_px(box, width, height, box_frame), width, height)
-
-    boxes = [
-        GroundedBox(f"Step {s.index}", s.index, tuple(b), px(b)) for s in chain.steps for b in s.boxes_xyxy_norm
-    ]
-    boxes += [GroundedBox("Answer", None, tuple(b), px(b)) for b in chain.answer_boxes_xyxy_norm]
-    return InferenceResult(
-        text=text,
-        chain=chain,
-        boxes=boxes,
-        image_size=(width, height),
-        box_frame=box_frame,
-        route=route,
-        router_prob=router_prob,
-        route_forced=route_forced,
-        answer_box_scores=answer_box_scores,
-        prompt=prompt,
-    )
 
 
 def _route_rows(decision: Any, n: int, num_beams: int) -> list[tuple[str | None, float | None, bool]]:
@@ -567,24 +457,3 @@ def stream_generate(
     text = "".join(pieces).strip()
     route, prob, forced = _route_rows(_last_route(loaded), 1, settings.num_beams)[0]
     yield result_from_text(text, image.size, frame, route, prob, forced, None, query)
-
-
-
-
-def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> Image.Image:
-    """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    for box in result.boxes:
-        colour = ANSWER_COLOUR if box.step is None else step_colour(box.step)
-        x1, y1, x2, y2 = box.box_xyxy_px
-        thick = width + 1 if box.step is None else width
-        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=thick)
-        label = box.label
-        tx, ty = x1 + 2, max(0.0, y1 - 12)
-        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
-        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
-        draw.text((tx, ty), label, fill=(0, 0, 0), font=font)
-    return out
-

@@ -1,0 +1,26 @@
+"""Boxes drawn onto the image they are about: one colour per step (:mod:`scout_data.palette`), answers thicker."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+from llava_twist.serve.result import InferenceResult
+from scout_data.palette import ANSWER_COLOUR, step_colour
+
+
+def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> Image.Image:
+    """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for box in result.boxes:
+        colour = ANSWER_COLOUR if box.step is None else step_colour(box.step)
+        x1, y1, x2, y2 = box.box_xyxy_px
+        thick = width + 1 if box.step is None else width
+        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=thick)
+        label = box.label
+        tx, ty = x1 + 2, max(0.0, y1 - 12)
+        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+        draw.text((tx, ty), label, fill=(0, 0, 0), font=font)
+    return out
