@@ -19,12 +19,12 @@ import re
 from dataclasses import dataclass, field
 
 from scout_data.boxes import Box, clamp_xyxy_norm, is_degenerate
+from scout_data.chain import MARKER_RE
 
 _NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
 BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 _BRACKET_RE = re.compile(r"\[[^\[\]\n]{0,200}\]")
 _UNTERMINATED_RE = re.compile(r"\[[\d\s.,\-]*$")
-MARKER_RE = re.compile(r"(?<![A-Za-z])(?:Step\s*(\d{1,9})\s*:|Answer\s*:)")
 NORMALISED_LIMIT = 1.5  # a coordinate past this is not a fraction of the image that was clamped, but another unit
 NO_ANSWER_LINE = "no answer line"
 BROKEN_BOX_PROBLEMS = ("unparseable box", "unterminated box", "coordinates not normalised")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, Box, box_xyxy_px_to_norm, format_box
+from scout_data.chain import answer_line, step_line
 from scout_data.schema import BOX_SLOT, UNDERSTANDING_TASK, Sample
 
 IMAGE_TOKEN = "<image>"
@@ -153,9 +154,9 @@ def _sentence(text: str) -> str:
 def _answer_line(sample: Sample, boxes_norm: list[Box]) -> str:
     text = sample.answer_text.strip()
     if BOX_SLOT in text:
-        return "Answer: " + fill_slots(text, boxes_norm)
+        return answer_line(fill_slots(text, boxes_norm))
     box_text = ", ".join(format_box(b) for b in boxes_norm)
-    return "Answer: " + " ".join(t for t in (text, box_text) if t)
+    return answer_line(" ".join(t for t in (text, box_text) if t))
 
 
 def render_gpt(sample: Sample, frame: str = DEFAULT_FRAME) -> str:
@@ -169,7 +170,7 @@ def render_gpt(sample: Sample, frame: str = DEFAULT_FRAME) -> str:
     lines = []
     for i, step in enumerate(sample.steps, 1):
         norm = [box_xyxy_px_to_norm(b, w, h, frame) for b in step.boxes_xyxy_px]
-        lines.append(f"Step {i}: " + _sentence(fill_slots(step.text, norm)))
+        lines.append(step_line(i, _sentence(fill_slots(step.text, norm))))
     lines.append(_answer_line(sample, answer_norm))
     return "\n".join(lines)
 

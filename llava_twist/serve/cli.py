@@ -31,6 +31,7 @@ from llava_twist.serve.inference import (
     stream_generate,
 )
 from scout_data.boxes import FRAMES
+from scout_data.chain import answer_line, step_line
 from scout_data.output import OutputError, atomic_write, check_output
 
 
@@ -77,10 +78,10 @@ def format_result(result: InferenceResult) -> str:
     w, h = result.image_size
     lines.append(f"boxes in pixels of the {w}x{h} image (model frame: {result.box_frame})")
     for step in result.chain.steps:
-        lines.append(f"Step {step.index}: {step.text}")
+        lines.append(step_line(step.index, step.text))
         lines += [f"    box {_fmt_box(b.box_xyxy_px)}" for b in result.boxes if b.step == step.index]
     if result.chain.answer_text or result.answer_boxes_xyxy_px:
-        lines.append(f"Answer: {result.chain.answer_text}")
+        lines.append(answer_line(result.chain.answer_text))
         lines += [f"    box {_fmt_box(b)}" for b in result.answer_boxes_xyxy_px]
     if result.miss_reason:
         lines.append(f"miss: {result.miss_reason}")

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
-from scout_data.parse import BOX_RE, MARKER_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
+from scout_data.chain import MARKER_RE, step_label
+from scout_data.parse import BOX_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
 
 class InferenceError(Exception):
@@ -120,7 +121,7 @@ def result_from_text(
         return clamp_xyxy_px(box_xyxy_norm_to_px(box, width, height, box_frame), width, height)
 
     boxes = [
-        GroundedBox(f"Step {s.index}", s.index, tuple(b), px(b)) for s in chain.steps for b in s.boxes_xyxy_norm
+        GroundedBox(step_label(s.index), s.index, tuple(b), px(b)) for s in chain.steps for b in s.boxes_xyxy_norm
     ]
     boxes += [GroundedBox("Answer", None, tuple(b), px(b)) for b in chain.answer_boxes_xyxy_norm]
     return InferenceResult(

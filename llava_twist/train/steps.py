@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from llava.constants import IGNORE_INDEX
 
+from scout_data.chain import LINE_MARKER_RE
+
 SPAN_OTHER = -1
 SPAN_ANSWER = 0
 MAX_LOGGED_STEPS = 16  # steps beyond this share the last logged slot ("step_16+")
 
-_MARKER = re.compile(r"(?:^|\n)[ \t]*(?:Step[ \t]*(\d+)|(Answer))[ \t]*:")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -51,7 +52,7 @@ def piece_text(piece: str | None) -> str:
 def text_spans(text: str) -> list[tuple[int, int]]:
     """(start offset, span id) of each marker in ``text``, in order."""
     spans = []
-    for m in _MARKER.finditer(text):
+    for m in LINE_MARKER_RE.finditer(text):
         start = m.start() + (1 if text[m.start()] == "\n" else 0)
         spans.append((start, SPAN_ANSWER if m.group(2) else int(m.group(1))))
     return spans
