@@ -246,3 +246,50 @@ def test_worker_processes_give_the_same_bytes(tmp_path):
     generate_dir(tmp_path / "one", *flags)
     generate_dir(tmp_path / "two", *flags, "--workers", "2")
     assert _hash_tree(tmp_path / "one") == _hash_tree(tmp_path / "two")
+
+
+def test_grid_world_puts_each_object_in_its_own_cell_with_few_box_values(tmp_path):
+    _, splits = generate_dir(tmp_path / "grid", "--num", "200", "--image-size", "64", "--grid", "4",
+                             "--kinds", "refexp:1,region:1,qa:1", "--min-objects", "2", "--max-objects", "4",
+                             "--sizes", "medium,large", "--clutter", "none", "--splits", "train:1")
+    cfg = S.config_from_args(synth_args("--image-size", "64", "--grid", "4", "--sizes", "medium,large",
+                                        "--min-objects", "2", "--max-objects", "4"))
+    for i in range(50):
+        scene = S.make_scene(random.Random(i), cfg)
+        cells = [(int(o.cx // 16), int(o.cy // 16)) for o in scene.objects]
+        assert len(set(cells)) == len(cells) >= 2
+        for o, (c, r) in zip(scene.objects, cells, strict=True):  # inside its cell, centred
+            assert c * 16 <= o.box[0] < o.box[2] <= (c + 1) * 16 and r * 16 <= o.box[1] < o.box[3] <= (r + 1) * 16
+    coords = {v for r in splits["train"] for v in re.findall(r"\d\.\d\d", r["conversations"][1]["value"])}
+    assert 0 < len(coords) <= 40  # anywhere in the image, two-decimal coordinates take 101 values
+    with pytest.raises(ValueError, match="--grid"):
+        S.config_from_args(synth_args("--grid", "2", "--max-objects", "5"))
+
+
+def test_terse_chains_locate_each_candidate_as_a_one_shot_prompt_names_it(tmp_path):
+    flags = ("--num", "200", "--image-size", "64", "--grid", "4", "--min-objects", "2", "--max-objects", "4",
+             "--kinds", "refexp:4,find_all:1,count:1,region:1", "--clutter", "none", "--splits", "train:1")
+    _, terse = generate_dir(tmp_path / "terse", *flags, "--chain-style", "terse")
+    _, full = generate_dir(tmp_path / "full", *flags)
+    seen = set()
+    for r, f in zip(terse["train"], full["train"], strict=True):
+        assert r["image"] == f["image"]  # same scenes, other wording
+        if r["kind"] == "region":
+            continue
+        chain = parse_chain(r["conversations"][1]["value"])
+        step_boxes = [b for s in chain.steps for b in s.boxes_xyxy_norm]
+        for step in r["steps"]:
+            # an object named as a one-shot region prompt names it (its shortest unique description), then its box
+            assert re.fullmatch(r"the ((small|medium|large) )?([a-z]+ )?[a-z]+ \[[\d., ]+\]\.", step["text"]), step
+
+            assert len(step["boxes_xyxy_norm"]) == 1
+        assert set(chain.answer_boxes_xyxy_norm) <= set(step_boxes)
+        relation = re.search(r" (left of|right of|above|below) the ", r["conversations"][0]["value"])
+        if r["kind"] == "refexp" and relation:  # the anchor comes first, and the answer stands where it says
+            a, t = chain.steps[0].boxes_xyxy_norm[0], chain.answer_boxes_xyxy_norm[0]
+            holds = {"left of": t[2] <= a[0], "right of": t[0] >= a[2], "above": t[3] <= a[1], "below": t[1] >= a[3]}
+            assert holds[relation.group(1)], (r["conversations"], chain)
+            seen.add("relation")
+        seen.add(r["kind"])
+        assert len(r["conversations"][1]["value"]) < len(f["conversations"][1]["value"])
+    assert {"refexp", "find_all", "count", "relation"} <= seen

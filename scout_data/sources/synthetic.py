@@ -18,13 +18,14 @@ import math
 import os
 import random
 from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from scout_data.boxes import Box, box_problem_px, iou
-from scout_data.schema import Sample, Skip, Step
+from scout_data.chain import answer_line, step_line
+from scout_data.schema import BOX_SLOT, Sample, Skip, Step
 from scout_data.writer import PHRASES, REGION_PROMPT, STEP_BY_STEP, item_list, phrase, slots
 
 NAME = "synthetic"
@@ -43,6 +44,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUNDS = ((245, 245, 240), (235, 240, 245), (240, 234, 222), (228, 236, 228), (250, 250, 250))
 SIZES: dict[str, tuple[float, float]] = {"small": (0.08, 0.11), "medium": (0.14, 0.18), "large": (0.22, 0.27)}
+GRID_FILL = {"small": 0.5, "medium": 0.7, "large": 0.9}  # an object's side as a share of its cell (``--grid``)
+CHAIN_STYLES = ("full", "terse")
 PLURALS = {"cross": "crosses"}
 REL_WORDS = {
     "left": "left of",
@@ -186,6 +189,8 @@ class SynthConfig:
     image_format: str = "png"
     jpeg_quality: int = 90
     max_attempts: int = 20
+    grid: int = 0  # > 0: objects centred in distinct cells of a grid x grid layout (few box values)
+    chain_style: str = "full"  # terse: a step per described object with its box, then the answer
 
 
 def parse_weights(text: str, allowed: tuple[str, ...], what: str) -> dict[str, float]:
@@ -258,6 +263,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--clutter", default=",".join(CLUTTER), help=f"background styles drawn from {CLUTTER}")
     g.add_argument("--clutter-strength", type=float, default=0.5)
+    g.add_argument(
+        "--grid", type=int, default=0,
+        help="place objects centred in distinct cells of an N x N grid, so each box coordinate takes a few "
+        "values (0: anywhere, the default)",
+    )
+    g.add_argument(
+        "--chain-style", choices=CHAIN_STYLES, default="full",
+        help="full: worded steps (the default); terse: one step per described object with its box, then the "
+        "answer, for small worlds and models",
+    )
     g.add_argument("--image-format", choices=("png", "jpg"), default="png")
     g.add_argument("--jpeg-quality", type=int, default=90)
     g.add_argument("--workers", type=int, default=1, help="processes rendering scenes")
@@ -286,11 +301,17 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         qa_types=parse_weights(args.qa_types, QA_TYPES, "qa type"),
         image_format=args.image_format,
         jpeg_quality=args.jpeg_quality,
+        grid=args.grid,
+        chain_style=args.chain_style,
     )
     if not 1 <= cfg.min_objects <= cfg.max_objects:
         raise ValueError("need 1 <= --min-objects <= --max-objects")
     if not 0 < cfg.aspect_range[0] <= cfg.aspect_range[1]:
         raise ValueError("--aspect-range must be min,max with 0 < min <= max")
+    if cfg.grid < 0 or (cfg.grid and cfg.grid * cfg.grid < cfg.max_objects):
+        raise ValueError("--grid N needs N >= 0 and N * N >= --max-objects")
+    if cfg.grid and min(w, h) < 8 * cfg.grid:
+        raise ValueError(f"--grid {cfg.grid} leaves cells under 8 px in a {w}x{h} image")
     return cfg
 
 
@@ -364,32 +385,60 @@ def _canvas_size(rng: random.Random, cfg: SynthConfig) -> tuple[int, int]:
     return max(32, int(round(math.sqrt(area * ratio)))), max(32, int(round(math.sqrt(area / ratio))))
 
 
+def _pick_look(rng: random.Random, cfg: SynthConfig, objects: list[Obj]) -> tuple[str, str]:
+    """A new object's shape and colour; with ``distractor_rate`` it repeats an existing object's shape."""
+    if objects and rng.random() < cfg.distractor_rate:
+        src = rng.choice(objects)
+        return src.shape, src.colour if rng.random() < 0.5 else rng.choice(cfg.colours)
+    return rng.choice(cfg.shapes), rng.choice(cfg.colours)
+
+
+def _placed(shape: str, colour: str, size: str, side: int, x0: int, y0: int) -> Obj | None:
+    mask = shape_mask(shape, side)
+    bx = mask.getbbox()
+    if bx is None:
+        return None
+    box = (float(x0 + bx[0]), float(y0 + bx[1]), float(x0 + bx[2]), float(y0 + bx[3]))
+    return Obj(shape, colour, size, box, int(np.count_nonzero(np.asarray(mask))), (x0, y0), mask)
+
+
+def _grid_scene(rng: random.Random, cfg: SynthConfig, w: int, h: int) -> Scene:
+    """Objects centred in distinct cells of a ``cfg.grid`` x ``cfg.grid`` layout, sized by :data:`GRID_FILL`."""
+    g = cfg.grid
+    cw, ch = w // g, h // g
+    objects: list[Obj] = []
+    for cell in rng.sample(range(g * g), rng.randint(cfg.min_objects, cfg.max_objects)):
+        shape, colour = _pick_look(rng, cfg, objects)
+        size = rng.choice(cfg.sizes)
+        side = max(4, int(round(min(cw, ch) * GRID_FILL[size])))
+        col, row = cell % g, cell // g
+        o = _placed(shape, colour, size, side, col * cw + (cw - side) // 2, row * ch + (ch - side) // 2)
+        if o is not None:
+            objects.append(o)
+    return Scene(w, h, objects)
+
+
 def make_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
     """Objects with exact boxes (no pixels drawn on a canvas yet)."""
     w, h = _canvas_size(rng, cfg)
+    if cfg.grid:
+        return _grid_scene(rng, cfg, w, h)
     base = min(w, h)
     objects: list[Obj] = []
     for _ in range(rng.randint(cfg.min_objects, cfg.max_objects)):
-        if objects and rng.random() < cfg.distractor_rate:
-            src = rng.choice(objects)
-            shape = src.shape
-            colour = src.colour if rng.random() < 0.5 else rng.choice(cfg.colours)
-        else:
-            shape, colour = rng.choice(cfg.shapes), rng.choice(cfg.colours)
+        shape, colour = _pick_look(rng, cfg, objects)
         size = rng.choice(cfg.sizes)
         side = max(6, int(round(base * rng.uniform(*SIZES[size]))))
         if side > min(w, h):
             continue
-        mask = shape_mask(shape, side)
-        bx = mask.getbbox()
-        if bx is None:
+        at_origin = _placed(shape, colour, size, side, 0, 0)
+        if at_origin is None:
             continue
-        area = int(np.count_nonzero(np.asarray(mask)))
         for _try in range(40):
             x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
-            box = (float(x0 + bx[0]), float(y0 + bx[1]), float(x0 + bx[2]), float(y0 + bx[3]))
+            box = tuple(v + d for v, d in zip(at_origin.box, (x0, y0, x0, y0), strict=True))
             if _fits(box, objects, cfg):
-                objects.append(Obj(shape, colour, size, box, area, (x0, y0), mask))
+                objects.append(replace(at_origin, box=box, offset=(x0, y0)))
                 break
     return Scene(w, h, objects)
 
@@ -630,20 +679,39 @@ REFEXP_BUILDERS = {
 }
 
 
+def _located(scene: Scene, idx: list[int], rng: random.Random) -> list[Step]:
+    """Terse steps: each object, left to right, named as a one-shot region prompt would name it, with its box."""
+    objs = scene.objects
+    steps = []
+    for j in sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy)):
+        d = unique_desc(scene, j, rng) or Desc(objs[j].shape, objs[j].colour, objs[j].size)
+        steps.append(Step(f"the {d.words()} {BOX_SLOT}", [objs[j].box]))
+    return steps
+
+
+def _refexp_candidates(scene: Scene, q: Query, target: int) -> list[int]:
+    objs = scene.objects
+    if q.relation:
+        return [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
+    if q.superlative:
+        return [j for j, o in enumerate(objs) if q.desc.matches(o)]
+    if q.desc.shape is not None:
+        return _same_category(scene, target)
+    return list(range(len(objs)))
+
+
 def _refexp_steps(
-    rng: random.Random, scene: Scene, q: Query, anchor_desc: Desc | None, target: int
+    rng: random.Random, scene: Scene, q: Query, anchor_desc: Desc | None, target: int, terse: bool = False
 ) -> list[Step]:
+    """The chain of a referring expression. Terse: the anchor (relations), then every candidate, each located;
+    the answer line then picks the target."""
     objs = scene.objects
     box = objs[target].box
+    cands = _refexp_candidates(scene, q, target)
+    if terse:
+        anchor = [q.anchor] if q.relation and q.anchor is not None else []
+        return _located(scene, anchor, rng) + _located(scene, cands, rng)
     steps = [Step(phrase(rng, "asks", target=ref_text(q, scene, anchor_desc)))]
-    if q.relation:
-        cands = [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
-    elif q.superlative:
-        cands = [j for j, o in enumerate(objs) if q.desc.matches(o)]
-    elif q.desc.shape is not None:
-        cands = _same_category(scene, target)
-    else:
-        cands = list(range(len(objs)))
     steps.append(_candidate_step(rng, scene, cands))
     if q.relation and q.anchor is not None and anchor_desc is not None:
         steps.append(
@@ -688,7 +756,8 @@ def _build_refexp(rng: random.Random, scene: Scene, cfg: SynthConfig, region: bo
         return Built("region", ref, [], targets, difficulty=difficulty)
     query = rng.choice(REFEXP_QUERIES).format(ref=ref)
     return Built(
-        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0]), targets, difficulty=difficulty,
+        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0], cfg.chain_style == "terse"), targets,
+        difficulty=difficulty,
         expression=ref,
     )
 
@@ -705,7 +774,7 @@ def _group_desc(rng: random.Random, scene: Scene, min_count: int) -> Desc | None
     return good[0] if good else None
 
 
-def _build_group(rng: random.Random, scene: Scene, kind: str) -> Built | None:
+def _build_group(rng: random.Random, scene: Scene, kind: str, terse: bool = False) -> Built | None:
     objs = scene.objects
     d = _group_desc(rng, scene, 2 if kind == "find_all" else 1)
     if d is None:
@@ -719,21 +788,25 @@ def _build_group(rng: random.Random, scene: Scene, kind: str) -> Built | None:
         cands = list(range(len(objs)))
     hard = len(cands) > len(targets)
     boxes = [objs[j].box for j in targets]
-    if kind == "find_all":
+    if terse:
+        steps = _located(scene, cands, rng)
+    elif kind == "find_all":
         steps = [
             Step(phrase(rng, "asks_all", target=one, targets=many)),
             _candidate_step(rng, scene, cands),
             Step(phrase(rng, "matches", targets=many, boxes=slots(len(targets))), boxes),
         ]
+    else:
+        steps = [
+            Step(phrase(rng, "asks_count", target=one, targets=many)),
+            _candidate_step(rng, scene, cands),
+        ]
+        if hard:
+            steps.append(Step(phrase(rng, "matches", targets=many, boxes=slots(len(targets))), boxes))
+        steps.append(Step(phrase(rng, "count_total", count=len(targets))))
+    if kind == "find_all":
         query = rng.choice(FIND_ALL_QUERIES).format(plural=many, one=one)
         return Built("find_all", query, steps, targets, difficulty="hard")
-    steps = [
-        Step(phrase(rng, "asks_count", target=one, targets=many)),
-        _candidate_step(rng, scene, cands),
-    ]
-    if hard:
-        steps.append(Step(phrase(rng, "matches", targets=many, boxes=slots(len(targets))), boxes))
-    steps.append(Step(phrase(rng, "count_total", count=len(targets))))
     query = rng.choice(COUNT_QUERIES).format(plural=many)
     return Built(
         "count", query, steps, targets, answer_text=str(len(targets)), difficulty="hard" if hard else "simple"
@@ -820,7 +893,7 @@ def build_query(rng: random.Random, scene: Scene, kind: str, cfg: SynthConfig) -
     if kind in ("refexp", "region"):
         return _build_refexp(rng, scene, cfg, region=kind == "region")
     if kind in ("find_all", "count"):
-        return _build_group(rng, scene, kind)
+        return _build_group(rng, scene, kind, cfg.chain_style == "terse")
     if kind == "grounded_caption":
         return _build_caption(rng, scene)
     return _build_qa(rng, scene, cfg)
@@ -1020,8 +1093,8 @@ def vocabulary_text(seed: int = 0, n: int = 200) -> list[str]:
             ]
         )
     ]
-    texts += [f"Step {i}:" for i in range(1, 8)] + [
-        "Answer:",
+    texts += [step_line(i, "") for i in range(1, 8)] + [
+        answer_line(""),
         "[0.00, 0.25, 0.50, 1.00]",
         "0 1 2 3 4 5 6 7 8 9",
     ]
