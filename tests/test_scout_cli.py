@@ -53,7 +53,7 @@ def test_resume_skips_finished_ids_and_ends_like_a_fresh_run(tmp_path, monkeypat
     assert synth(fresh, 40, "--frame", "original") == 0
 
     calls = []
-    real = synthetic.make_record
+    real = synthetic.records.make_record
 
     def interrupted(job, cfg):
         if len(calls) == 23:
@@ -62,13 +62,13 @@ def test_resume_skips_finished_ids_and_ends_like_a_fresh_run(tmp_path, monkeypat
         return real(job, cfg)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(synthetic, "make_record", interrupted)
+    monkeypatch.setattr(synthetic.records, "make_record", interrupted)
     assert synth(out, 40, "--frame", "original", "--shard-size", "5") == 130
     assert not (out / "train.json").exists() and len(list((out / "shards").glob("train-*.json"))) == 4
 
     calls.clear()
     monkeypatch.setattr(
-        synthetic, "make_record", lambda job, cfg: (calls.append(job.index), real(job, cfg))[1]
+        synthetic.records, "make_record", lambda job, cfg: (calls.append(job.index), real(job, cfg))[1]
     )
     assert synth(out, 40, "--frame", "original", "--shard-size", "5", "--resume") == 0
     assert len(calls) == 40 - 20  # the 20 ids in shards were not generated again

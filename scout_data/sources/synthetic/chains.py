@@ -1,0 +1,84 @@
+"""The chain steps of a query: worded (``full``) or one located object per step (``terse``)."""
+
+from __future__ import annotations
+
+import random
+
+from scout_data.schema import BOX_SLOT, Step
+from scout_data.sources.synthetic.referring import Desc, Query, ref_text, unique_desc
+from scout_data.sources.synthetic.scenes import Scene
+from scout_data.sources.synthetic.world import REL_WORDS
+from scout_data.writer import item_list, phrase
+
+
+def _same_category(scene: Scene, i: int) -> list[int]:
+    return [j for j, o in enumerate(scene.objects) if o.shape == scene.objects[i].shape]
+
+
+def _candidate_step(rng: random.Random, scene: Scene, idx: list[int]) -> Step:
+    objs = scene.objects
+    idx = sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy))
+    key = "candidates_one" if len(idx) == 1 else "candidates"
+    return Step(phrase(rng, key, items=item_list([objs[j].words() for j in idx])), [objs[j].box for j in idx])
+
+
+
+
+def _located(scene: Scene, idx: list[int], rng: random.Random) -> list[Step]:
+    """Terse steps: each object, left to right, named as a one-shot region prompt would name it, with its box."""
+    objs = scene.objects
+    steps = []
+    for j in sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy)):
+        d = unique_desc(scene, j, rng) or Desc(objs[j].shape, objs[j].colour, objs[j].size)
+        steps.append(Step(f"the {d.words()} {BOX_SLOT}", [objs[j].box]))
+    return steps
+
+
+def _refexp_candidates(scene: Scene, q: Query, target: int) -> list[int]:
+    objs = scene.objects
+    if q.relation:
+        return [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
+    if q.superlative:
+        return [j for j, o in enumerate(objs) if q.desc.matches(o)]
+    if q.desc.shape is not None:
+        return _same_category(scene, target)
+    return list(range(len(objs)))
+
+
+def _refexp_steps(
+    rng: random.Random, scene: Scene, q: Query, anchor_desc: Desc | None, target: int, terse: bool = False
+) -> list[Step]:
+    """The chain of a referring expression. Terse: the anchor (relations), then every candidate, each located;
+    the answer line then picks the target."""
+    objs = scene.objects
+    box = objs[target].box
+    cands = _refexp_candidates(scene, q, target)
+    if terse:
+        anchor = [q.anchor] if q.relation and q.anchor is not None else []
+        return _located(scene, anchor, rng) + _located(scene, cands, rng)
+    steps = [Step(phrase(rng, "asks", target=ref_text(q, scene, anchor_desc)))]
+    steps.append(_candidate_step(rng, scene, cands))
+    if q.relation and q.anchor is not None and anchor_desc is not None:
+        steps.append(
+            Step(phrase(rng, "anchor", anchor=anchor_desc.words(), box="<box>"), [objs[q.anchor].box])
+        )
+        steps.append(
+            Step(
+                phrase(
+                    rng,
+                    "pick_relation",
+                    relation=REL_WORDS[q.relation],
+                    anchor=anchor_desc.words(),
+                    box="<box>",
+                ),
+                [box],
+            )
+        )
+    elif q.superlative:
+        steps.append(Step(phrase(rng, "pick_superlative", superlative=q.superlative, box="<box>"), [box]))
+    elif len(cands) == 1:
+        steps.append(Step(phrase(rng, "pick_only", box="<box>"), [box]))
+    else:
+        attribute = " ".join(w for w in (q.desc.size, q.desc.colour) if w) or (q.desc.shape or "")
+        steps.append(Step(phrase(rng, "pick_attribute", attribute=attribute, box="<box>"), [box]))
+    return steps

@@ -1,0 +1,86 @@
+"""The tokenizer corpus: every phrase the generator can produce."""
+
+from __future__ import annotations
+
+from scout_data.chain import answer_line, step_line
+from scout_data.schema import Sample
+from scout_data.sources.synthetic.config import KINDS, QA_TYPES, SynthConfig
+from scout_data.sources.synthetic.queries import (
+    CAPTION_ANSWERS,
+    CAPTION_QA_ANSWERS,
+    CAPTION_QUERIES,
+    COUNT_QUERIES,
+    FIND_ALL_QUERIES,
+    QA_QUERIES,
+    REFEXP_QUERIES,
+    SHORT_ANSWER,
+)
+from scout_data.sources.synthetic.records import generate
+from scout_data.sources.synthetic.world import COLOURS, REL_WORDS, SHAPES, SIZES, SUPERLATIVES, plural
+from scout_data.writer import PHRASES, REGION_PROMPT, STEP_BY_STEP
+
+
+def vocabulary_text(seed: int = 0, n: int = 200) -> list[str]:
+    """Strings covering every phrase the generator can produce: each template filled in, every word,
+    and the prompts and answers of ``n`` generated records (kinds in turn), rendered as training text."""
+    from scout_data.writer import render_gpt, render_human
+
+    words = {
+        "target": "the red circle",
+        "targets": "red circles",
+        "items": "red circle <box>",
+        "box": "<box>",
+        "boxes": "<box>, <box>",
+        "anchor": "blue star",
+        "attribute": "red",
+        "relation": "left of",
+        "superlative": "largest",
+        "count": 3,
+        "ref": "the red circle",
+        "plural": "red circles",
+        "one": "red circle",
+        "rel": "left of",
+        "ref2": "the blue star",
+        "n": 3,
+    }
+    texts = [STEP_BY_STEP, SHORT_ANSWER, REGION_PROMPT.format(query="the red circle")]
+    templates = [t for group in PHRASES.values() for t in group]
+    templates += [
+        *REFEXP_QUERIES,
+        *FIND_ALL_QUERIES,
+        *COUNT_QUERIES,
+        *CAPTION_QUERIES,
+        *CAPTION_ANSWERS,
+        *CAPTION_QA_ANSWERS,
+        *(t for g in QA_QUERIES.values() for t in g),
+    ]
+    texts += [t.format(**words) for t in templates]
+    texts += [
+        " ".join(
+            [
+                *COLOURS,
+                *SHAPES,
+                *(plural(s) for s in SHAPES),
+                *SIZES,
+                *SUPERLATIVES,
+                *REL_WORDS.values(),
+                "object",
+                "objects",
+                "Yes",
+                "No",
+            ]
+        )
+    ]
+    texts += [step_line(i, "") for i in range(1, 8)] + [
+        answer_line(""),
+        "[0.00, 0.25, 0.50, 1.00]",
+        "0 1 2 3 4 5 6 7 8 9",
+    ]
+    cfg = SynthConfig(qa_types={t: 1.0 for t in QA_TYPES})
+    for k, kind in enumerate(KINDS):
+        cfg.kinds = {kind: 1.0}
+        for i in range(n // len(KINDS) + (k < n % len(KINDS))):
+            got, _ = generate(seed, f"vocab-{kind}", i, cfg)
+            if isinstance(got, Sample):
+                texts += [render_human(got.query, got.kind), render_gpt(got)]
+    return texts
