@@ -9,7 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from playground.app import MAX_FILE_SIZE, PlaygroundError, build_demo, create_backend, launch
+from playground.app import MAX_FILE_SIZE, build_demo, create_backend, launch
+from playground.models import PlaygroundError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(backend.description.replace("**", "").replace("  \n", "\n"))
-    launch(build_demo(backend), args.host, args.port, args.max_file_size)
+    launch(build_demo(backend), args.host, args.port, args.max_file_size, examples_dir=backend.examples_dir)
     return 0
 
 

@@ -13,14 +13,13 @@ The model writes boxes as normalised ``[x1, y1, x2, y2]`` in the padded square i
 from __future__ import annotations
 
 import functools
-import html
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from llava_twist.demo.pointer import PointerError, read_pointer  # noqa: E402
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
 from llava_twist.serve.inference import (  # noqa: E402
     MAX_IMAGE_PIXELS,
@@ -44,15 +42,15 @@ from llava_twist.serve.inference import (  # noqa: E402
     stream_generate,
 )
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
+from playground.models import (  # noqa: E402
+    DATA_DIR,
+    PlaygroundError,
+    describe_model,
+    resolve_model_source,
+)
+from playground.panels import PanelUpdate  # noqa: E402
 from playground.worker import GenerationJob  # noqa: E402
 from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
-from scout_data.palette import ANSWER_COLOUR, step_colour  # noqa: E402
-
-PLAYGROUND_DIR = Path(__file__).resolve().parent
-DATA_DIR = PLAYGROUND_DIR / "data"
-DEMO_DIR = DATA_DIR / "demo"
-TINY_DIR = DATA_DIR / "tiny-llava"
-TINY_DONE = "tiny_llava_spec.json"  # written last by build_tiny_llava
 
 MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
@@ -63,189 +61,8 @@ ROUTE_CHOICES: dict[str, str] = {
     "Grounding": GROUNDING,
 }
 ROUTE_LABELS = {v: k for k, v in ROUTE_CHOICES.items()}
-NO_BOX = "No boxes in the model's output"
-NO_ANSWER_BOX = "No box in the answer"
 
 TextGenerator = Callable[[str, Image.Image, GenerationSettings], Iterable[str | InferenceResult]]
-
-
-class PlaygroundError(Exception):
-    """A problem the user can fix, shown in the UI."""
-
-
-# ---------------------------------------------------------------- model
-
-
-@dataclass
-class ModelSource:
-    model_path: str
-    model_base: str | None
-    label: str  # what the UI says is loaded
-
-
-def ensure_tiny_model(out_dir: str | Path = TINY_DIR) -> Path:
-    """The tiny random LLaVA-1.5 checkpoint in ``out_dir``, built on first use (a few seconds, no download)."""
-    from llava_twist.tiny import build_tiny_llava
-
-    out = Path(out_dir)
-    if (out / TINY_DONE).is_file():
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    return build_tiny_llava(out)
-
-
-def find_demo_model(demo_dir: str | Path = DEMO_DIR) -> ModelSource | None:
-    """The model ``make demo`` trained, named by its pointer (:mod:`llava_twist.demo.pointer`); None when there
-    is none."""
-    try:
-        pointer = read_pointer(demo_dir)
-    except PointerError as exc:
-        raise PlaygroundError(str(exc)) from exc
-    return None if pointer is None else ModelSource(pointer.model_path, pointer.model_base, pointer.label)
-
-
-def resolve_model_source(
-    model_path: str | None = None,
-    model_base: str | None = None,
-    demo_dir: str | Path = DEMO_DIR,
-    tiny_dir: str | Path = TINY_DIR,
-) -> ModelSource:
-    """``--model-path`` (+ ``--model-base``) when given, else the demo's trained model, else the tiny one."""
-    if model_path:
-        return ModelSource(model_path, model_base, _checkpoint_label(model_path, model_base))
-    if model_base:
-        raise PlaygroundError("--model-base needs --model-path (the TWIST delta to apply onto it)")
-    demo = find_demo_model(demo_dir)
-    if demo is not None:
-        return demo
-    tiny = ensure_tiny_model(tiny_dir)
-    return ModelSource(
-        str(tiny), None, f"the tiny demo LLaVA-1.5 with random weights ({tiny}); its answers are noise"
-    )
-
-
-def _checkpoint_label(model_path: str, model_base: str | None) -> str:
-    from llava_twist.model.builder import is_twist_delta, read_config_json
-    from llava_twist.model.config import TWIST_MODEL_TYPE
-
-    if model_base and is_twist_delta(model_path):
-        return f"the TWIST grounding delta {model_path} on the base {model_base}"
-    try:
-        model_type = read_config_json(model_path).get("model_type")
-    except (OSError, ValueError):
-        return model_path
-    if model_type == TWIST_MODEL_TYPE:
-        return f"the TWIST checkpoint {model_path}"
-    return (
-        f"the LLaVA-1.5 checkpoint {model_path}, converted to TWIST on the fly (untrained grounding experts and "
-        "router: Auto sends every prompt to the original model)"
-    )
-
-
-def describe_model(source: ModelSource, loaded: LoadedModel | None) -> str:
-    """Markdown: what is loaded, with its TWIST settings."""
-    lines = [f"**Model:** {source.label}"]
-    if loaded is not None:
-        cfg = loaded.model.config
-        params = sum(p.numel() for p in loaded.model.parameters())
-        twist = ", ".join(
-            f"{k.removeprefix('twist_')}={getattr(cfg, k)}"
-            for k in ("twist_expert", "twist_layers", "twist_mix", "twist_router_layer", "twist_router_threshold")
-            if hasattr(cfg, k)
-        )
-        dtype = str(loaded.dtype).split(".")[-1]
-        lines.append(
-            f"`{loaded.model_name}` · {params / 1e6:.2f}M parameters · {loaded.device} {dtype}"
-            f" · TWIST: {twist or 'n/a'} · boxes in the `{loaded.default_box_frame()}` frame, drawn in original pixels"
-        )
-    return "  \n".join(lines)
-
-
-# ---------------------------------------------------------------- one answer, streamed
-
-
-@dataclass
-class PanelUpdate:
-    """The state of one answer while it streams: text so far, its parsed boxes and the annotated image."""
-
-    result: InferenceResult
-    image: Image.Image
-    done: bool
-    route_label: str  # the selector's choice
-
-    def html(self) -> str:
-        return chain_html(self.result, self.done)
-
-    def info(self) -> str:
-        return route_info(self.result, self.done, self.route_label)
-
-    def data(self) -> dict[str, Any]:
-        payload = self.result.to_json()
-        payload["done"] = self.done
-        return payload
-
-
-def _rgb(colour: tuple[int, int, int]) -> str:
-    return "rgb({}, {}, {})".format(*colour)
-
-
-def _fmt_px(box: Iterable[float]) -> str:
-    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
-
-
-def chain_html(result: InferenceResult, done: bool) -> str:
-    """The steps, each in the colour of its boxes, with the boxes in original-image pixels."""
-    rows = []
-    steps = result.chain.steps
-    for k, step in enumerate(steps):
-        colour = step_colour(step.index)
-        boxes = [b.box_xyxy_px for b in result.boxes if b.step == step.index]
-        pending = not done and k == len(steps) - 1 and not result.chain.has_answer_line
-        box_html = "".join(f' <code class="twist-box">{_fmt_px(b)} px</code>' for b in boxes)
-        rows.append(
-            f'<div class="twist-step{" twist-pending" if pending else ""}" data-step="{step.index}" '
-            f'data-boxes="{len(boxes)}" style="border-left: 6px solid {_rgb(colour)}; padding-left: 8px; '
-            f'margin: 4px 0;"><b>Step {step.index}:</b> {html.escape(step.text)}{box_html}</div>'
-        )
-    answer = result.chain.answer_text
-    if result.chain.has_answer_line or (not steps and answer):
-        boxes = result.answer_boxes_xyxy_px
-        box_html = "".join(f' <code class="twist-box">{_fmt_px(b)} px</code>' for b in boxes)
-        rows.append(
-            f'<div class="twist-answer" data-boxes="{len(boxes)}" style="border-left: 6px solid '
-            f'{_rgb(ANSWER_COLOUR)}; padding-left: 8px; margin: 4px 0;"><b>Answer:</b> {html.escape(answer)}'
-            f"{box_html}</div>"
-        )
-    if not rows:
-        rows.append('<div class="twist-empty"><i>waiting for the first words…</i></div>' if not done else "")
-    return '<div class="twist-chain">' + "".join(rows) + "</div>"
-
-
-def route_info(result: InferenceResult, done: bool, route_label: str) -> str:
-    """Markdown: route (with the router's probability under Auto), progress, and why there is no box."""
-    lines = []
-    if result.route is not None:
-        if result.route_forced:
-            lines.append(f"**Route:** {result.route} (forced: {route_label})")
-        else:
-            prob = f"{result.router_prob:.3f}" if result.router_prob is not None else "n/a"
-            lines.append(f"**Route:** {result.route} · router p(grounding) = **{prob}** (Auto)")
-    elif not done:
-        lines.append(f"**Route:** {route_label} · generating…")
-    n_steps, n_boxes = len(result.chain.steps), len(result.boxes)
-    lines.append(f"{n_steps} step{'s' * (n_steps != 1)} · {n_boxes} box{'es' * (n_boxes != 1)}"
-                 f"{'' if done else ' so far'}")
-    if done:
-        if not result.boxes:
-            reason = html.escape(result.miss_reason or "no box text")
-            lines.append(f"⚠️ **{NO_BOX}** ({reason}): the model answered in words only. Try the Grounding "
-                         "route or ask for boxes step by step.")
-        elif result.miss_reason:
-            lines.append(f"⚠️ **{NO_ANSWER_BOX}** ({html.escape(result.miss_reason)}); the steps' boxes are drawn.")
-        notes = [p for p in result.chain.problems if p != result.miss_reason]
-        lines += [f"note: {html.escape(p)}" for p in notes[:5]]
-    return "  \n".join(lines)
 
 
 def check_image(image: Image.Image | None) -> Image.Image:
@@ -276,11 +93,13 @@ class Backend:
         description: str = "",
         generate_fn: TextGenerator | None = None,
         box_frame: str | None = None,
+        examples_dir: str | Path | None = None,
     ) -> None:
         if loaded is None and generate_fn is None:
             raise ValueError("Backend needs a loaded model or a generate_fn")
         self.loaded = loaded
         self.description = description
+        self.examples_dir = Path(examples_dir) if examples_dir else EXAMPLES_DIR  # the model's world, else bundled
         self.generate_fn = generate_fn
         self.box_frame = box_frame or (loaded.default_box_frame() if loaded is not None else DEFAULT_FRAME)
         self.lock = threading.Lock()
@@ -426,7 +245,7 @@ def checked_image(**kwargs: Any) -> gr.Image:
 
 
 def load_examples(examples_dir: str | Path = EXAMPLES_DIR) -> list[dict[str, Any]]:
-    """The bundled example scenes (``examples.json``), with absolute image paths."""
+    """Example scenes (``examples.json``, bundled or of the loaded model's world), with absolute image paths."""
     folder = Path(examples_dir).resolve()
     entries = json.loads((folder / EXAMPLES_FILE).read_text())
     for e in entries:
@@ -441,9 +260,21 @@ CSS = """
 """
 
 
-def build_demo(backend: Backend, examples_dir: str | Path = EXAMPLES_DIR) -> gr.Blocks:
-    """The playground's Blocks (not launched)."""
-    examples = load_examples(examples_dir)
+def servable_examples(folder: str | Path) -> Path:
+    """``folder``, or a copy of it outside ``playground/data`` (which the server never serves) when it is inside."""
+    folder = Path(folder).resolve()
+    if not folder.is_relative_to(DATA_DIR.resolve()):
+        return folder
+    copy = Path(tempfile.mkdtemp(prefix="playground-examples-")) / folder.name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.Blocks:
+    """The playground's Blocks (not launched); examples from ``examples_dir``, else the backend's."""
+    folder = Path(examples_dir or backend.examples_dir)
+    examples = load_examples(folder)
+    own_world = folder.resolve() != EXAMPLES_DIR.resolve()
     with gr.Blocks(title="TWIST & SCOUT playground") as demo:
         gr.Markdown(
             "## TWIST & SCOUT playground\nAsk about an image; the answer streams step by step and each step's "
@@ -469,7 +300,8 @@ def build_demo(backend: Backend, examples_dir: str | Path = EXAMPLES_DIR) -> gr.
                 gr.Examples(
                     examples=[[e["path"], e["query"]] for e in examples],
                     inputs=[image, query],
-                    label="Example scenes (SCOUT synthetic)",
+                    label=("Held-out scenes of the model's own world" if own_world
+                           else "Example scenes (SCOUT synthetic)"),
                     elem_id="examples",
                 )
             with gr.Column(scale=2):
@@ -532,7 +364,9 @@ def launch(
 def create_backend(
     model_path: str | None = None, model_base: str | None = None, device: str = "auto", **load_kwargs: Any
 ) -> Backend:
-    """Resolve and load the model (the demo's or the tiny one by default) behind a :class:`Backend`."""
+    """Resolve and load the model (the demo's or the tiny one by default) behind a :class:`Backend`, with the
+    example scenes of its world when it has them."""
     source = resolve_model_source(model_path, model_base)
     loaded = load_model(source.model_path, source.model_base, device, **load_kwargs)
-    return Backend(loaded, describe_model(source, loaded))
+    examples = servable_examples(source.examples) if source.examples else None
+    return Backend(loaded, describe_model(source, loaded), examples_dir=examples)

@@ -1,5 +1,7 @@
-"""Regenerate the bundled example scenes (``playground/examples/``): a few small, non-square SCOUT synthetic
-scenes with their query and reference chain.
+"""The playground's example scenes: ``examples.json`` (image, query, kind, reference chain, answer boxes in
+pixels) beside the images. ``python -m playground.make_examples`` regenerates the bundled ones
+(``playground/examples/``: a few small, non-square SCOUT synthetic scenes); ``make demo`` writes held-out scenes
+of its model's own world with :func:`write_record_examples`.
 
     python -m playground.make_examples
 """
@@ -9,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from scout_data.sources.synthetic import SynthConfig, generate, render_scene
 from scout_data.writer import render_gpt, render_prompt
@@ -43,6 +48,23 @@ def write_examples(out_dir: str | Path = EXAMPLES_DIR, seed: int = 0) -> list[di
                 "answer_boxes_xyxy_px": [list(b) for b in sample.answer_boxes_xyxy_px],
             }
         )
+    (out / EXAMPLES_FILE).write_text(json.dumps(entries, indent=2) + "\n")
+    return entries
+
+
+def write_record_examples(records: Sequence[dict[str, Any]], image_folder: str | Path, out_dir: str | Path
+                          ) -> list[dict[str, Any]]:
+    """Examples from SCOUT records (LLaVA conversation JSON with ``answer_boxes_xyxy_px``), their images copied
+    into ``out_dir`` beside ``examples.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for r in records:
+        name = Path(r["image"]).name
+        shutil.copyfile(Path(image_folder) / r["image"], out / name)
+        human, gpt = (t["value"] for t in r["conversations"][:2])
+        entries.append({"image": name, "query": human.replace("<image>", "").strip(), "kind": r.get("kind"),
+                        "reference": gpt, "answer_boxes_xyxy_px": r["answer_boxes_xyxy_px"]})
     (out / EXAMPLES_FILE).write_text(json.dumps(entries, indent=2) + "\n")
     return entries
 

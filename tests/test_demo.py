@@ -149,10 +149,14 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     reliance = results["image_reliance"]
     assert reliance["records"] >= 2 and reliance["loss_own_images"] > 0 and reliance["loss_shuffled_images"] > 0
     assert "Does the base use the image?" in (demo["out"] / "report.md").read_text()
-    grounding = results["base_grounding"]
-    assert grounding["n"] > 0 and 0.0 <= grounding["acc@0.5"] <= 1.0 and 0.0 <= grounding["parse_failure_rate"] <= 1.0
-    assert f"Does the base ground? On {grounding['n']} held-out one-shot box prompts" in (
-        demo["out"] / "report.md").read_text()
+    region, one_shot = results["base_one_shot"]["region"], results["base_one_shot"]["refexp"]
+    assert region["n"] > 0 and 0.0 <= region["acc@0.5"] <= 1.0 and 0.0 <= region["parse_failure_rate"] <= 1.0
+    report = (demo["out"] / "report.md").read_text()
+    assert f"Does the base ground? On {region['n']} held-out one-shot box prompts" in report
+    # the base is asked the grounding runs' own held-out expressions one-shot too, and the table shows both
+    assert one_shot["n"] == results["models"]["base"]["refexp"]["n"] and "predictions" not in one_shot
+    assert results["models"]["base"]["one_shot"]["acc@0.5"] == one_shot["acc@0.5"]
+    assert "| base (LLaVA-1.5), one-shot prompt |" in report and "| base (LLaVA-1.5), step-by-step prompt |" in report
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 
@@ -205,13 +209,21 @@ def test_router_output_is_recorded(demo: dict[str, Any]) -> None:
 
 def test_playground_json_points_at_a_loadable_twist_delta(demo: dict[str, Any]) -> None:
     from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
-    from playground.app import find_demo_model
+    from playground.models import find_demo_model
 
     source = find_demo_model(demo["out"])
     assert source is not None and not Path(json.loads((demo["out"] / "playground.json").read_text())[
         "model_path"]).is_absolute()
     assert Path(source.model_path, DELTA_WEIGHTS).is_file() and Path(source.model_base, "config.json").is_file()
     assert Path(source.model_path).name == demo["results"]["best_twist"]
+    # the playground's examples: the first held-out referring expressions of the model's own world, in order
+    examples = json.loads((Path(source.examples) / "examples.json").read_text())
+    held_out = [r for r in json.loads((demo["out"] / "work" / "data" / "grounding" / "test.json").read_text())
+                if r["kind"] == "refexp"]
+    assert [e["image"] for e in examples] == [Path(r["image"]).name for r in held_out[:len(examples)]]
+    assert all((Path(source.examples) / e["image"]).is_file() for e in examples) and examples
+    assert f"its examples are the first {len(examples)} held-out referring expressions" in (
+        demo["out"] / "report.md").read_text()
     _, model, _, _ = load_pretrained_model(source.model_path, source.model_base, device="cpu")
     assert model.config.model_type == "llava_twist"
 
@@ -270,12 +282,16 @@ def test_warmup_lessons_are_stages_in_order_and_optional() -> None:
     assert replace(RECIPE, warmups=RECIPE.warmups[:1]).stage_config("data") != RECIPE.stage_config("data")
 
 
-def test_full_boxes_is_full_with_a_box_lesson_and_a_shorter_base() -> None:
-    full, boxes = get_recipe("full"), get_recipe("full-boxes")
-    assert [w.name for w in full.warmups] == ["colour"]
-    assert boxes.warmups == (*full.warmups, BOX_LESSON) and boxes.base.steps < full.base.steps
-    assert replace(boxes, profile="full", warmups=full.warmups, base=full.base) == full
+def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
+    full, ci = get_recipe("full"), get_recipe("ci")
+    assert full.shipped_base and not ci.shipped_base
+    assert [w.name for w in full.warmups] == ["colour", "boxes"]
     assert BOX_LESSON.data.kinds == "region:1" and BOX_LESSON.data.max_objects == 1
+    assert full.grounding_data.chain_style == "terse" and full.base_data.grid == full.grounding_data.grid == 4
+    # the base hash covers what makes the base's weights, and nothing the grounding runs read
+    assert replace(full, full_ft=replace(full.full_ft, steps=1)).base_hash() == full.base_hash()
+    assert replace(full, base=replace(full.base, steps=1)).base_hash() != full.base_hash()
+    assert replace(full, base_data=replace(full.base_data, num=1)).base_hash() != full.base_hash()
 
 
 def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from llava_twist.demo.pointer import POINTER_FILE
 from llava_twist.serve.inference import GenerationSettings, result_from_text
-from playground import app
+from playground import app, models, panels
 from playground.app import Backend, PlaygroundError
 from scout_data.palette import ANSWER_COLOUR, STEP_COLOURS
 
@@ -95,19 +95,29 @@ def test_run_yields_both_panels_and_reports_missing_boxes() -> None:
     outs = list(backend.run(grey(), "What colour is the circle?", GROUNDING, True, 0.7, 40))
     first, last = outs[0], outs[-1]
     assert len(last) == 8 and first[4] is None  # the original-LLaVA panel fills after TWIST is done
-    assert app.NO_BOX in last[2] and app.NO_BOX in last[6]
+    assert panels.NO_BOX in last[2] and panels.NO_BOX in last[6]
     assert last[3]["done"] and last[3]["boxes"] == [] and last[7]["done"]
     assert [(s.route, s.temperature, s.max_new_tokens) for _, s in gen.seen] == [
         ("grounding", 0.7, 40), ("frozen", 0.7, 40)
     ]
     only = list(Backend(None, generate_fn=fake_generator(CHAIN)).run(grey(), "q", AUTO, False, 0.0, 16))
-    assert all(o[4] is None and o[7] is None for o in only) and app.NO_BOX not in only[-1][2]
+    assert all(o[4] is None and o[7] is None for o in only) and panels.NO_BOX not in only[-1][2]
+
+
+def test_text_that_gives_no_step_is_shown_as_the_model_wrote_it() -> None:
+    text = "Step 1: Step 2: the <b> [0.30, 0.30,"
+    final = list(Backend(None, generate_fn=fake_generator(text)).stream("q", grey(), GenerationSettings()))[-1]
+    assert final.done and not final.result.boxes
+    assert 'class="twist-raw"' in final.html() and "Step 1: Step 2: the &lt;b&gt; [0.30, 0.30," in final.html()
+    assert "2 steps · 0 boxes" in final.info()
+    parsed = list(Backend(None, generate_fn=fake_generator(CHAIN)).stream("q", grey(), GenerationSettings()))[-1]
+    assert "twist-raw" not in parsed.html()
 
 
 def test_answer_without_box_but_steps_with_boxes() -> None:
     text = "Step 1: A circle [0.10, 0.30, 0.20, 0.50].\nAnswer: it is red."
     final = list(Backend(None, generate_fn=fake_generator(text)).stream("q", grey(), GenerationSettings()))[-1]
-    assert app.NO_ANSWER_BOX in final.info() and app.NO_BOX not in final.info()
+    assert panels.NO_ANSWER_BOX in final.info() and panels.NO_BOX not in final.info()
     assert final.image.getpixel((20, 30)) == STEP_COLOURS[0]
 
 
@@ -203,7 +213,7 @@ def test_tiny_model_answers_through_the_backend(tiny_llava: Path) -> None:
     assert base["route"] == "frozen" and base["route_forced"] and "forced" in outs[-1][6]
     # an untrained router picks the frozen route: both panels are then the original model's answer
     assert twist["route"] != "frozen" or twist["text"] == base["text"]
-    assert (app.NO_BOX in outs[-1][2]) == (twist["boxes"] == [])
+    assert (panels.NO_BOX in outs[-1][2]) == (twist["boxes"] == [])
     forced = list(backend.run(grey(), "Find the square.", GROUNDING, False, 0.0, 8))[-1]
     assert forced[3]["route"] == "grounding" and forced[3]["route_forced"]
 
@@ -221,7 +231,38 @@ def test_model_source_resolution(tmp_path: Path, tiny_llava: Path) -> None:
     assert "demo's trained TWIST model" in found.label and not (tmp_path / "tiny").exists()
     (demo / POINTER_FILE).write_text("{}")
     with pytest.raises(PlaygroundError, match="model_path"):
-        app.find_demo_model(demo)
+        models.find_demo_model(demo)
+
+
+def test_the_demo_model_comes_with_held_out_scenes_of_its_own_world(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from llava_twist.demo.pointer import write_pointer
+    from playground.make_examples import write_record_examples
+
+    world = tmp_path / "world"
+    (world / "images").mkdir(parents=True)
+    grey(64, 64).save(world / "images" / "s0.png")
+    record = {"id": "s0", "image": "s0.png", "kind": "refexp", "answer_boxes_xyxy_px": [[8.0, 8.0, 24.0, 24.0]],
+              "conversations": [{"from": "human", "value": "<image>\nFind the red circle. Answer step by step."},
+                                {"from": "gpt", "value": "Step 1: the red circle [0.12, 0.12, 0.38, 0.38].\n"
+                                                         "Answer: [0.12, 0.12, 0.38, 0.38]"}]}
+    demo = tmp_path / "data" / "demo"
+    write_record_examples([record], world / "images", demo / "examples")
+    write_pointer(demo, demo / "twist", demo / "base", "the demo's TWIST", demo / "examples")
+    source = app.resolve_model_source(None, None, demo_dir=demo, tiny_dir=tmp_path / "tiny")
+    assert source.examples == str((demo / "examples").resolve())
+    (entry,) = app.load_examples(source.examples)
+    assert entry["query"] == "Find the red circle. Answer step by step." and Path(entry["path"]).is_file()
+    got = result_from_text(entry["reference"], (64, 64), "padded").answer_boxes_xyxy_px
+    assert [round(v) for v in got[0]] == [8, 8, 24, 24]
+    monkeypatch.setattr(app, "DATA_DIR", tmp_path / "data")
+    served = app.servable_examples(source.examples)  # the server never serves playground/data: a copy
+    assert not served.is_relative_to(tmp_path) and (served / "examples.json").is_file()
+    assert app.servable_examples(app.EXAMPLES_DIR) == app.EXAMPLES_DIR.resolve()
+    backend = Backend(None, generate_fn=fake_generator(CHAIN), examples_dir=served)
+    with app.build_demo(backend) as blocks:
+        assert "Held-out scenes of the model's own world" in json.dumps(blocks.config)
+    assert Backend(None, generate_fn=fake_generator(CHAIN)).examples_dir == app.EXAMPLES_DIR
 
 
 def test_tiny_default_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,7 +271,7 @@ def test_tiny_default_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def fake_build(out: Path) -> Path:
         calls.append(out)
         out.mkdir(parents=True)
-        (out / app.TINY_DONE).write_text("{}")
+        (out / models.TINY_DONE).write_text("{}")
         return out
 
     monkeypatch.setattr("llava_twist.tiny.build_tiny_llava", fake_build)
@@ -268,8 +309,9 @@ def test_command_line(tmp_path: Path, tiny_llava: Path, monkeypatch: pytest.Monk
     assert cli.main(["--model-path", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
     launched: list[tuple] = []
-    monkeypatch.setattr(cli, "launch", lambda demo, *args: launched.append((demo, *args)))
+    monkeypatch.setattr(cli, "launch", lambda demo, *args, **kw: launched.append((demo, *args, kw)))
     assert cli.main(["--model-path", str(tiny_llava), "--device", "cpu", "--port", "7999"]) == 0
-    demo, host, port, max_size = launched[0]
+    demo, host, port, max_size, kw = launched[0]
     assert isinstance(demo, gr.Blocks) and (host, port, max_size) == ("127.0.0.1", 7999, app.MAX_FILE_SIZE)
+    assert kw == {"examples_dir": app.EXAMPLES_DIR}  # a checkpoint given by path: the bundled scenes
     assert "converted to TWIST" in capsys.readouterr().out

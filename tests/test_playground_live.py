@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from llava_twist.serve.inference import GenerationSettings, draw_boxes, result_from_text
-from playground import app
+from playground import app, panels
 from scout_data.parse import ParsedChain, parse_chain
 
 CHROMIUM = "/usr/bin/chromium"
@@ -114,7 +114,7 @@ def test_client_streams_steps_and_boxes(client: Client, served: tuple[str, app.B
         assert max(abs(a - b) for a, b in zip(got, truth, strict=True)) < 3  # on the object, in image pixels
     with Image.open(final[0]) as drawn:
         assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(draw_boxes(original, want)))
-    assert 'class="twist-answer" data-boxes="2"' in final[1] and app.NO_BOX not in final[2]
+    assert 'class="twist-answer" data-boxes="2"' in final[1] and panels.NO_BOX not in final[2]
     assert data["route"] == "grounding" and "p(grounding) = **0.900**" in final[2]
     assert all(o[3]["route"] is None for o in outputs[:-1])
 
@@ -126,7 +126,7 @@ def test_client_runs_the_real_tiny_model(client: Client) -> None:
     assert twist["done"] and twist["text"] and twist["route"] in ("frozen", "grounding")
     assert 0.0 <= twist["router_prob"] <= 1.0 and "router p(grounding)" in final[2]
     assert base["route"] == "frozen" and base["route_forced"]
-    assert (app.NO_BOX in final[2]) == (twist["boxes"] == [])  # an untrained model rarely writes a box
+    assert (panels.NO_BOX in final[2]) == (twist["boxes"] == [])  # an untrained model rarely writes a box
     forced = ask(client, example["path"], "Find the star.", route=GROUNDING, tokens=8).result(timeout=120)
     assert forced[3]["route"] == "grounding" and forced[3]["route_forced"] and forced[4] is None
 

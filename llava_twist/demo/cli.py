@@ -18,14 +18,15 @@ DEFAULT_OUT = Path(__file__).resolve().parents[2] / "playground" / "data" / "dem
 
 
 def run_demo(recipe: Recipe, out: str | Path, force: Sequence[str] = (), progress: bool | None = None,
-             echo: bool = True) -> list[StageResult]:
-    """Run (or reuse) every stage of ``recipe`` into ``out``; ``force`` names stages to redo (or ``all``)."""
+             echo: bool = True, base_only: bool = False) -> list[StageResult]:
+    """Run (or reuse) every stage of ``recipe`` into ``out``; ``force`` names stages to redo (or ``all``);
+    ``base_only``: the stages that make and measure the base (``make base``)."""
     from tqdm import tqdm
 
     from llava_twist.demo.stages import build_stages
 
     layout = Layout(Path(out).resolve())
-    stages = build_stages(recipe)
+    stages = build_stages(recipe, base_only)
     names = [s.name for s in stages]
     unknown = sorted(set(force) - {*names, "all"})
     if unknown:

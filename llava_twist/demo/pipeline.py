@@ -10,6 +10,7 @@ generator, pass ``--force`` with the stage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ from typing import Any
 from llava_twist.demo.recipe import Recipe, config_hash
 from scout_data.output import atomic_write_text
 
+GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"  # held-out question ids: grounding or base data, then record id
 STAMP = ".done.json"
 STAMP_VERSION = 1
 LOG_TAIL_LINES = 30
@@ -171,7 +173,7 @@ class Stage:
     deps: tuple[str, ...]
     body: StageBody
     clean: bool = True  # empty the folder before a rerun (eval keeps its per-model answers cache)
-    code: tuple[Path, ...] = ()  # source files whose content is part of the stamp (cheap stages only)
+    code: tuple[Path, ...] = ()  # files whose content is part of the stamp (sources of cheap stages, weights)
 
 
 @dataclass
@@ -182,12 +184,23 @@ class StageResult:
     stamp: dict[str, Any] = field(default_factory=dict)
 
 
+def file_digest(path: Path) -> str:
+    """A file's content hash (an absent file hashes as absent: the stage then fails and says why)."""
+    if not path.is_file():
+        return "absent"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def stage_hash(recipe: Recipe, stage: Stage, stamps: dict[str, dict[str, Any]]) -> str:
     return config_hash({
         "version": STAMP_VERSION,
         "config": recipe.stage_config(stage.name),
         "upstream": {d: stamps[d]["id"] for d in stage.deps},
-        "code": [config_hash(p.read_text(encoding="utf-8")) for p in stage.code],
+        "code": [file_digest(p) for p in stage.code],
     })
 
 

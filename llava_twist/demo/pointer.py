@@ -1,7 +1,8 @@
 """The playground pointer: which trained model ``make playground`` opens, written by the demo's report.
 
-``playground.json`` in the demo's folder: ``{"model_path": ..., "model_base": ... or null, "label": ...}``,
-paths relative to the file, so a moved demo folder still points at its own models.
+``playground.json`` in the demo's folder: ``{"model_path": ..., "model_base": ... or null, "label": ...,
+"examples": ... or null}`` (``examples``: a folder of example scenes from the model's own world), paths relative
+to the file, so a moved demo folder still points at its own models.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ class ModelPointer:
     model_path: str  # absolute
     model_base: str | None  # absolute, or None for a full checkpoint
     label: str
+    examples: str | None = None  # absolute folder holding examples.json, or None
 
 
 def write_pointer(folder: str | os.PathLike, model_path: str | os.PathLike, model_base: str | os.PathLike | None,
-                  label: str) -> dict[str, str | None]:
+                  label: str, examples: str | os.PathLike | None = None) -> dict[str, str | None]:
     """Write ``folder/playground.json`` naming the model (stored relative to ``folder``); returns what it wrote."""
     path = Path(folder) / POINTER_FILE
     spec = {
         "model_path": os.path.relpath(model_path, folder),
         "model_base": os.path.relpath(model_base, folder) if model_base is not None else None,
         "label": label,
+        "examples": os.path.relpath(examples, folder) if examples is not None else None,
     }
     atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
     return spec
@@ -48,8 +51,9 @@ def read_pointer(folder: str | os.PathLike) -> ModelPointer | None:
     try:
         spec = json.loads(path.read_text())
         model_path = str((path.parent / spec["model_path"]).resolve())
-        base = spec.get("model_base")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        base, examples = spec.get("model_base"), spec.get("examples")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise PointerError(f"{path}: expected {{'model_path': ..., 'model_base': ...}} ({exc})") from exc
     model_base = str((path.parent / base).resolve()) if base else None
-    return ModelPointer(model_path, model_base, spec.get("label") or f"the demo's trained TWIST model ({model_path})")
+    return ModelPointer(model_path, model_base, spec.get("label") or f"the demo's trained TWIST model ({model_path})",
+                        str((path.parent / examples).resolve()) if examples else None)

@@ -1,7 +1,7 @@
 """Every knob of ``make demo`` in one place: the tiny model, the data, each training run, evaluation, checks.
 
-Profiles: ``full`` (what ``make demo`` runs), ``full-boxes`` (``full`` with a box lesson before the base) and
-``ci`` (the same pipeline at a budget of minutes, what the tests run). Each stage hashes only the part of the
+Profiles: ``full`` (what ``make demo`` runs, from the base ``make base`` released) and ``ci`` (the same pipeline
+at a budget of minutes, training its own base, what the tests run). Each stage hashes only the part of the
 recipe it reads (:meth:`Recipe.stage_config`), so a changed setting redoes that stage and everything downstream
 of it, and nothing else.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llava_twist.demo.vision_pretrain import VisionPretrainSpec
@@ -33,6 +33,8 @@ class SceneSpec:
     colours: str = ""
     sizes: str = ""
     clutter: str = ""
+    grid: int = 0  # > 0: objects in the cells of a grid x grid layout
+    chain_style: str = "full"
     seed_offset: int = 0
 
     def synth_args(self, seed: int) -> list[str]:
@@ -50,6 +52,8 @@ class SceneSpec:
             "--seed", str(seed + self.seed_offset),
             *(arg for flag in ("shapes", "colours", "sizes", "clutter") if getattr(self, flag)
               for arg in (f"--{flag}", getattr(self, flag))),
+            *(["--grid", str(self.grid)] if self.grid else []),
+            *(["--chain-style", self.chain_style] if self.chain_style != "full" else []),
         ]
 
 
@@ -134,9 +138,21 @@ class Recipe:
     checks: Checks = field(default_factory=Checks)
     model_max_length: int = 1024
     threads: int = 0  # OpenMP threads per process, 0: the machine's cores over the processes of a stage
+    base_eval_limit: int = 200  # held-out questions per benchmark in the base's card (``make base``)
+    shipped_base: str | None = None  # a released base (repo-relative folder, made by `make base`); None: train it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def base_recipe(self) -> dict[str, Any]:
+        """What the base's weights are made from (``make base``): model, tower, world, lessons and training."""
+        return {"seed": self.seed, "model_max_length": self.model_max_length, "model": asdict(self.model),
+                "vision": asdict(self.vision) if self.vision else None, "base_data": asdict(self.base_data),
+                "warmups": [asdict(w) for w in self.warmups], "base": asdict(self.base)}
+
+    def base_hash(self) -> str:
+        """The hash a released base's card must carry for this recipe to use it."""
+        return config_hash(self.base_recipe())
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         """The part of the recipe ``stage`` reads (what its cache stamp hashes; ``threads`` is not part of it)."""
@@ -153,7 +169,11 @@ class Recipe:
             if stage == w.stage:
                 return {**common, "train": asdict(w.train)}
         if stage == "base":
+            if self.shipped_base:
+                return {"shipped_base": self.shipped_base, "base_hash": self.base_hash()}
             return {**common, "train": asdict(self.base)}
+        if stage == "base-eval":
+            return {"eval": asdict(self.eval), "limit": self.base_eval_limit}
         if stage == "full-ft":
             return {**common, "train": asdict(self.full_ft)}
         if stage == "lora":
@@ -180,66 +200,58 @@ TWIST_VARIANTS = (
     TwistVariant("mlp", ("--twist_expert", "mlp", "--twist_layers", "every_other")),
 )
 TWIST_FLAGS = ("--twist_router_lr", "5e-2", "--twist_router_balance", "True")
+SHIPPED_BASE = "playground/models/tiny-llava-v1.5"
 
-
+# The miniature's world: 4 shapes, 5 colours, 2 sizes, each object centred in a cell of a 4 x 4 grid of a 64 px
+# image, so that one 16 px patch (one image token) holds one object and a box coordinate takes a few values.
 WORLD = {"shapes": "circle,square,triangle,cross", "colours": "red,green,blue,yellow,black", "sizes": "medium,large",
-         "clutter": "none"}
+         "clutter": "none", "grid": 4}
+ONE_OBJECT = {"image_size": 64, "min_objects": 1, "max_objects": 1, "test_fraction": 0, **WORLD}
 
-
-COLOUR_LESSON = Warmup("colour", SceneSpec(num=3000, kinds="qa:1", image_size=64, min_objects=1, max_objects=1,
-                                           test_fraction=0, qa_types="colour:1", seed_offset=2, **WORLD),
+COLOUR_LESSON = Warmup("colour", SceneSpec(num=3000, kinds="qa:1", qa_types="colour:1", seed_offset=2, **ONE_OBJECT),
                        TrainSpec(steps=100, batch=32, lr=2e-3))
-BOX_LESSON = Warmup("boxes", SceneSpec(num=3000, kinds="region:1", image_size=64, min_objects=1, max_objects=1,
-                                       test_fraction=0, refexp_types="attribute:1", seed_offset=3, **WORLD),
-                    TrainSpec(steps=400, batch=32, lr=2e-3))
+BOX_LESSON = Warmup("boxes", SceneSpec(num=3000, kinds="region:1", refexp_types="attribute:1", seed_offset=3,
+                                       **ONE_OBJECT), TrainSpec(steps=400, batch=32, lr=2e-3))
 
 
 def full_recipe() -> Recipe:
-    """``make demo``: sized for 30 minutes on 2 cores.
+    """``make demo``: TWIST, full fine-tuning and LoRA taught SCOUT's terse chains from the released base.
 
-    Two things get the base looking at the image, as the measurements asked: a pretrained tiny tower (LLaVA
-    never trains its CLIP, and a random one leaves the base blind) and a warm-up on one-object colour questions
-    before the full mix (without it the base settles on the mix's language prior: the same loss with shuffled
-    images). One token per box coordinate (``coordinate_tokens``) shortens the chains by about a third, which
-    brought a clean ``make demo`` from 31.0 to 29.1 min of stage time. A vocabulary of 1536 pieces (not 640) makes
-    every word of the world one token, as Llama's does: the text of a record is 35-60% shorter and the base's
-    understanding rose from 32.8% to 53.1%. No grounding run reaches a correct box in its 100 steps (README); the
-    ``full-boxes`` profile adds a box lesson, measured in the README, that did not change this."""
+    The base (``make base``, released in ``playground/models/tiny-llava-v1.5`` with its card) is this recipe's
+    base part: the tiny tower pretrained on the world (LLaVA never trains its CLIP, and a random one leaves the
+    base blind), a lesson on one-object colour questions and one on one-object boxes (the tiny language model
+    learns to read the projector's tokens and to write a box before the mix's language prior settles), then
+    LLaVA's trainer on LLaVA-1.5's kind of mix: understanding questions and 40% one-shot box prompts. One token
+    per box coordinate (``coordinate_tokens``) and a vocabulary in which every word of the world is one token
+    keep records short. ``docs/demo-notes.md`` has what was measured on the way."""
     return Recipe(
         profile="full",
         seed=0,
         model=TinyLlavaSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                             vocab_size=1536, vision_hidden_size=64, vision_layers=3, vision_heads=2, image_size=64,
-                            patch_size=8, coordinate_tokens=True),
+                            patch_size=16, coordinate_tokens=True),
         vision=VisionPretrainSpec(scenes=6000, steps=1500, batch=64, lr=3e-3),
-        base_data=SceneSpec(num=12000, kinds="qa:0.75,region:0.25", image_size=64, min_objects=1, max_objects=4,
-                            test_fraction=0.02, refexp_types="attribute:1",
+        base_data=SceneSpec(num=40000, kinds="qa:0.6,region:0.4", image_size=64, min_objects=1, max_objects=4,
+                            test_fraction=0.01, refexp_types="attribute:1",
                             qa_types="colour:1,shape:1,count:1,exists:1,relation:1,caption:0.5", **WORLD),
         grounding_data=SceneSpec(num=4000, kinds="refexp:0.8,find_all:0.2", image_size=64, min_objects=2,
                                  max_objects=4, test_fraction=0.05, refexp_types="attribute:2,relation:1,superlative:1",
-                                 seed_offset=1, **WORLD),
+                                 seed_offset=1, chain_style="terse", **WORLD),
         replay_ratio=0.25,
-        warmups=(COLOUR_LESSON,),
-        base=TrainSpec(steps=320, batch=32, lr=2e-3),
-        full_ft=TrainSpec(steps=100, batch=32, lr=1e-3),
-        lora=TrainSpec(steps=100, batch=32, lr=2e-3),
-        twist=TrainSpec(steps=100, batch=32, lr=2e-3),
-        twist_variants=TWIST_VARIANTS,
+        warmups=(COLOUR_LESSON, BOX_LESSON),
+        base=TrainSpec(steps=5000, batch=32, lr=2e-3),
+        full_ft=TrainSpec(steps=200, batch=32, lr=1e-3),
+        lora=TrainSpec(steps=200, batch=32, lr=2e-3),
+        twist=TrainSpec(steps=200, batch=32, lr=2e-3),
+        twist_variants=TWIST_VARIANTS[:1],
         twist_flags=TWIST_FLAGS,
         twist_nproc=2,
         lora_r=16,
         lora_alpha=32,
         lora_mm_projector_lr=1e-4,
-        eval=EvalSpec(limit=64, max_new_tokens=256, batch_size=16),
+        eval=EvalSpec(limit=64, max_new_tokens=128, batch_size=16),
+        shipped_base=SHIPPED_BASE,
     )
-
-
-def full_boxes_recipe() -> Recipe:
-    """``full`` plus a 400-step lesson on one-object region boxes after the colour lesson (on its own, from a
-    colour-warmed model, such a run put 72% of held-out one-object boxes right), and a base of 200 steps instead
-    of 320 to pay for part of it. About 40 minutes on 2 cores; measured in the README."""
-    full = full_recipe()
-    return replace(full, profile="full-boxes", warmups=(COLOUR_LESSON, BOX_LESSON), base=replace(full.base, steps=200))
 
 
 def ci_recipe() -> Recipe:
@@ -255,17 +267,17 @@ def ci_recipe() -> Recipe:
                             patch_size=8, coordinate_tokens=True),
         vision=VisionPretrainSpec(scenes=64, steps=8, batch=16, eval_scenes=16),
         base_data=SceneSpec(num=200, kinds="qa:0.8,region:0.2", image_size=32, min_objects=2, max_objects=4,
-                            test_fraction=0.1, refexp_types="attribute:1"),
+                            test_fraction=0.1, refexp_types="attribute:1", grid=4),
         grounding_data=SceneSpec(num=100, kinds="refexp:0.8,find_all:0.2", image_size=32, min_objects=2,
                                  max_objects=4, test_fraction=0.2, refexp_types="attribute:2,relation:1,superlative:1",
-                                 seed_offset=1),
+                                 seed_offset=1, chain_style="terse", grid=4),
         replay_ratio=0.25,
         warmups=(
             Warmup("colour", SceneSpec(num=40, kinds="qa:1", image_size=32, min_objects=1, max_objects=1,
-                                       test_fraction=0, qa_types="colour:1", seed_offset=2),
+                                       test_fraction=0, qa_types="colour:1", seed_offset=2, grid=4),
                    TrainSpec(steps=4, batch=8, lr=2e-3)),
             Warmup("boxes", SceneSpec(num=40, kinds="region:1", image_size=32, min_objects=1, max_objects=1,
-                                      test_fraction=0, refexp_types="attribute:1", seed_offset=3),
+                                      test_fraction=0, refexp_types="attribute:1", seed_offset=3, grid=4),
                    TrainSpec(steps=4, batch=8, lr=2e-3)),
         ),
         base=TrainSpec(steps=20, batch=8, lr=2e-3),
@@ -281,10 +293,11 @@ def ci_recipe() -> Recipe:
         eval=EvalSpec(limit=10, max_new_tokens=48, grid_scenes=3, grid_cell_px=128),
         model_max_length=512,
         threads=1,
+        base_eval_limit=10,
     )
 
 
-PROFILES = {"full": full_recipe, "full-boxes": full_boxes_recipe, "ci": ci_recipe}
+PROFILES = {"full": full_recipe, "ci": ci_recipe}
 
 
 def get_recipe(profile: str) -> Recipe:

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llava_twist.demo.pipeline import Context, Layout, Stage, StageError, cpu_count, read_json, write_json
+from llava_twist.demo.pipeline import (
+    GROUNDING_PREFIX,
+    UNDERSTANDING_PREFIX,
+    Context,
+    Layout,
+    Stage,
+    StageError,
+    cpu_count,
+    read_json,
+    write_json,
+)
 from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
 from llava_twist.demo.report import model_dirs, write_report
 from llava_twist.model.routes import TASK_ROUTE
@@ -20,7 +30,6 @@ from scout_data.output import atomic_write_text, dumps_records
 REPO = Path(__file__).resolve().parents[2]
 TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
 ANSWER_LOSS = Path(__file__).parents[1] / "eval" / "answer_loss.py"
-GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"
 BENCHMARK_FILES = ("refexp", "localization", "vqa", "region")  # region: the base's own one-shot box prompts
 
 
@@ -139,8 +148,8 @@ def build_data(ctx: Context) -> dict[str, Any]:
     from scout_data.validate import load_records
 
     recipe, data = ctx.recipe, ctx.folder
-    sets = [("base", recipe.base_data), ("grounding", recipe.grounding_data),
-            *((w.stage, w.data) for w in recipe.warmups)]
+    lessons = () if recipe.shipped_base else recipe.warmups  # a released base has had its lessons
+    sets = [("base", recipe.base_data), ("grounding", recipe.grounding_data), *((w.stage, w.data) for w in lessons)]
     for name, spec in sets:
         ctx.python_module("scout_data", "synth", "--out", str(data / name), "--quiet", *spec.synth_args(recipe.seed),
                           threads=1)
@@ -156,7 +165,7 @@ def build_data(ctx: Context) -> dict[str, Any]:
         threads=1,
     )
     files = ["base/train.json", "base/test.json", "grounding/train.json", "grounding/test.json", "mixed.json",
-             *(f"{w.stage}/train.json" for w in recipe.warmups)]
+             *(f"{w.stage}/train.json" for w in lessons)]
     stats = {name: dataset_stats(load_records(str(data / name))) for name in files}
     write_json(data / "stats.json", stats)
     return {name: {"records": s["records"], "task": s["task"], "difficulty": s["difficulty"]}
@@ -196,6 +205,16 @@ def train_base(ctx: Context) -> dict[str, Any]:
     data = layout.data / "base"
     ctx.run(llava_train_args(ctx, start, data / "train.json", data / "images", ctx.folder, ctx.recipe.base))
     return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
+
+
+def import_base(ctx: Context) -> dict[str, Any]:
+    """The released base (``Recipe.shipped_base``, made by ``make base``), copied into the run as a LLaVA user
+    downloads ``liuhaotian/llava-v1.5-7b``; its card must name this recipe's base hash."""
+    from llava_twist.demo.release import install_release
+
+    card = install_release(REPO / str(ctx.recipe.shipped_base), ctx.folder, ctx.recipe.base_hash())
+    return {"release": ctx.recipe.shipped_base, "recipe_hash": card["recipe_hash"], "figures": card["figures"],
+            "trainable_params": language_model_params(ctx.folder)}
 
 
 def train_full_ft(ctx: Context) -> dict[str, Any]:
@@ -317,15 +336,16 @@ def run_cached(ctx: Context, output: Path, key: dict[str, Any], module: str, arg
     return True
 
 
-def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path) -> bool:
-    """``llava_twist.eval.model_grounding`` for one model; cached on the model's stamp and the questions.
-    Returns whether it ran."""
+def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: Path, out: Path,
+                     prompt: str = "scout") -> bool:
+    """``llava_twist.eval.model_grounding`` for one model (``prompt``: how refexp questions are asked); cached on
+    the model's stamp and the questions. Returns whether it ran."""
     from llava_twist.serve.inference import DEFAULT_CONV_MODE
 
     layout, spec = ctx.layout, ctx.recipe.eval
     answers = out / "answers.jsonl"
     key = {"model": ctx.stamps[name]["id"], "questions": questions_file.read_text(),
-           "eval": [spec.max_new_tokens, spec.batch_size], "conv_mode": DEFAULT_CONV_MODE}
+           "eval": [spec.max_new_tokens, spec.batch_size], "conv_mode": DEFAULT_CONV_MODE, "prompt": prompt}
     return run_cached(ctx, answers, key, "llava_twist.eval.model_grounding", [
         "--model-path", str(model_dir),
         "--model-id", name,
@@ -337,6 +357,7 @@ def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: P
         "--conv-mode", DEFAULT_CONV_MODE,
         "--temperature", "0",
         "--device", "cpu",
+        "--prompt", prompt,
         "--overwrite",
         *model_args(ctx, name),
     ])
@@ -365,30 +386,37 @@ def refexp_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {**{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}, "n": result["n"]}
 
 
+def refexp_metrics(questions: list[dict[str, Any]], answers: list[dict[str, Any]], result_file: Path,
+                   title: str) -> dict[str, Any]:
+    """Acc@0.5 and mean IoU of referring-expression answers, over all and for simple and hard queries apart, with
+    each question's IoU; the scorer's result JSON goes to ``result_file``."""
+    from llava_twist.eval.common import write_result
+    from llava_twist.eval.eval_refexp import score_refexp
+
+    result = score_refexp(questions, answers)
+    rows = result.pop("rows")
+    write_result(result_file, {**result, "name": title})
+    metrics = refexp_summary(result)
+    difficulty = {q["question_id"]: q.get("difficulty") or "simple" for q in questions}
+    for level in ("simple", "hard"):
+        sub = [r for r in rows if difficulty.get(r["question_id"]) == level]
+        metrics[level] = {"n": len(sub), "acc@0.5": _mean([float(r["correct"]) for r in sub]),
+                          "mean_iou": _mean([r["iou"] for r in sub])}
+    metrics["predictions"] = {r["question_id"]: {"iou": r["iou"], "correct": r["correct"]} for r in rows}
+    return metrics
+
+
 def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: list[dict[str, Any]],
                 base_answers: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Every metric of one model, from the project's scorers; their result JSONs go to ``out``."""
     from llava_twist.eval.common import answers_by_id, write_result
     from llava_twist.eval.eval_localization import score_localization
-    from llava_twist.eval.eval_refexp import score_refexp
     from llava_twist.eval.eval_retention import is_correct, score_retention
 
     metrics: dict[str, Any] = {"model": name}
-    refexp = questions["refexp"]
-    if refexp:
-        result = score_refexp(refexp, answers)
-        rows = result.pop("rows")
-        write_result(out / "refexp.result.json", {**result, "name": f"{name} scout-refexp"})
-        metrics["refexp"] = refexp_summary(result)
-        difficulty = {q["question_id"]: q.get("difficulty") or "simple" for q in refexp}
-        for level in ("simple", "hard"):
-            sub = [r for r in rows if difficulty.get(r["question_id"]) == level]
-            metrics["refexp"][level] = {
-                "n": len(sub),
-                "acc@0.5": _mean([float(r["correct"]) for r in sub]),
-                "mean_iou": _mean([r["iou"] for r in sub]),
-            }
-        metrics["refexp"]["predictions"] = {r["question_id"]: {"iou": r["iou"], "correct": r["correct"]} for r in rows}
+    if questions["refexp"]:
+        metrics["refexp"] = refexp_metrics(questions["refexp"], answers, out / "refexp.result.json",
+                                           f"{name} scout-refexp")
     if questions["localization"]:
         result = score_localization(questions["localization"], answers)
         write_result(out / "localization.result.json", {**result, "name": f"{name} scout-localization"})
@@ -434,17 +462,33 @@ def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, 
     }
 
 
-def base_grounding(ctx: Context, model_dir: Path, region: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The base on its own held-out one-shot box prompts (LLaVA-1.5's RefCOCO-style "Please provide the bounding
-    box coordinate ..."): whether it grounds a little, which every grounding run builds on."""
+def base_one_shot(ctx: Context, model_dir: Path, questions: dict[str, list[dict[str, Any]]],
+                  out: Path) -> dict[str, Any]:
+    """The base asked one-shot with LLaVA-1.5's REC prompt ("Please provide the bounding box coordinate of the
+    region this sentence describes: ..."), the prompt its box data trains: on its own held-out region prompts
+    (``region``) and on the held-out referring expressions the grounding runs are scored on (``refexp``)."""
     from llava_twist.eval.common import read_jsonl
-    from llava_twist.eval.eval_refexp import score_refexp
 
-    if not region:
-        return None
-    out = ctx.layout.eval / "base_region"
-    answer_questions(ctx, "base", model_dir, ctx.layout.eval / "questions" / "region.jsonl", out)
-    return refexp_summary(score_refexp(region, read_jsonl(str(out / "answers.jsonl"), "answers")))
+    qdir = ctx.layout.eval / "questions"
+    result: dict[str, Any] = {}
+    for bench, prompt in (("region", "scout"), ("refexp", "llava")):
+        if not questions[bench]:
+            continue
+        folder = out / bench
+        answer_questions(ctx, "base", model_dir, qdir / f"{bench}.jsonl", folder, prompt=prompt)
+        answers = read_jsonl(str(folder / "answers.jsonl"), "answers")
+        result[bench] = refexp_metrics(questions[bench], answers, folder / "refexp.result.json",
+                                       f"base one-shot {bench}")
+    return result
+
+
+def image_reliance(ctx: Context, model_dir: Path, out: Path) -> dict[str, Any]:
+    """The base's loss on its training records with their own images and with the images shuffled."""
+    layout = ctx.layout
+    ctx.python_module("llava_twist.demo.image_reliance", "--model-path", str(model_dir),
+                      "--data", str(layout.data / "base" / "train.json"),
+                      "--image-folder", str(layout.data / "base" / "images"), "--out", str(out))
+    return read_json(out)
 
 
 def evaluate(ctx: Context) -> dict[str, Any]:
@@ -453,7 +497,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
 
     recipe, layout = ctx.recipe, ctx.layout
     questions = build_questions(layout, recipe.eval.limit)
-    region = questions.pop("region")
+    asked = {k: v for k, v in questions.items() if k != "region"}
     all_file = layout.eval / "questions" / "all.jsonl"
     dirs = model_dirs(recipe, layout)
     ran = {}
@@ -461,38 +505,74 @@ def evaluate(ctx: Context) -> dict[str, Any]:
         ran[name] = answer_questions(ctx, name, model_dir, all_file, layout.eval / "models" / name)
         ctx.note(f"# {name}: {'answered' if ran[name] else 'answers cached'}")
     answers = {name: read_jsonl(str(layout.eval / "models" / name / "answers.jsonl"), "answers") for name in dirs}
-    models = {name: score_model(name, questions, answers[name], answers["base"], layout.eval / "models" / name)
+    models = {name: score_model(name, asked, answers[name], answers["base"], layout.eval / "models" / name)
               for name in dirs}
     for name, model_dir in dirs.items():
         models[name]["chain_loss"] = chain_loss(ctx, name, model_dir, layout.eval / "models" / name)
-    counts = {b: len(rows) for b, rows in questions.items()}
-    reliance = layout.eval / "image_reliance.json"
-    ctx.python_module("llava_twist.demo.image_reliance", "--model-path", str(dirs["base"]),
-                      "--data", str(layout.data / "base" / "train.json"),
-                      "--image-folder", str(layout.data / "base" / "images"), "--out", str(reliance))
-    write_json(layout.eval / "metrics.json", {"questions": counts, "models": models,
-                                             "image_reliance": read_json(reliance),
-                                             "base_grounding": base_grounding(ctx, dirs["base"], region)})
+    one_shot = base_one_shot(ctx, dirs["base"], questions, layout.eval / "base_one_shot")
+    for found in one_shot.values():
+        found.pop("predictions", None)
+    if "refexp" in one_shot:
+        models["base"]["one_shot"] = one_shot["refexp"]
+    counts = {b: len(rows) for b, rows in asked.items()}
+    write_json(layout.eval / "metrics.json", {
+        "questions": counts, "models": models, "base_one_shot": one_shot,
+        "image_reliance": image_reliance(ctx, dirs["base"], layout.eval / "image_reliance.json")})
     return {"questions": counts, "answered": ran}
+
+
+def evaluate_base(ctx: Context) -> dict[str, Any]:
+    """The figures of a base's card (``make base``): held-out understanding, one-shot Acc@0.5 on simple and hard
+    queries, and how much the base uses the image."""
+    from llava_twist.eval.common import read_jsonl
+    from llava_twist.eval.eval_retention import is_correct
+
+    layout = ctx.layout
+    base = layout.model("base")
+    questions = build_questions(layout, ctx.recipe.base_eval_limit)
+    vqa = questions["vqa"]
+    answers_file = ctx.folder / "vqa" / "answers.jsonl"
+    answer_questions(ctx, "base", base, layout.eval / "questions" / "vqa.jsonl", answers_file.parent)
+    by_id = {a["question_id"]: a for a in read_jsonl(str(answers_file), "answers")}
+    correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
+    one_shot = base_one_shot(ctx, base, questions, ctx.folder / "one_shot")
+    for found in one_shot.values():
+        found.pop("predictions", None)
+    figures = {
+        "understanding": {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])},
+        "one_shot": one_shot,
+        "image_reliance": image_reliance(ctx, base, ctx.folder / "image_reliance.json"),
+    }
+    write_json(ctx.folder / "figures.json", figures)
+    return figures
 
 
 # ---------------------------------------------------------------- the stage list
 
 
-def build_stages(recipe: Recipe) -> list[Stage]:
-    """Every stage in run order with its folder and the stages it reads from."""
+def build_stages(recipe: Recipe, base_only: bool = False) -> list[Stage]:
+    """Every stage in run order with its folder and the stages it reads from. With a released base the base is
+    imported, not trained; ``base_only`` (``make base``): the stages that make and measure the base."""
+    from llava_twist.demo.release import release_weights
+
     def folder(stage: str) -> Callable[[Layout], Path]:
         return lambda lay: stage_model(lay, stage)
 
+    data = Stage("data", lambda lay: lay.data, (), build_data)
+    if recipe.shipped_base and not base_only:
+        head = [data, Stage("base", folder("base"), (), import_base,
+                            code=(release_weights(REPO / recipe.shipped_base),))]
+    else:
+        warmups = [Stage(w.stage, folder(w.stage), (warmup_start(recipe, w.stage), "data"), train_warmup)
+                   for w in recipe.warmups]
+        head = [Stage("model", folder("model"), (), build_model), data, *warmups,
+                Stage("base", folder("base"), (warmup_start(recipe, "base"), "data"), train_base)]
+    if base_only:
+        return [*head, Stage("base-eval", lambda lay: lay.eval, ("data", "base"), evaluate_base, clean=False)]
     twist = [Stage(v.stage, folder(v.stage), ("base", "data"), train_twist) for v in recipe.twist_variants]
     trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
-    warmups = [Stage(w.stage, folder(w.stage), (warmup_start(recipe, w.stage), "data"), train_warmup)
-               for w in recipe.warmups]
     return [
-        Stage("model", folder("model"), (), build_model),
-        Stage("data", lambda lay: lay.data, (), build_data),
-        *warmups,
-        Stage("base", folder("base"), (warmup_start(recipe, "base"), "data"), train_base),
+        *head,
         *twist,
         Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft),
         Stage("lora", folder("lora"), ("base", "data"), train_lora),

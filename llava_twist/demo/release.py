@@ -1,0 +1,264 @@
+"""``make base``: train the demo's tiny "LLaVA-1.5" with its recipe and release it, as ``liuhaotian/llava-v1.5-7b``
+is released, so that ``make demo`` starts from it the way a LLaVA user starts from a downloaded LLaVA.
+
+The base is trained by the demo's own stages (the tiny tower's pretraining, the lessons, LLaVA's trainer on the
+base mix), measured on held-out scenes, and written to ``playground/models/tiny-llava-v1.5`` in LLaVA-1.5's on-disk
+layout (``config.json``, ``model.safetensors``, tokenizer, the vision tower in ``clip-vision-tower/``) with a model
+card: ``README.md`` for readers and ``card.json`` with the recipe, its hash, the training time and the figures.
+A recipe whose base part changed no longer matches the card's hash, and the demo refuses the release.
+
+    make base                                   # stages cached in playground/data/base-build
+    python -m llava_twist.demo.release --profile ci --out /tmp/base --release /tmp/base/release
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE_DIR = "playground/models/tiny-llava-v1.5"
+DEFAULT_BUILD = REPO / "playground" / "data" / "base-build"
+CARD_JSON = "card.json"
+CARD_MD = "README.md"
+TOWER = "clip-vision-tower"
+WEIGHTS = "model.safetensors"
+TRAINING_FILES = {".done.json", "trainer_state.json", "training_args.bin"}
+MAX_RELEASE_BYTES = 25 * 2**20
+
+
+class ReleaseError(ValueError):
+    """A release that is missing, incomplete or made by another recipe."""
+
+
+def release_weights(folder: Path) -> Path:
+    return folder / WEIGHTS
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """A release's ``card.json``."""
+    path = folder / CARD_JSON
+    if not path.is_file():
+        raise ReleaseError(f"{path}: no model card; is {folder} a base released by `make base`?")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReleaseError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(card, dict) or not isinstance(card.get("recipe_hash"), str):
+        raise ReleaseError(f"{path}: no recipe_hash in the card")
+    return card
+
+
+def _set_tower(config_file: Path, tower: str, name: str) -> None:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["mm_vision_tower"] = tower
+    config["_name_or_path"] = name
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def install_release(release: Path, dest: Path, expected_hash: str) -> dict[str, Any]:
+    """Copy a release into ``dest`` (a run's base folder) with its tower named by absolute path, after checking
+    that its card was made by the recipe whose base hash is ``expected_hash``. Returns the card."""
+    card = read_card(release)
+    if card["recipe_hash"] != expected_hash:
+        raise ReleaseError(
+            f"{release / CARD_JSON}: made by base recipe {card['recipe_hash']}, but this recipe's base is "
+            f"{expected_hash}; run `make base` to train and release the base of this recipe")
+    missing = [f for f in ("config.json", WEIGHTS, TOWER) if not (release / f).exists()]
+    if missing:
+        raise ReleaseError(f"{release}: incomplete release, missing {', '.join(missing)}")
+    shutil.copytree(release, dest, dirs_exist_ok=True)
+    _set_tower(dest / "config.json", str((dest / TOWER).resolve()), str(release))
+    return card
+
+
+def tower_reference(release: Path) -> str:
+    """How a release's config names its tower: repo-relative inside the repository (like a hub id, resolved from
+    the repository's root, where LLaVA's scripts run), else absolute."""
+    tower = release.resolve() / TOWER
+    try:
+        return str(tower.relative_to(REPO))
+    except ValueError:
+        return str(tower)
+
+
+def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Write the trained ``base`` folder and its tower as a release with its card, replacing ``release`` whole
+    only once the new one is complete. Returns the card as written."""
+    tower = Path(json.loads((base / "config.json").read_text(encoding="utf-8"))["mm_vision_tower"])
+    release.parent.mkdir(parents=True, exist_ok=True)
+    tmp = release.with_name(f".{release.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for f in sorted(base.iterdir()):
+            if f.is_file() and f.name not in TRAINING_FILES:
+                shutil.copy2(f, tmp / f.name)
+        shutil.copytree(tower, tmp / TOWER, ignore=shutil.ignore_patterns(*TRAINING_FILES, "dense_pretraining.json"))
+        _set_tower(tmp / "config.json", tower_reference(release), RELEASE_DIR)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        if size > MAX_RELEASE_BYTES:
+            raise ReleaseError(f"the release would be {size / 2**20:.1f} MB, over the {MAX_RELEASE_BYTES >> 20} MB "
+                               "a committed base may take")
+        card = {**card, "release_bytes": size}
+        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
+        old = release.with_name(f".{release.name}.old-{os.getpid()}")
+        if release.exists():
+            release.rename(old)
+        tmp.rename(release)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _acc(figures: dict[str, Any], bench: str, level: str) -> str:
+    found = (figures.get("one_shot") or {}).get(bench) or {}
+    part = found.get(level) or {}
+    return f"{_pct(part.get('acc@0.5'))} (n={part.get('n', 0)})"
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The model card a reader sees beside the weights."""
+    f = card["figures"]
+    rel = f.get("image_reliance") or {}
+    u = f.get("understanding") or {}
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in card["stage_seconds"].items())
+    return "\n".join([
+        "# tiny-llava-v1.5: the llava-twist demo's base model",
+        "",
+        "A tiny LLaVA-1.5 (Llama language model, `mlp2x_gelu` projector, CLIP vision tower) in LLaVA-1.5's on-disk "
+        "layout, trained on the demo's synthetic world by `make base` with LLaVA's own trainer: the tower's dense "
+        "pretraining, short lessons, then LLaVA-1.5's kind of mix (understanding conversations plus one-shot box "
+        "prompts, no step-by-step chains). `make demo` adds grounding to it with TWIST, as a LLaVA user adds it to "
+        "`liuhaotian/llava-v1.5-7b`. It knows nothing outside its world of "
+        f"{card['world']}.",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from llava_twist.serve.inference import generate, load_model",
+        "",
+        f'loaded = load_model("{RELEASE_DIR}")  # from the repository root: the tower path is repo-relative',
+        'print(generate(loaded, ["What colour is the circle? Answer the question using a single word or phrase."],',
+        '               [Image.open("scene.png")])[0].text)',
+        "```",
+        "",
+        "## Measured on held-out scenes",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| understanding (short answers) | {_pct(u.get('accuracy'))} (n={u.get('n', 0)}) |",
+        f"| one-shot box Acc@0.5, its own region prompts, simple | {_acc(f, 'region', 'simple')} |",
+        f"| one-shot box Acc@0.5, its own region prompts, hard (same shape twice) | {_acc(f, 'region', 'hard')} |",
+        f"| one-shot box Acc@0.5, the demo's referring expressions, simple | {_acc(f, 'refexp', 'simple')} |",
+        f"| one-shot box Acc@0.5, the demo's referring expressions, hard (relations, superlatives, twins) | "
+        f"{_acc(f, 'refexp', 'hard')} |",
+        f"| image reliance: answer loss with own / shuffled images | {rel.get('loss_own_images', float('nan')):.3f} / "
+        f"{rel.get('loss_shuffled_images', float('nan')):.3f} |",
+        "",
+        "One-shot prompt: LLaVA-1.5's REC prompt, \"Please provide the bounding box coordinate of the region this "
+        "sentence describes: ...\".",
+        "",
+        "## How it was made",
+        "",
+        f"- command: `{card['command']}` ({card['profile']} profile), finished {card['finished']}",
+        f"- training time: {card['training_seconds'] / 60:.1f} min on {card['machine']} ({stages})",
+        f"- recipe hash: `{card['recipe_hash']}` (the base part of `llava_twist.demo.recipe`; a test fails when "
+        "the code's recipe no longer matches it)",
+        f"- parameters: {card['params']:,}; release size {card.get('release_bytes', 0) / 2**20:.1f} MB",
+        "",
+        "The recipe, as `card.json` holds it:",
+        "",
+        "```json",
+        json.dumps(card["recipe"], indent=1),
+        "```",
+        "",
+    ])
+
+
+def _world(recipe: Any) -> str:
+    d = recipe.base_data
+    grid = f", in a {d.grid} x {d.grid} grid" if d.grid else ""
+    return (f"{d.image_size} px scenes of {d.min_objects}-{d.max_objects} objects{grid} "
+            f"(shapes {d.shapes or 'default'}; colours {d.colours or 'default'}; sizes {d.sizes or 'default'})")
+
+
+def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = (), progress: bool | None = None
+               ) -> dict[str, Any]:
+    """Train (or reuse the cached stages of) the base of ``profile``'s recipe into ``out``, measure it, and
+    release it to ``release``. Returns the card."""
+    from llava_twist.demo.cli import run_demo
+    from llava_twist.demo.pipeline import Layout, read_json
+    from llava_twist.demo.recipe import get_recipe
+    from llava_twist.demo.stages import checkpoint_weights, tensor_numel
+
+    recipe = dataclasses.replace(get_recipe(profile), shipped_base=None)
+    results = run_demo(recipe, out, force, progress=progress, base_only=True)
+    layout = Layout(Path(out).resolve())
+    seconds = {r.name: round(r.seconds, 1) for r in results if r.name not in ("data", "base-eval")}
+    card = {
+        "name": "tiny-llava-v1.5",
+        "profile": recipe.profile,
+        "recipe_hash": recipe.base_hash(),
+        "recipe": recipe.base_recipe(),
+        "world": _world(recipe),
+        "figures": read_json(layout.eval / "figures.json"),
+        "stage_seconds": seconds,
+        "training_seconds": round(sum(seconds.values()), 1),
+        "params": sum(tensor_numel(p) for p in checkpoint_weights(layout.model("base"))),
+        "command": "make base" if profile == "full" else f"python -m llava_twist.demo.release --profile {profile}",
+        "machine": f"{os.cpu_count()} CPU cores",
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    return write_release(layout.model("base"), release, card)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llava_twist.demo.pipeline import StageError
+    from llava_twist.demo.recipe import PROFILES
+
+    p = argparse.ArgumentParser(prog="python -m llava_twist.demo.release", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full", help="whose base (default %(default)s)")
+    p.add_argument("--out", default=str(DEFAULT_BUILD), help="the build's stages (default: %(default)s)")
+    p.add_argument("--release", default=str(REPO / RELEASE_DIR), help="where the release goes (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a release already there (git keeps the old)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    release = Path(args.release)
+    if release.exists() and not args.overwrite:
+        print(f"error: {release}: a release is already there; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        card = build_base(args.profile, Path(args.out), release, args.force,
+                          progress=False if args.no_progress else None)
+    except (StageError, ReleaseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
+        return 130
+    f = card["figures"]
+    print(f"released {release} in {time.perf_counter() - start:.0f} s (training {card['training_seconds']:.0f} s): "
+          f"understanding {_pct(f['understanding']['accuracy'])}, one-shot refexp simple "
+          f"{_acc(f, 'refexp', 'simple')}, hard {_acc(f, 'refexp', 'hard')}; card: {release / CARD_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

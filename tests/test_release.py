@@ -1,0 +1,112 @@
+"""The released base (``make base``): the committed one matches the recipe that claims to make it, loads as a
+LLaVA-1.5 checkpoint and answers; and the release path itself, on the ci profile's base."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from llava_twist.demo.recipe import SHIPPED_BASE, get_recipe
+from llava_twist.demo.release import (
+    CARD_JSON,
+    CARD_MD,
+    MAX_RELEASE_BYTES,
+    TOWER,
+    WEIGHTS,
+    ReleaseError,
+    build_base,
+    install_release,
+    main,
+    read_card,
+)
+from llava_twist.demo.stages import build_stages
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE = REPO / SHIPPED_BASE
+
+
+def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
+    card = read_card(RELEASE)
+    recipe = get_recipe("full")
+    assert card["recipe_hash"] == recipe.base_hash(), (
+        "the base recipe in llava_twist/demo/recipe.py changed since the committed base was trained: run "
+        "`make base` and commit the new release")
+    assert card["recipe"] == json.loads(json.dumps(recipe.base_recipe()))
+    assert card["recipe_hash"] in (RELEASE / CARD_MD).read_text()
+    size = sum(p.stat().st_size for p in RELEASE.rglob("*") if p.is_file())
+    assert (RELEASE / WEIGHTS).is_file() and size <= MAX_RELEASE_BYTES
+    assert json.loads((RELEASE / "config.json").read_text())["mm_vision_tower"] == f"{SHIPPED_BASE}/{TOWER}"
+    assert not list(RELEASE.glob("*.bin"))  # safetensors only
+    figures = card["figures"]
+    assert figures["understanding"]["n"] > 0 and figures["one_shot"]["refexp"]["hard"]["n"] > 0
+
+
+def test_the_demo_imports_the_release_instead_of_training_a_base() -> None:
+    full = get_recipe("full")
+    names = [s.name for s in build_stages(full)]
+    assert "base" in names and not {"model", "warmup-colour", "warmup-boxes"} & set(names)
+    base = next(s for s in build_stages(full) if s.name == "base")
+    assert base.code == (RELEASE / WEIGHTS,)  # new weights redo everything downstream
+    trained = [s.name for s in build_stages(dataclasses.replace(full, shipped_base=None), base_only=True)]
+    assert trained == ["model", "data", "warmup-colour", "warmup-boxes", "base", "base-eval"]
+
+
+def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llava_twist.serve.inference import generate, load_model
+    from scout_data.sources.synthetic import config_from_args, make_scene, render_scene
+    from tests.test_scout_synthetic import synth_args
+
+    monkeypatch.chdir(REPO)
+    loaded = load_model(SHIPPED_BASE, device="cpu")
+    world = get_recipe("full").base_data
+    cfg = config_from_args(synth_args(*world.synth_args(0)))
+    rng = random.Random(5)
+    image = render_scene(make_scene(rng, cfg), rng, cfg)
+    out = generate(loaded, ["Please provide the bounding box coordinate of the region this sentence describes: "
+                            "the circle."], [image])[0]
+    assert out.text.startswith("[") and out.text.count(",") == 3, out.text
+
+
+@pytest.fixture(scope="module")
+def ci_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("release")
+    card = build_base("ci", root / "build", root / "release", progress=False)
+    return root / "release", card
+
+
+def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: tuple[Path, dict]) -> None:
+    release, card = ci_release
+    assert card == read_card(release) and 0 < card["release_bytes"] <= MAX_RELEASE_BYTES
+    assert card["recipe_hash"] == get_recipe("ci").base_hash() and card["training_seconds"] > 0
+    assert {"config.json", WEIGHTS, "tokenizer.model", CARD_JSON, CARD_MD} <= {p.name for p in release.iterdir()}
+    assert not {"trainer_state.json", "training_args.bin", ".done.json"} & {p.name for p in release.iterdir()}
+    assert {"model.safetensors", "preprocessor_config.json"} <= {p.name for p in (release / TOWER).iterdir()}
+    assert json.loads((release / "config.json").read_text())["mm_vision_tower"] == str(release.resolve() / TOWER)
+    for key in ("understanding", "one_shot", "image_reliance"):
+        assert key in card["figures"]
+    assert not list(release.parent.glob(".release.*"))  # no temporary folder left
+
+
+def test_a_release_made_by_another_recipe_is_refused_and_a_matching_one_installs(
+        ci_release: tuple[Path, dict], tmp_path: Path) -> None:
+    release, card = ci_release
+    with pytest.raises(ReleaseError, match="run `make base`"):
+        install_release(release, tmp_path / "a", "0123456789abcdef")
+    assert not (tmp_path / "a").exists()
+    install_release(release, tmp_path / "b", card["recipe_hash"])
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["mm_vision_tower"] == str((tmp_path / "b" / TOWER).resolve())
+    with pytest.raises(ReleaseError, match="no model card"):
+        install_release(tmp_path / "nothing", tmp_path / "c", card["recipe_hash"])
+
+
+def test_make_base_does_not_replace_a_release_unless_told(ci_release: tuple[Path, dict], capsys) -> None:
+    release, _ = ci_release
+    before = (release / WEIGHTS).read_bytes()
+    assert main(["--profile", "ci", "--release", str(release), "--out", str(release.parent / "other")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (release / WEIGHTS).read_bytes() == before
+    assert not (release.parent / "other").exists()
