@@ -21,18 +21,12 @@ from llava_twist.model.builder import (
     load_pretrained_model,
     save_twist_delta,
 )
+from llava_twist.model.loss import SPAN_ANSWER, SPAN_OTHER, StepWeights, align_span_ids, stepwise_lm_loss
 from llava_twist.train.lora import add_twist_lora, freeze_for_twist_lora, merged_twist_state
 from llava_twist.train.records import BadRecordError, validated_records
-from llava_twist.train.steps import (
-    SPAN_ANSWER,
-    SPAN_OTHER,
-    StepWeights,
-    align_span_ids,
-    run_span_ids,
-    step_span_ids,
-)
+from llava_twist.train.steps import run_span_ids, step_span_ids
 from llava_twist.train.train_twist import setup_gradient_checkpointing, train
-from llava_twist.train.trainer import stepwise_lm_loss, twist_param_groups
+from llava_twist.train.trainer import twist_param_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
 from twist_train_data import grounding_record, understanding_record, write_dataset  # noqa: E402
@@ -217,9 +211,11 @@ def test_trainer_loss_is_the_models_loss(tiny_llava: Path, dataset: tuple[Path, 
                     labels=batch["labels"], twist_route=batch["twist_route"],
                     twist_router_labels=batch["twist_router_labels"]).loss
         ours = trainer.compute_loss(model, dict(batch))
-        trainer.step_weights = StepWeights.parse("answer:4")
+        model.config.twist_step_weights = "answer:4"  # the weights are the model's (its config), not the trainer's
         weighted = trainer.compute_loss(model, dict(batch))
+        weighted_own = model(**{k: v for k, v in batch.items()}).loss
     torch.testing.assert_close(ours, own)
+    torch.testing.assert_close(weighted, weighted_own)
     assert not torch.isclose(weighted, ours)
     names = {n for group in trainer.create_optimizer().param_groups for p in group["params"]
              for n, q in model.named_parameters() if q is p}

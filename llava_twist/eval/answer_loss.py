@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from llava.constants import IGNORE_INDEX
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, write_result
+from llava_twist.model.loss import StepWeights, stepwise_lm_loss
 from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, load_model
 
 CORNERS = ("x1", "y1", "x2", "y2")
@@ -49,10 +49,9 @@ def coordinate_positions(pieces: Sequence[str]) -> list[int | None]:
 
 
 def split_losses(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> dict[str, list[float]]:
-    """Per-token cross-entropy of every answer token of a batch (next-token shift as in training), by kind: text,
+    """Per-token cross-entropy of every answer token of a batch (the training loss's, unweighted), by kind: text,
     coordinate, and each coordinate again under its place in the box (``x1`` ... ``y2``)."""
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
-                             reduction="none")
+    _, losses, _ = stepwise_lm_loss(logits, labels, None, StepWeights())
     out: dict[str, list[float]] = {k: [] for k in KINDS}
     for row_labels, row_loss in zip(labels[:, 1:], losses, strict=True):
         keep = row_labels != IGNORE_INDEX

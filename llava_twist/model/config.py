@@ -7,6 +7,7 @@ from typing import Any
 
 from llava.model.language_model.llava_llama import LlavaConfig
 
+from llava_twist.model.loss import StepWeights
 from llava_twist.model.routes import ROUTES
 
 TWIST_MODEL_TYPE = "llava_twist"
@@ -36,6 +37,8 @@ class TwistConfig(LlavaConfig):
         twist_router_hidden: width of the router's hidden layer; 0 = a linear probe.
         twist_router_threshold: probability above which ``auto`` takes the grounding route.
         twist_router_loss_weight: weight of the router's BCE in the training loss.
+        twist_step_weights: loss weight per chain span (``"answer:2"``, ``"1,1,2"``; see
+            :class:`llava_twist.model.loss.StepWeights`); empty: every supervised token alike.
         twist_router_balance: weigh the router's BCE so that grounding and understanding prompts count equally in
             each batch, whatever the replay ratio (without it the majority task pulls the router's bias its way).
         twist_route: the route ``forward``/``generate`` take when none is passed.
@@ -56,6 +59,7 @@ class TwistConfig(LlavaConfig):
         twist_router_threshold: float = 0.5,
         twist_router_loss_weight: float = 1.0,
         twist_router_balance: bool = True,
+        twist_step_weights: str = "",
         twist_route: str = "auto",
         twist_base_fingerprint: str | None = None,
         **kwargs: Any,
@@ -70,6 +74,7 @@ class TwistConfig(LlavaConfig):
         self.twist_router_threshold = float(twist_router_threshold)
         self.twist_router_loss_weight = float(twist_router_loss_weight)
         self.twist_router_balance = bool(twist_router_balance)
+        self.twist_step_weights = str(twist_step_weights or "")
         self.twist_route = twist_route
         self.twist_base_fingerprint = twist_base_fingerprint
         super().__init__(**kwargs)
@@ -117,6 +122,7 @@ class TwistConfig(LlavaConfig):
             raise ValueError(f"twist_router_layer={self.twist_router_layer}: must lie in [0, {n - 1}]")
         if not 0.0 < self.twist_router_threshold < 1.0:
             raise ValueError(f"twist_router_threshold={self.twist_router_threshold}: must lie in (0, 1)")
+        StepWeights.parse(self.twist_step_weights)  # names the flag and the bad item
         if self.twist_router == "none" and self.twist_route == "auto":
             raise ValueError("twist_router='none' needs a forced default route: set twist_route to frozen|grounding")
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from llava.constants import IGNORE_INDEX
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -15,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
+from llava_twist.model.loss import StepWeights, align_span_ids, stepwise_lm_loss
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING
 from llava_twist.model.routing import (
     RouteContext,
@@ -39,10 +41,30 @@ class TwistModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class TwistCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` is the step-weighted LM loss plus the weighted router loss; the per-token next-token losses
+    (``token_losses``, (B, T-1)), their span ids and which were supervised come along for logging."""
+
     lm_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     route: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None
+    token_spans: torch.Tensor | None = None
+    token_supervised: torch.Tensor | None = None
+
+
+@dataclass
+class TwistInputs:
+    """LLaVA's multimodal inputs with TWIST's router positions and chain span ids carried through the splice."""
+
+    input_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    past_key_values: Any
+    inputs_embeds: torch.Tensor | None
+    labels: torch.Tensor | None
+    router_mask: torch.Tensor | None
+    span_ids: torch.Tensor | None
 
 
 def is_twist_param(name: str) -> bool:
@@ -241,15 +263,19 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_route: RouteArg = None,
         twist_router_mask: torch.Tensor | None = None,
         twist_router_labels: torch.Tensor | None = None,
+        twist_step_ids: torch.Tensor | None = None,
     ) -> TwistCausalLMOutput | tuple:
+        """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
+        ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
+        ``config.twist_step_weights``; ``twist_router_labels`` (1: grounding) add the router's BCE times
+        ``config.twist_router_loss_weight``."""
+        span_ids = twist_step_ids
         if inputs_embeds is None:
-            marked = mark_router_positions(input_ids, labels, attention_mask)
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, marked = (
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, marked, images, image_sizes
-                )
-            )
-            labels, twist_router_mask = split_router_marks(marked, labels is not None)
+            t = self.twist_inputs(input_ids, position_ids, attention_mask, past_key_values, labels, twist_step_ids,
+                                  images, image_sizes)
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds = (
+                t.input_ids, t.position_ids, t.attention_mask, t.past_key_values, t.inputs_embeds)
+            labels, twist_router_mask, span_ids = t.labels, t.router_mask, t.span_ids
 
         outputs = self.model(
             input_ids=input_ids,
@@ -272,11 +298,11 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             logits = self.lm_head(hidden_states)
         logits = logits.float()
 
-        lm_loss = router_loss = None
+        lm_loss = router_loss = token_losses = token_spans = supervised = None
         if labels is not None:
-            shift_logits = logits[..., :-1, :].contiguous().view(-1, self.config.vocab_size)
-            shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
-            lm_loss = F.cross_entropy(shift_logits, shift_labels)
+            weights = StepWeights.parse(self.config.twist_step_weights)
+            lm_loss, token_losses, token_spans = stepwise_lm_loss(logits, labels, span_ids, weights)
+            supervised = labels[:, 1:].to(token_losses.device) != IGNORE_INDEX
         if twist_router_labels is not None:
             router_loss = self.router_loss(outputs, twist_router_labels)
         loss = lm_loss
@@ -297,7 +323,36 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             router_loss=router_loss,
             router_logits=outputs.router_logits,
             route=outputs.route,
+            token_losses=token_losses,
+            token_spans=token_spans,
+            token_supervised=supervised,
         )
+
+    def twist_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        step_ids: torch.Tensor | None,
+        images: torch.Tensor | None,
+        image_sizes: Any = None,
+    ) -> TwistInputs:
+        """Mark the router's positions, splice the image in (LLaVA's ``prepare_inputs_labels_for_multimodal``),
+        split the marks back out and carry the span ids onto the new labels: once, for training and generation."""
+        marked = mark_router_positions(input_ids, labels, attention_mask)
+        input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, marked = (
+            self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, marked, images, image_sizes
+            )
+        )
+        mm_labels, router_mask = split_router_marks(marked, labels is not None)
+        spans = None
+        if step_ids is not None and labels is not None and mm_labels is not None:
+            spans = align_span_ids(labels, step_ids, mm_labels)
+        return TwistInputs(input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, mm_labels,
+                           router_mask, spans)
 
     def router_loss(self, outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
         """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label; class
@@ -329,20 +384,14 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("`inputs_embeds` is not supported")
-        marked = mark_router_positions(inputs, None, attention_mask)
-        if images is not None:
-            inputs, position_ids, attention_mask, _, inputs_embeds, marked = self.prepare_inputs_labels_for_multimodal(
-                inputs, position_ids, attention_mask, None, marked, images, image_sizes=image_sizes
-            )
-        else:
-            inputs_embeds = self.get_model().embed_tokens(inputs)
-        _, router_mask = split_router_marks(marked, had_labels=False)
+        t = self.twist_inputs(inputs, position_ids, attention_mask, None, None, None, images, image_sizes)
+        embeds = t.inputs_embeds if t.inputs_embeds is not None else self.get_model().embed_tokens(t.input_ids)
         return super(LlavaLlamaForCausalLM, self).generate(
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
+            position_ids=t.position_ids,
+            attention_mask=t.attention_mask,
+            inputs_embeds=embeds,
             twist_route=twist_route,
-            twist_router_mask=router_mask,
+            twist_router_mask=t.router_mask,
             **kwargs,
         )
 

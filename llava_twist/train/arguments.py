@@ -9,7 +9,7 @@ from typing import Any
 from llava.train.train import DataArguments, ModelArguments, TrainingArguments
 from transformers import HfArgumentParser
 
-from llava_twist.train.steps import StepWeights
+from llava_twist.model.loss import StepWeights
 
 
 @dataclass
@@ -49,14 +49,11 @@ class TwistArguments:
     def config_kwargs(self) -> dict[str, Any]:
         """The ``twist_*`` TwistConfig settings given on the command line."""
         names = ("twist_expert", "twist_mix", "twist_mix_init", "twist_router", "twist_router_layer",
-                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance")
+                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance", "twist_step_weights")
         kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.twist_layers is not None:
             kwargs["twist_layers"] = parse_layers(self.twist_layers)
         return kwargs
-
-    def step_weights(self) -> StepWeights:
-        return StepWeights.parse(self.twist_step_weights)
 
 
 def parse_layers(value: str) -> str | list[int]:
@@ -79,7 +76,7 @@ def parse_args(
         args=None if argv is None else list(argv)
     )
     check_supported(model_args, training_args, twist_args)
-    twist_args.step_weights()
+    StepWeights.parse(twist_args.twist_step_weights)
     return model_args, data_args, training_args, twist_args
 
 

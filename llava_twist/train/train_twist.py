@@ -197,7 +197,6 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
         args=training_args,
         train_dataset=dataset,
         data_collator=TwistDataCollator(tokenizer=tokenizer),
-        step_weights=twist_args.step_weights(),
         save_full=twist_args.twist_save_full,
         router_lr=twist_args.twist_router_lr,
         twist_state_fn=merged_twist_state if lora else plain_twist_state,

@@ -1,6 +1,6 @@
-"""`TwistTrainer`: LLaVA's trainer for TWIST. Stepwise LM loss (logged and weightable per step), the
-router's BCE, optimizer groups over the trainable ``twist_`` parameters only, a grounding-only delta at
-every save (a full checkpoint on request), and checkpoint resume under torch >= 2.6."""
+"""`TwistTrainer`: LLaVA's trainer for TWIST. The loss is the model's own (step-weighted LM loss plus the
+router's BCE), logged in parts and per step; optimizer groups over the trainable ``twist_`` parameters only, a
+grounding-only delta at every save (a full checkpoint on request), and checkpoint resume under torch >= 2.6."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from llava.constants import IGNORE_INDEX
 from llava.train.llava_trainer import LLaVATrainer
 from torch import nn
 from transformers import Trainer
 
 from llava_twist.model.builder import apply_twist_delta, is_twist_delta, save_twist_delta, twist_state_dict
-from llava_twist.model.routing import mark_router_positions, split_router_marks
-from llava_twist.train.steps import MAX_LOGGED_STEPS, SPAN_ANSWER, SPAN_OTHER, StepWeights, align_span_ids, span_name
+from llava_twist.train.steps import MAX_LOGGED_STEPS, SPAN_ANSWER, SPAN_OTHER, span_name
 
 # LLaVA's builder picks its loader by the folder's name: one holding "llava" (and "v1" for run_llava's template)
 # loads as plain LlavaLlamaForCausalLM, which ignores the twist_ weights, i.e. as the original model.
@@ -25,24 +22,6 @@ FULL_CHECKPOINT_DIR = "llava-v1.5-full"
 _FIXED_METRICS = ("lm_loss", "router_loss", "router_acc")
 _SPAN_SLOTS = [SPAN_OTHER, SPAN_ANSWER, *range(1, MAX_LOGGED_STEPS + 1)]
 METRIC_NAMES = [*_FIXED_METRICS, *(f"loss_{span_name(s)}" for s in _SPAN_SLOTS)]
-
-
-def stepwise_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, span_ids: torch.Tensor, weights: StepWeights
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token loss with per-span weights: ``sum(w_t * ce_t) / sum(w_t)`` over supervised tokens (uniform
-    weights give the model's own mean loss). Returns (loss, per-token ce (B, T-1), target span ids (B, T-1))."""
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
-    spans = span_ids[:, 1:].to(ce.device)
-    w = weights.token_weights(spans) * (targets != IGNORE_INDEX)
-    loss = (ce * w).sum() / w.sum().clamp(min=torch.finfo(ce.dtype).tiny)
-    return loss, ce, spans
 
 
 def span_slots(spans: torch.Tensor) -> torch.Tensor:
@@ -87,14 +66,12 @@ class TwistTrainer(LLaVATrainer):
     def __init__(
         self,
         *args: Any,
-        step_weights: StepWeights | None = None,
         save_full: bool = False,
         router_lr: float | None = None,
         twist_state_fn: Callable[[nn.Module], dict[str, torch.Tensor]] = twist_state_dict,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.step_weights = step_weights or StepWeights()
         self.twist_save_full = save_full
         self.twist_router_lr = router_lr
         self.twist_state_fn = twist_state_fn
@@ -102,52 +79,23 @@ class TwistTrainer(LLaVATrainer):
 
     # ----- loss -----
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False) -> Any:
-        core = self.model
-        labels = inputs.pop("labels")
-        span_ids = inputs.pop("twist_step_ids", None)
+        """The model's own loss (step-weighted LM loss plus the router's, :meth:`TwistLlavaLlamaForCausalLM.forward`),
+        its parts recorded for the logs."""
         route = inputs.pop("twist_route")
-        router_labels = inputs.pop("twist_router_labels", None)
-        input_ids = inputs.pop("input_ids")
-        attention_mask = inputs.pop("attention_mask", None)
-        marked = mark_router_positions(input_ids, labels, attention_mask)
-        _, position_ids, attention_mask, _, embeds, marked = core.prepare_inputs_labels_for_multimodal(
-            input_ids, None, attention_mask, None, marked, inputs.pop("images", None), inputs.pop("image_sizes", None)
-        )
-        if embeds is None:
-            embeds = core.get_model().embed_tokens(input_ids)
-        mm_labels, router_mask = split_router_marks(marked, had_labels=True)
-        outputs = model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            twist_route=None if core.config.twist_router == "token" else route,
-            twist_router_mask=router_mask,
-            twist_router_labels=router_labels,
-            **inputs,
-        )
-        if core.config.twist_router == "prompt" and outputs.router_logits is None:
+        config = self.model.config
+        outputs = model(**inputs, twist_route=None if config.twist_router == "token" else route)
+        if config.twist_router == "prompt" and outputs.router_logits is None:
             raise RuntimeError(
-                f"the router produced no logits in training: twist_router_layer={core.config.twist_router_layer} "
+                f"the router produced no logits in training: twist_router_layer={config.twist_router_layer} "
                 "must be a twin layer (or unset) so the router runs in the training pass"
             )
-        spans = torch.full_like(mm_labels, SPAN_OTHER)
-        if span_ids is not None:
-            spans = align_span_ids(labels, span_ids, mm_labels)
-        lm_loss, ce, target_spans = stepwise_lm_loss(outputs.logits, mm_labels, spans, self.step_weights)
-        loss = lm_loss if outputs.loss is None else lm_loss + outputs.loss
-        self._record(lm_loss, outputs, router_labels, ce, target_spans, mm_labels[:, 1:] != IGNORE_INDEX)
-        return (loss, outputs) if return_outputs else loss
+        self._record(outputs, inputs.get("twist_router_labels"))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     @torch.no_grad()
-    def _record(
-        self,
-        lm_loss: torch.Tensor,
-        outputs: Any,
-        router_labels: torch.Tensor | None,
-        ce: torch.Tensor,
-        spans: torch.Tensor,
-        supervised: torch.Tensor,
-    ) -> None:
+    def _record(self, outputs: Any, router_labels: torch.Tensor | None) -> None:
+        lm_loss, ce, spans, supervised = (outputs.lm_loss, outputs.token_losses, outputs.token_spans,
+                                          outputs.token_supervised)
         sums = torch.zeros(len(METRIC_NAMES), 2, device=ce.device, dtype=torch.float64)
         sums[0] = torch.stack([lm_loss.detach().double(), torch.ones((), device=ce.device, dtype=torch.float64)])
         if outputs.router_loss is not None:
