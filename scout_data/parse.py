@@ -139,35 +139,3 @@ def _parse_chain(text: str) -> ParsedChain:
     if not out.has_answer_line:
         out.problems.append(NO_ANSWER_LINE)
     return out
-
-
-def completed_steps(prefix: str) -> list[ParsedStep]:
-    """Steps of a partial chain that are complete (another marker follows them): for streaming."""
-    try:
-        _, segs = _segments(prefix)
-        done = []
-        for (_, num, body), _nxt in zip(segs, segs[1:], strict=False):
-            if num is None:
-                break
-            done.append(ParsedStep(num, body.strip(), parse_boxes(body)))
-        return done
-    except Exception:
-        return []
-
-
-class StreamingChainParser:
-    """Feed generated text piece by piece; :meth:`feed` returns the steps completed by that piece."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self._emitted = 0
-
-    def feed(self, chunk: str) -> list[ParsedStep]:
-        self.text += chunk
-        done = completed_steps(self.text)
-        new = done[self._emitted :]
-        self._emitted = len(done)
-        return new
-
-    def finish(self) -> ParsedChain:
-        return parse_chain(self.text)

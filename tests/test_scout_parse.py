@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scout_data.parse import StreamingChainParser, completed_steps, parse_boxes, parse_chain
+from scout_data.parse import parse_boxes, parse_chain
 
 CHAIN = (
     "Step 1: The question asks for the red circle.\n"
@@ -66,20 +66,6 @@ def test_each_problem_is_reported():
     assert any(p.startswith("text before Step 1") for p in problems_of("Sure!\nStep 1: a.\nAnswer: x"))
 
 
-def test_streaming_gives_each_step_once_when_it_completes():
-    assert completed_steps(CHAIN[:20]) == []
-    prefix = CHAIN[: CHAIN.index("Step 3")]
-    assert [s.index for s in completed_steps(prefix)] == [1]  # step 2 is done only once step 3 begins
-    assert [s.index for s in completed_steps(prefix + "Step 3:")] == [1, 2]
-    sp = StreamingChainParser()
-    got = []
-    for ch in CHAIN:
-        got += sp.feed(ch)
-    assert [s.index for s in got] == [1, 2, 3]
-    assert got == parse_chain(CHAIN).steps
-    assert sp.finish().answer_boxes_xyxy_norm == [(0.1, 0.2, 0.3, 0.4)]
-
-
 @settings(max_examples=400, deadline=None)
 @given(st.text(max_size=300))
 def test_never_raises_on_any_text(text):
@@ -87,7 +73,6 @@ def test_never_raises_on_any_text(text):
     assert isinstance(c.problems, list)
     for b in c.all_boxes_xyxy_norm():
         assert all(0.0 <= v <= 1.0 for v in b)
-    assert isinstance(completed_steps(text), list)
 
 
 fragments = st.sampled_from(
@@ -123,6 +108,3 @@ def test_never_raises_on_chain_like_text(parts):
     text = "".join(parts)
     c = parse_chain(text)
     assert all(0.0 <= v <= 1.0 for b in c.all_boxes_xyxy_norm() for v in b)
-    sp = StreamingChainParser()
-    streamed = [s for p in parts for s in sp.feed(p)]
-    assert [s.index for s in streamed] == [s.index for s in completed_steps(text)]
