@@ -6,14 +6,16 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import llava_twist.demo as demo_package
 from llava_twist.demo.pipeline import Layout, StageError, StageResult, run_stage
 from llava_twist.demo.pointer import read_pointer
-from llava_twist.demo.recipe import PROFILES, Recipe, get_recipe
+from llava_twist.demo.recipe import PROFILES, VARIANTS, Recipe, get_recipe
 
+T = TypeVar("T")
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo"  # what `make playground` opens
 
 
@@ -51,6 +53,19 @@ def run_demo(recipe: Recipe, out: str | Path, force: Sequence[str] = (), progres
     return results
 
 
+def run_guarded(body: Callable[[], T]) -> tuple[T | None, int]:
+    """``body()`` and exit status 0; a failed stage or a bad setting is one line on stderr (status 1), an
+    interrupt says how to go on (130)."""
+    try:
+        return body(), 0
+    except (StageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 1
+    except KeyboardInterrupt:
+        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
+        return None, 130
+
+
 def playground_hint(out: Path) -> str:
     """How to open the trained model: ``make playground`` for the default folder, else the explicit command."""
     if out.resolve() == DEFAULT_OUT.resolve():
@@ -64,28 +79,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_twist.demo", description=demo_package.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                   help="full: make demo; full-boxes: full with a box lesson before the base (about 40 min); "
-                        "ci: the same pipeline in minutes (tests)")
+                   help="full: make demo (from the released base); ci: the same pipeline in minutes, training its "
+                        "own base (tests)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="everything goes here (default: %(default)s)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE (and everything downstream) even if cached; repeatable; 'all' redoes all")
+    p.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS), metavar="NAME",
+                   help="also train and compare this TWIST variant (repeatable; "
+                        + "; ".join(f"{k}: {' '.join(v.flags)}" for k, v in VARIANTS.items()) + ")")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads per process (default: cores over a stage's processes; not in the cache key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     recipe = get_recipe(args.profile)
+    extra = tuple(VARIANTS[n] for n in dict.fromkeys(args.variant) if VARIANTS[n] not in recipe.twist_variants)
+    recipe = dataclasses.replace(recipe, twist_variants=recipe.twist_variants + extra)
     if args.threads is not None:
         recipe = dataclasses.replace(recipe, threads=max(1, args.threads))
     out = Path(args.out)
     start = time.perf_counter()
-    try:
-        results = run_demo(recipe, out, args.force, progress=False if args.no_progress else None)
-    except (StageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
-        return 130
+    results, status = run_guarded(lambda: run_demo(recipe, out, args.force,
+                                                   progress=False if args.no_progress else None))
+    if results is None:
+        return status
     ran = sum(not r.cached for r in results)
     print(f"{ran} of {len(results)} stages ran, {len(results) - ran} cached, in {time.perf_counter() - start:.1f} s")
     print(f"report: {out / 'report.md'} (grid: {out / 'grid.png'}); open the trained model: {playground_hint(out)}")

@@ -227,7 +227,7 @@ def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llava_twist.demo.pipeline import StageError
+    from llava_twist.demo.cli import run_guarded
     from llava_twist.demo.recipe import PROFILES
 
     p = argparse.ArgumentParser(prog="python -m llava_twist.demo.release", description=__doc__,
@@ -244,15 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {release}: a release is already there; pass --overwrite to replace it", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    try:
-        card = build_base(args.profile, Path(args.out), release, args.force,
-                          progress=False if args.no_progress else None)
-    except (StageError, ReleaseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
-        return 130
+    card, status = run_guarded(lambda: build_base(args.profile, Path(args.out), release, args.force,
+                                                  progress=False if args.no_progress else None))
+    if card is None:
+        return status
     f = card["figures"]
     print(f"released {release} in {time.perf_counter() - start:.0f} s (training {card['training_seconds']:.0f} s): "
           f"understanding {_pct(f['understanding']['accuracy'])}, one-shot refexp simple "

@@ -42,6 +42,7 @@ QA_QUERIES: dict[str, tuple[str, ...]] = {
     "caption": ("Describe the image briefly.", "What does the image show?"),
 }
 CAPTION_QA_ANSWERS = ("{n} objects: {items}.", "A plain background with {items}.")
+TEMPLATES = (REFEXP_QUERIES, FIND_ALL_QUERIES, COUNT_QUERIES, CAPTION_QUERIES, CAPTION_ANSWERS, CAPTION_QA_ANSWERS)
 
 
 @dataclass

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from scout_data.chain import answer_line, step_line
 from scout_data.schema import Sample
+from scout_data.sources.synthetic import queries
 from scout_data.sources.synthetic.config import KINDS, QA_TYPES, SynthConfig
-from scout_data.sources.synthetic.queries import (
-    CAPTION_ANSWERS,
-    CAPTION_QA_ANSWERS,
-    CAPTION_QUERIES,
-    COUNT_QUERIES,
-    FIND_ALL_QUERIES,
-    QA_QUERIES,
-    REFEXP_QUERIES,
-    SHORT_ANSWER,
-)
 from scout_data.sources.synthetic.records import generate
 from scout_data.sources.synthetic.world import COLOURS, REL_WORDS, SHAPES, SIZES, SUPERLATIVES, plural
 from scout_data.writer import PHRASES, REGION_PROMPT, STEP_BY_STEP
@@ -43,17 +34,10 @@ def vocabulary_text(seed: int = 0, n: int = 200) -> list[str]:
         "ref2": "the blue star",
         "n": 3,
     }
-    texts = [STEP_BY_STEP, SHORT_ANSWER, REGION_PROMPT.format(query="the red circle")]
+    texts = [STEP_BY_STEP, queries.SHORT_ANSWER, REGION_PROMPT.format(query="the red circle")]
     templates = [t for group in PHRASES.values() for t in group]
-    templates += [
-        *REFEXP_QUERIES,
-        *FIND_ALL_QUERIES,
-        *COUNT_QUERIES,
-        *CAPTION_QUERIES,
-        *CAPTION_ANSWERS,
-        *CAPTION_QA_ANSWERS,
-        *(t for g in QA_QUERIES.values() for t in g),
-    ]
+    templates += [t for group in queries.TEMPLATES for t in group]
+    templates += [t for g in queries.QA_QUERIES.values() for t in g]
     texts += [t.format(**words) for t in templates]
     texts += [
         " ".join(
