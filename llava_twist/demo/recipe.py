@@ -198,7 +198,9 @@ def config_hash(obj: Any) -> str:
 TWIST_VARIANTS = (
     TwistVariant("layer", ("--twist_expert", "layer", "--twist_layers", "every_other")),
     TwistVariant("mlp", ("--twist_expert", "mlp", "--twist_layers", "every_other")),
+    TwistVariant("layer-all", ("--twist_expert", "layer", "--twist_layers", "all")),
 )
+VARIANTS = {v.name: v for v in TWIST_VARIANTS}  # ``make demo DEMO_ARGS="--variant mlp"`` adds one to a run
 TWIST_FLAGS = ("--twist_router_lr", "5e-2", "--twist_router_balance", "True")
 SHIPPED_BASE = "playground/models/tiny-llava-v1.5"
 
@@ -239,11 +241,11 @@ def full_recipe() -> Recipe:
                                  seed_offset=1, chain_style="terse", **WORLD),
         replay_ratio=0.25,
         warmups=(COLOUR_LESSON, BOX_LESSON),
-        base=TrainSpec(steps=5000, batch=32, lr=2e-3),
-        full_ft=TrainSpec(steps=200, batch=32, lr=1e-3),
-        lora=TrainSpec(steps=200, batch=32, lr=2e-3),
-        twist=TrainSpec(steps=200, batch=32, lr=2e-3),
-        twist_variants=TWIST_VARIANTS[:1],
+        base=TrainSpec(steps=6000, batch=32, lr=1e-3),
+        full_ft=TrainSpec(steps=400, batch=32, lr=1e-3),
+        lora=TrainSpec(steps=400, batch=32, lr=2e-3),
+        twist=TrainSpec(steps=400, batch=32, lr=2e-3),
+        twist_variants=(VARIANTS["layer"],),
         twist_flags=TWIST_FLAGS,
         twist_nproc=2,
         lora_r=16,
@@ -284,7 +286,7 @@ def ci_recipe() -> Recipe:
         full_ft=TrainSpec(steps=10, batch=4, lr=1e-3),
         lora=TrainSpec(steps=10, batch=4, lr=1e-3),
         twist=TrainSpec(steps=20, batch=4, lr=1e-3, warmup_ratio=0.0, scheduler="constant"),
-        twist_variants=TWIST_VARIANTS,
+        twist_variants=(VARIANTS["layer"], VARIANTS["mlp"]),
         twist_flags=("--twist_router_lr", "1e-1"),
         twist_nproc=2,
         lora_r=4,
