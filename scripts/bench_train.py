@@ -5,6 +5,13 @@ AdamW state memory (bytes of exp_avg + exp_avg_sq after a step) and step time (f
 optimizer step, median), each with its ratio to full fine-tuning measured in the same run.
 
     python scripts/bench_train.py [--hidden 256 --layers 4 --batch 4 --steps 8 --threads 2]
+    python scripts/bench_train.py --demo-step [--batch 32 --steps 40]
+
+``--demo-step``: the demo's own step. LLaVA's trainer (``llava.train.train``, as the demo calls it) runs full
+fine-tuning of the released base on the demo's chains; the bare step (forward + backward + AdamW of the same
+model on batches collated in advance by LLaVA's own dataset and collator) is measured in the same run, and the
+ratio trainer step / bare step says what the trainer spends on anything but compute (data loading, image
+preprocessing, tokenization, logging). The data's per-batch cost is measured apart.
 
 Full fine-tuning trains the language model and projector (LLaVA's finetune.sh; the vision tower stays
 frozen); LoRA (peft) adapts q/k/v/o/gate/up/down of the language model plus the projector (LLaVA's
@@ -131,6 +138,91 @@ class Run:
                 "step_s": statistics.median(self.times)}
 
 
+def demo_data(root: Path, records: int) -> tuple[Path, Path]:
+    """``records`` training chains of the demo's recipe (``scout_data synth``), and their image folder."""
+    import subprocess
+
+    from llava_twist.demo.recipe import get_recipe
+
+    spec = get_recipe("full").grounding_data
+    args = spec.synth_args(0)
+    args[args.index("--num") + 1] = str(records)
+    args[args.index("--splits") + 1] = "train:1"
+    subprocess.run([sys.executable, "-m", "scout_data", "synth", "--out", str(root), "--quiet", *args], check=True)
+    return root / "train.json", root / "images"
+
+
+def demo_step(args: argparse.Namespace) -> None:
+    """Trainer step / bare step for the demo's model, data, batch and padding (see the module's docstring)."""
+    import dataclasses
+    import json
+    import subprocess
+
+    import transformers
+    from llava import conversation as conversation_lib
+    from llava.train.train import DataArguments, make_supervised_data_module
+
+    from llava_twist.demo.pipeline import Context, Layout
+    from llava_twist.demo.recipe import SHIPPED_BASE, TrainSpec, get_recipe
+    from llava_twist.demo.release import install_release
+    from llava_twist.demo.stages import llava_train_args
+
+    recipe = dataclasses.replace(get_recipe("full"), threads=args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = root / "base"
+        install_release(Path(__file__).resolve().parents[1] / SHIPPED_BASE, base, recipe.base_hash())
+        data, images = demo_data(root / "data", max(args.batch * (args.steps + 4), 256))
+
+        ctx = Context(recipe, Layout(root), "bench", root, {}, python=sys.executable)
+        spec = TrainSpec(steps=args.steps, batch=args.batch, lr=1e-3)
+        cmd = llava_train_args(ctx, base, data, images, root / "trained", spec)
+        env = {**ctx.env(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        state = json.loads((root / "trained" / "trainer_state.json").read_text())
+        trainer_s = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e) / args.steps
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base), use_fast=False,
+                                                               model_max_length=recipe.model_max_length)
+        model = full(base)
+        conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
+        data_args = DataArguments(data_path=str(data), lazy_preprocess=True, is_multimodal=True,
+                                  image_folder=str(images), image_aspect_ratio="pad")
+        data_args.image_processor = model.get_vision_tower().image_processor
+        data_args.mm_use_im_start_end = False
+        module = make_supervised_data_module(tokenizer, data_args)
+        dataset, collate = module["train_dataset"], module["data_collator"]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        start = time.perf_counter()
+        batches = [collate([dataset[i] for i in order[k * args.batch:(k + 1) * args.batch]])
+                   for k in range(args.steps)]
+        data_s = (time.perf_counter() - start) / args.steps
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        model.train()
+        times = []
+        for k, batch in enumerate(batches):
+            batch.pop("image_sizes", None)
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if k >= 2:
+                times.append(time.perf_counter() - t0)
+        bare_s = statistics.median(times)
+        lengths = [int(b["attention_mask"].sum(1).float().mean()) for b in batches]
+        padded = [b["input_ids"].shape[1] for b in batches]
+
+    print(f"the demo's step: released base ({SHIPPED_BASE}), full fine-tuning, batch {args.batch} of the demo's "
+          f"chains, {args.threads} CPU threads, {args.steps} steps")
+    print(f"text tokens per record: mean {statistics.mean(lengths):.0f}, padded to {statistics.mean(padded):.0f} "
+          f"(+{(recipe.model.image_size // recipe.model.patch_size) ** 2} image tokens)")
+    print(f"{'LLaVA trainer step (train_runtime / steps)':45s} {1000 * trainer_s:8.1f} ms")
+    print(f"{'bare step (forward + backward + AdamW)':45s} {1000 * bare_s:8.1f} ms")
+    print(f"{'data: LLaVA dataset + collator per batch':45s} {1000 * data_s:8.1f} ms")
+    print(f"trainer step / bare step: {trainer_s / bare_s:.2f}x (target <= 1.30x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -141,8 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora_r", type=int, default=0, help="default: 128 * hidden / 4096 (LLaVA's ratio), min 4")
+    parser.add_argument("--demo-step", action="store_true",
+                        help="the demo's own model, data and batch: LLaVA's trainer step against the bare step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.demo_step:
+        demo_step(args)
+        return
     r = args.lora_r or max(4, 128 * args.hidden // 4096)
 
     with tempfile.TemporaryDirectory() as tmp:
