@@ -386,6 +386,14 @@ def refexp_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {**{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")}, "n": result["n"]}
 
 
+def understanding(vqa: list[dict[str, Any]], by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy of short answers to held-out understanding questions."""
+    from llava_twist.eval.eval_retention import is_correct
+
+    correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
+    return {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])}
+
+
 def refexp_metrics(questions: list[dict[str, Any]], answers: list[dict[str, Any]], result_file: Path,
                    title: str) -> dict[str, Any]:
     """Acc@0.5 and mean IoU of referring-expression answers, over all and for simple and hard queries apart, with
@@ -411,7 +419,7 @@ def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: 
     """Every metric of one model, from the project's scorers; their result JSONs go to ``out``."""
     from llava_twist.eval.common import answers_by_id, write_result
     from llava_twist.eval.eval_localization import score_localization
-    from llava_twist.eval.eval_retention import is_correct, score_retention
+    from llava_twist.eval.eval_retention import score_retention
 
     metrics: dict[str, Any] = {"model": name}
     if questions["refexp"]:
@@ -425,8 +433,7 @@ def score_model(name: str, questions: dict[str, list[dict[str, Any]]], answers: 
     vqa = questions["vqa"]
     by_id = answers_by_id(answers)
     if vqa:
-        correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
-        metrics["understanding"] = {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])}
+        metrics["understanding"] = understanding(vqa, by_id)
         if name != "base":
             result = score_retention(vqa, base_answers, answers)
             write_result(out / "retention.result.json", {**result, "name": f"{name} scout-vqa"})
@@ -524,8 +531,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
 def evaluate_base(ctx: Context) -> dict[str, Any]:
     """The figures of a base's card (``make base``): held-out understanding, one-shot Acc@0.5 on simple and hard
     queries, and how much the base uses the image."""
-    from llava_twist.eval.common import read_jsonl
-    from llava_twist.eval.eval_retention import is_correct
+    from llava_twist.eval.common import answers_by_id, read_jsonl
 
     layout = ctx.layout
     base = layout.model("base")
@@ -533,13 +539,12 @@ def evaluate_base(ctx: Context) -> dict[str, Any]:
     vqa = questions["vqa"]
     answers_file = ctx.folder / "vqa" / "answers.jsonl"
     answer_questions(ctx, "base", base, layout.eval / "questions" / "vqa.jsonl", answers_file.parent)
-    by_id = {a["question_id"]: a for a in read_jsonl(str(answers_file), "answers")}
-    correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
+    by_id = answers_by_id(read_jsonl(str(answers_file), "answers"))
     one_shot = base_one_shot(ctx, base, questions, ctx.folder / "one_shot")
     for found in one_shot.values():
         found.pop("predictions", None)
     figures = {
-        "understanding": {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])},
+        "understanding": understanding(vqa, by_id),
         "one_shot": one_shot,
         "image_reliance": image_reliance(ctx, base, ctx.folder / "image_reliance.json"),
     }
