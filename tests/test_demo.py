@@ -73,7 +73,7 @@ def test_every_stage_ran_once_and_wrote_its_stamp(demo: dict[str, Any]) -> None:
 
 def test_warmup_lessons_chain_from_the_tiny_model_to_the_base(demo: dict[str, Any]) -> None:
     models, data, logs = (demo["out"] / "work" / "models", demo["out"] / "work" / "data", demo["out"] / "logs")
-    assert [w.name for w in RECIPE.warmups] == ["colour", "boxes"]
+    assert [w.name for w in RECIPE.warmups] == ["look", "boxes"]
     start = models / "tiny"
     for lesson in RECIPE.warmups:
         state = json.loads((models / lesson.stage / "trainer_state.json").read_text())
@@ -116,7 +116,8 @@ def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) 
                        .read_text())["after"]
     assert f"colour {tower['colour_acc'] * 100:.1f}%" in report.split("Vision tower (frozen", 1)[1].split("\n", 1)[0]
     assert "| vision tower | dense pretraining on 64 scenes" in report
-    assert "| base warm-up: colour | 4 steps x batch 8" in report and "from the warmed-up model |" in report
+    assert "| base warm-up: look | 4 steps x batch 8, lr 0.002, projector lr 0.01" in report
+    assert "from the warmed-up model |" in report
     assert "| base warm-up: boxes | 4 steps x batch 8" in report and "(region:1; refexp attribute:1)" in report
 
 
@@ -272,20 +273,20 @@ def test_changed_settings_redo_the_stage_and_everything_downstream(tmp_path: Pat
 
 def test_warmup_lessons_are_stages_in_order_and_optional() -> None:
     deps = {s.name: s.deps for s in build_stages(RECIPE)}
-    assert STAGES[2:5] == ["warmup-colour", "warmup-boxes", "base"]
-    assert deps["warmup-colour"] == ("model", "data") and deps["warmup-boxes"] == ("warmup-colour", "data")
+    assert STAGES[2:5] == ["warmup-look", "warmup-boxes", "base"]
+    assert deps["warmup-look"] == ("model", "data") and deps["warmup-boxes"] == ("warmup-look", "data")
     assert deps["base"] == ("warmup-boxes", "data")
     assert RECIPE.stage_config("warmup-boxes")["train"] == asdict(RECIPE.warmups[1].train)
     bare = replace(RECIPE, warmups=())
     assert {s.name: s.deps for s in build_stages(bare)}["base"] == ("model", "data")
-    assert "warmup-colour" not in [s.name for s in build_stages(bare)]
+    assert "warmup-look" not in [s.name for s in build_stages(bare)]
     assert replace(RECIPE, warmups=RECIPE.warmups[:1]).stage_config("data") != RECIPE.stage_config("data")
 
 
 def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
     full, ci = get_recipe("full"), get_recipe("ci")
     assert full.shipped_base and not ci.shipped_base
-    assert [w.name for w in full.warmups] == ["colour", "boxes"]
+    assert [w.name for w in full.warmups] == ["look", "boxes"]
     assert BOX_LESSON.data.kinds == "region:1" and BOX_LESSON.data.max_objects == 1
     assert full.grounding_data.chain_style == "terse" and full.base_data.grid == full.grounding_data.grid == 4
     # the base hash covers what makes the base's weights, and nothing the grounding runs read

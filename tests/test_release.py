@@ -48,11 +48,11 @@ def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
 def test_the_demo_imports_the_release_instead_of_training_a_base() -> None:
     full = get_recipe("full")
     names = [s.name for s in build_stages(full)]
-    assert "base" in names and not {"model", "warmup-colour", "warmup-boxes"} & set(names)
+    assert "base" in names and not {"model", "warmup-look", "warmup-boxes"} & set(names)
     base = next(s for s in build_stages(full) if s.name == "base")
     assert base.code == (RELEASE / WEIGHTS,)  # new weights redo everything downstream
     trained = [s.name for s in build_stages(dataclasses.replace(full, shipped_base=None), base_only=True)]
-    assert trained == ["model", "data", "warmup-colour", "warmup-boxes", "base", "base-eval"]
+    assert trained == ["model", "data", "warmup-look", "warmup-boxes", "base", "base-eval"]
 
 
 def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,6 +90,8 @@ def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: t
     assert json.loads((release / "config.json").read_text())["mm_vision_tower"] == str(release.resolve() / TOWER)
     for key in ("understanding", "one_shot", "image_reliance"):
         assert key in card["figures"]
+    tower = card["vision_pretraining"]["held_out"]  # the tower's read-outs travel with the weights
+    assert 0.0 <= tower["shape_acc"] <= 1.0 and "vision tower (frozen)" in (release / CARD_MD).read_text()
     assert not list(release.parent.glob(".release.*"))  # no temporary folder left
 
 

@@ -136,6 +136,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     f = card["figures"]
     rel = f.get("image_reliance") or {}
     u = f.get("understanding") or {}
+    v = (card.get("vision_pretraining") or {}).get("held_out")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in card["stage_seconds"].items())
     return "\n".join([
         "# tiny-llava-v1.5: the llava-twist demo's base model",
@@ -168,6 +169,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{_acc(f, 'refexp', 'hard')} |",
         f"| image reliance: answer loss with own / shuffled images | {rel.get('loss_own_images', float('nan')):.3f} / "
         f"{rel.get('loss_shuffled_images', float('nan')):.3f} |",
+        *([f"| vision tower (frozen): held-out patch read-outs shape / colour / size | {_pct(v['shape_acc'])} / "
+           f"{_pct(v['colour_acc'])} / {_pct(v['size_acc'])} |"] if v else []),
         "",
         "One-shot prompt: LLaVA-1.5's REC prompt, \"Please provide the bounding box coordinate of the region this "
         "sentence describes: ...\".",
@@ -209,6 +212,7 @@ def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = ()
     results = run_demo(recipe, out, force, progress=progress, base_only=True)
     layout = Layout(Path(out).resolve())
     seconds = {r.name: round(r.seconds, 1) for r in results if r.name not in ("data", "base-eval")}
+    model_info = next((r.stamp.get("info") or {} for r in results if r.name == "model"), {})
     card = {
         "name": "tiny-llava-v1.5",
         "profile": recipe.profile,
@@ -216,6 +220,7 @@ def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = ()
         "recipe": recipe.base_recipe(),
         "world": _world(recipe),
         "figures": read_json(layout.eval / "figures.json"),
+        "vision_pretraining": model_info.get("vision_pretraining"),
         "stage_seconds": seconds,
         "training_seconds": round(sum(seconds.values()), 1),
         "params": sum(tensor_numel(p) for p in checkpoint_weights(layout.model("base"))),

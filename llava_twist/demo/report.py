@@ -201,7 +201,8 @@ def _warmup(w: Warmup) -> str:
 
 
 def vision_line(stamp: dict[str, Any] | None) -> str:
-    """What the pretrained tower reads out of a held-out scene's patches (the stand-in for CLIP's knowledge)."""
+    """What the pretrained tower reads out of a held-out scene's patches (the stand-in for CLIP's knowledge), from
+    the model stage's stamp or, for a released base, from its card."""
     v = get(stamp or {}, "info", "vision_pretraining")
     if not v:
         return "Vision tower: randomly initialised (no pretraining in this recipe)."
@@ -226,7 +227,8 @@ def _scene(s: Any) -> str:
 
 
 def _train(t: Any) -> str:
-    return f"{t.steps} steps x batch {t.batch}, lr {t.lr:g} ({t.scheduler})"
+    projector = f", projector lr {t.mm_projector_lr:g}" if t.mm_projector_lr is not None else ""
+    return f"{t.steps} steps x batch {t.batch}, lr {t.lr:g}{projector} ({t.scheduler})"
 
 
 def times_table(stamps: dict[str, dict[str, Any]], order: list[str]) -> str:
@@ -428,7 +430,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "",
         f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
         "",
-        vision_line(stamps.get("model")),
+        vision_line(stamps.get("model") or stamps.get("base")),
         "",
         image_reliance_line(metrics.get("image_reliance")),
         "",

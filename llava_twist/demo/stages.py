@@ -116,6 +116,7 @@ def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, ou
         "--seed", str(recipe.seed),
         "--bf16", "False",
         "--fp16", "False",
+        *(["--mm_projector_lr", f"{spec.mm_projector_lr:g}"] if spec.mm_projector_lr is not None else []),
         *(extra or []),
     ]
 
@@ -214,7 +215,7 @@ def import_base(ctx: Context) -> dict[str, Any]:
 
     card = install_release(REPO / str(ctx.recipe.shipped_base), ctx.folder, ctx.recipe.base_hash())
     return {"release": ctx.recipe.shipped_base, "recipe_hash": card["recipe_hash"], "figures": card["figures"],
-            "trainable_params": language_model_params(ctx.folder)}
+            "vision_pretraining": card.get("vision_pretraining"), "trainable_params": language_model_params(ctx.folder)}
 
 
 def train_full_ft(ctx: Context) -> dict[str, Any]:
