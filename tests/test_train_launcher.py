@@ -180,22 +180,28 @@ def test_checkpoints_hold_delta_and_deepspeed_state(run: dict) -> None:
 
 
 def optimizer_states(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Each rank's Adam moments and step counts. Its ``fp32_flat_groups`` are left out: ZeRO-3 pads a rank's
+    partition of a group smaller than the world with uninitialised memory, which differs from run to run (the
+    master weights themselves are compared through :func:`master_weights`)."""
     tensors = {}
     for file in sorted(ckpt.glob("global_step*/*optim_states.pt")):
-        state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-
-        def walk(prefix: str, value) -> None:
-            if isinstance(value, torch.Tensor):
-                tensors[prefix] = value
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}/{k}", v)
-            elif isinstance(value, list | tuple):
-                for i, v in enumerate(value):
-                    walk(f"{prefix}/{i}", v)
-
-        walk(file.name, state)
+        zero_state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for group, moments in zero_state["optimizer_state_dict"]["state"].items():
+            for key, value in moments.items():
+                tensors[f"{file.name}/{group}/{key}"] = value
     return tensors
+
+
+def master_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trainable parameters' fp32 master copies, gathered from the ranks' partitions without their padding."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), exclude_frozen_parameters=True)
+
+
+def assert_all_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(run: dict) -> None:
@@ -216,8 +222,11 @@ def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(run: d
     reference, resumed_states = optimizer_states(run["out"] / f"checkpoint-{STEPS}"), optimizer_states(
         resumed / f"checkpoint-{STEPS}")
     assert reference and set(reference) == set(resumed_states)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(resumed_states[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert_all_close(resumed_states, reference)
+    weights, resumed_weights = master_weights(run["out"] / f"checkpoint-{STEPS}"), master_weights(
+        resumed / f"checkpoint-{STEPS}")
+    assert weights and set(weights) == set(resumed_weights) and all(is_twist_param(name) for name in weights)
+    assert_all_close(resumed_weights, weights)
     delta_a, delta_b = load_file(str(run["out"] / DELTA_WEIGHTS)), load_file(str(resumed / DELTA_WEIGHTS))
     for name in delta_a:
         torch.testing.assert_close(delta_b[name], delta_a[name], atol=1e-6, rtol=1e-5)
