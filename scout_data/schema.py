@@ -29,8 +29,10 @@ Kind = Literal[
     "count",  # count with boxes
     "grounded_caption",  # caption whose phrases carry boxes
     "region",  # one-shot box answer without steps (LLaVA-1.5's RefCOCO/VG region data)
+    "region_caption",  # a short description of the region whose box the prompt gives (LLaVA-1.5's RefCOCO REG)
     "qa",  # understanding question (colour, shape, count, yes/no, left/right, caption)
 ]
+UNDERSTANDING_KINDS = ("qa", "region_caption")  # answered in words, without a box: understanding samples
 Difficulty = Literal["simple", "hard"]
 Split = Literal["train", "val", "test", "testA", "testB"]
 
@@ -60,9 +62,11 @@ class Sample:
     source: str = "synthetic"
     source_ids: dict[str, object] = field(default_factory=dict)
     expression: str = ""  # the referring expression alone (refexp; a region's query is one), for one-shot prompts
+    query_boxes_xyxy_px: list[Box] = field(default_factory=list)  # what the query's ``<box>`` slots show, in order
 
     def all_boxes_xyxy_px(self) -> list[Box]:
-        return [b for s in self.steps for b in s.boxes_xyxy_px] + list(self.answer_boxes_xyxy_px)
+        return [*self.query_boxes_xyxy_px, *(b for s in self.steps for b in s.boxes_xyxy_px),
+                *self.answer_boxes_xyxy_px]
 
 
 @dataclass

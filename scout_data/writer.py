@@ -17,11 +17,12 @@ from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, Box, box_xyxy_px_to_norm, format_box
 from scout_data.chain import answer_line, step_line
-from scout_data.schema import BOX_SLOT, UNDERSTANDING_TASK, Sample
+from scout_data.schema import BOX_SLOT, UNDERSTANDING_KINDS, UNDERSTANDING_TASK, Sample
 
 IMAGE_TOKEN = "<image>"
 STEP_BY_STEP = "Answer step by step."
 REGION_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {query}."
+REGION_CAPTION_PROMPT = "Please provide a short description for this region: {query}."
 STEPWISE_KINDS = ("refexp", "find_all", "count", "grounded_caption")
 
 PHRASES: dict[str, tuple[str, ...]] = {
@@ -127,6 +128,8 @@ def render_prompt(query: str, kind: str) -> str:
         return q
     if kind == "region":
         return REGION_PROMPT.format(query=q.rstrip("."))
+    if kind == "region_caption":
+        return REGION_CAPTION_PROMPT.format(query=q.rstrip("."))
     return f"{q} {STEP_BY_STEP}"
 
 
@@ -163,7 +166,7 @@ def render_gpt(sample: Sample, frame: str = DEFAULT_FRAME) -> str:
     """The gpt turn for ``sample``."""
     w, h = sample.width, sample.height
     answer_norm = [box_xyxy_px_to_norm(b, w, h, frame) for b in sample.answer_boxes_xyxy_px]
-    if sample.kind == "qa":
+    if sample.kind in UNDERSTANDING_KINDS:
         return sample.answer_text.strip()
     if sample.kind == "region":
         return ", ".join(format_box(b) for b in answer_norm)
@@ -173,6 +176,14 @@ def render_gpt(sample: Sample, frame: str = DEFAULT_FRAME) -> str:
         lines.append(step_line(i, _sentence(fill_slots(step.text, norm))))
     lines.append(_answer_line(sample, answer_norm))
     return "\n".join(lines)
+
+
+def rendered_query(sample: Sample, frame: str = DEFAULT_FRAME) -> str:
+    """The sample's query with its ``<box>`` slots filled (a region caption's query is the region's box)."""
+    if BOX_SLOT not in sample.query:
+        return sample.query
+    return fill_slots(sample.query, [box_xyxy_px_to_norm(b, sample.width, sample.height, frame)
+                                     for b in sample.query_boxes_xyxy_px])
 
 
 def _rounded(box: Sequence[float], places: int = 6) -> list[float]:
@@ -190,8 +201,9 @@ def render_record(sample: Sample, frame: str = DEFAULT_FRAME) -> dict[str, Any]:
     record: dict[str, Any] = {"id": sample.id}
     if with_image:
         record["image"] = sample.image
+    query = rendered_query(sample, frame)
     record["conversations"] = [
-        {"from": "human", "value": render_human(sample.query, sample.kind, with_image)},
+        {"from": "human", "value": render_human(query, sample.kind, with_image)},
         {"from": "gpt", "value": render_gpt(sample, frame)},
     ]
     steps = []
@@ -201,13 +213,13 @@ def render_record(sample: Sample, frame: str = DEFAULT_FRAME) -> dict[str, Any]:
             {"text": _sentence(fill_slots(step.text, norm)), "boxes_xyxy_norm": [_rounded(b) for b in norm]}
         )
     record.update(
-        task=UNDERSTANDING_TASK if sample.kind == "qa" else sample.task,
+        task=UNDERSTANDING_TASK if sample.kind in UNDERSTANDING_KINDS else sample.task,
         kind=sample.kind,
         difficulty=sample.difficulty,
         split=sample.split,
         box_frame=frame,
         image_size=[w, h],
-        query=sample.query,
+        query=query,
         steps=steps,
         answer_boxes_xyxy_norm=[
             _rounded(box_xyxy_px_to_norm(b, w, h, frame)) for b in sample.answer_boxes_xyxy_px

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from scout_data.sources import synthetic as S
 from scout_data.validate import record_problems
 from scout_data.writer import render_record
 
-ALL_KINDS = "refexp:3,find_all:1,count:1,grounded_caption:1,region:1,qa:1"
+ALL_KINDS = "refexp:3,find_all:1,count:1,grounded_caption:1,region:1,qa:1,region_caption:1"
 
 
 def synth_args(*flags: str, out: str | None = None, seed: int = 0) -> argparse.Namespace:
@@ -70,7 +71,7 @@ def test_all_kinds_valid_records(dataset):
         assert r["difficulty"] in ("simple", "hard")
         assert r["image_size"] == [128, 96]
         gpt = r["conversations"][1]["value"]
-        if r["kind"] == "qa":
+        if r["kind"] in ("qa", "region_caption"):
             assert r["task"] == "understanding" and not parse_chain(gpt).all_boxes_xyxy_norm()
         else:
             assert r["task"] == "grounding"
@@ -264,6 +265,25 @@ def test_grid_world_puts_each_object_in_its_own_cell_with_few_box_values(tmp_pat
     assert 0 < len(coords) <= 40  # anywhere in the image, two-decimal coordinates take 101 values
     with pytest.raises(ValueError, match="--grid"):
         S.config_from_args(synth_args("--grid", "2", "--max-objects", "5"))
+
+
+def test_region_captions_name_the_object_in_the_prompts_box_by_its_shortest_description(tmp_path):
+    flags = ("--num", "120", "--image-size", "64", "--grid", "4", "--min-objects", "1", "--max-objects", "4",
+             "--clutter", "none", "--splits", "train:1")
+    _, splits = generate_dir(tmp_path / "rc", *flags, "--kinds", "region_caption:1")
+    names = Counter()
+    for r in splits["train"]:
+        box = [float(v) for v in re.findall(r"\d\.\d\d", r["conversations"][0]["value"])]
+        objects = r["source_ids"]["objects"]
+        (target,) = [o for o in objects if [round(v / 64, 2) for v in o["box_xyxy_px"]] == box]
+        name = r["conversations"][1]["value"]
+        words = name.removeprefix("the ").split()
+        assert name.startswith("the ") and r["task"] == "understanding" and r["kind"] == "region_caption"
+        assert all(w in (target["shape"], target["colour"], target["size"], "object") for w in words), (name, target)
+        fits = [o for o in objects if all(w in (o["shape"], o["colour"], o["size"], "object") for w in words)]
+        assert fits == [target] or len(words) == 3, (name, objects)  # unique, or every attribute when none is
+        names[len(words)] += 1
+    assert names[1] and names[2]  # shortest descriptions: a shape alone or with a colour or size
 
 
 def test_terse_chains_locate_each_candidate_as_a_one_shot_prompt_names_it(tmp_path):

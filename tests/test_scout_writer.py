@@ -107,6 +107,21 @@ def test_original_frame_and_answer_forms():
     assert "image" not in no_image and "<image>" not in no_image["conversations"][0]["value"]
 
 
+def test_region_caption_shows_the_region_in_the_prompt_and_answers_in_words():
+    sample = chain_sample(kind="region_caption", query="<box>", steps=[], answer_boxes_xyxy_px=[],
+                          query_boxes_xyxy_px=[(20, 10, 60, 50)], answer_text="the red circle", task="understanding")
+    padded, original = render_record(sample), render_record(sample, frame="original")
+    assert padded["conversations"][0]["value"] == (
+        "<image>\nPlease provide a short description for this region: [0.10, 0.30, 0.30, 0.50]."
+    )
+    assert original["conversations"][0]["value"].endswith("region: [0.10, 0.10, 0.30, 0.50].")
+    assert padded["conversations"][1]["value"] == "the red circle"
+    assert padded["task"] == "understanding" and padded["query"] == "[0.10, 0.30, 0.30, 0.50]"
+    assert record_problems(padded) == []
+    with pytest.raises(ValueError, match="1 box slots but 0 boxes"):
+        render_record(chain_sample(kind="region_caption", query="<box>", steps=[], answer_text="the red circle"))
+
+
 def test_render_prompt_matches_training_prompt():
     for kind in ("refexp", "find_all", "count", "grounded_caption", "region", "qa"):
         s = chain_sample(kind=kind, steps=[] if kind in ("region", "qa") else chain_sample().steps)

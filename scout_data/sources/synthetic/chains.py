@@ -24,14 +24,18 @@ def _candidate_step(rng: random.Random, scene: Scene, idx: list[int]) -> Step:
 
 
 
+def object_name(scene: Scene, j: int, rng: random.Random) -> str:
+    """How a terse step and a region caption name object ``j``: ``the red circle``, the shortest description
+    that picks it alone (as a one-shot region prompt names it), else all its attributes."""
+    o = scene.objects[j]
+    return f"the {(unique_desc(scene, j, rng) or Desc(o.shape, o.colour, o.size)).words()}"
+
+
 def _located(scene: Scene, idx: list[int], rng: random.Random) -> list[Step]:
-    """Terse steps: each object, left to right, named as a one-shot region prompt would name it, with its box."""
+    """Terse steps: each object, left to right, named by :func:`object_name`, with its box."""
     objs = scene.objects
-    steps = []
-    for j in sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy)):
-        d = unique_desc(scene, j, rng) or Desc(objs[j].shape, objs[j].colour, objs[j].size)
-        steps.append(Step(f"the {d.words()} {BOX_SLOT}", [objs[j].box]))
-    return steps
+    return [Step(f"{object_name(scene, j, rng)} {BOX_SLOT}", [objs[j].box])
+            for j in sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy))]
 
 
 def _refexp_candidates(scene: Scene, q: Query, target: int) -> list[int]:

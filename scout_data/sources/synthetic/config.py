@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, SIZES
 
-KINDS = ("refexp", "find_all", "count", "grounded_caption", "region", "qa")
+KINDS = ("refexp", "find_all", "count", "grounded_caption", "region", "qa", "region_caption")
 REFEXP_TYPES = ("attribute", "relation", "superlative")
 QA_TYPES = ("colour", "shape", "count", "exists", "relation", "caption")
 CHAIN_STYLES = ("full", "terse")

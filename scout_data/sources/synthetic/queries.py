@@ -6,8 +6,14 @@ import random
 from dataclasses import dataclass
 
 from scout_data.boxes import Box, box_problem_px
-from scout_data.schema import Step
-from scout_data.sources.synthetic.chains import _candidate_step, _located, _refexp_steps, _same_category
+from scout_data.schema import BOX_SLOT, Step
+from scout_data.sources.synthetic.chains import (
+    _candidate_step,
+    _located,
+    _refexp_steps,
+    _same_category,
+    object_name,
+)
 from scout_data.sources.synthetic.config import SynthConfig
 from scout_data.sources.synthetic.referring import Desc, Query, _relation_holds, ref_text, resolve, unique_desc
 from scout_data.sources.synthetic.scenes import Scene
@@ -58,6 +64,7 @@ class Built:
     task: str = "grounding"
     answer_boxes: list[Box] | None = None  # default: the targets' boxes
     expression: str = ""
+    query_boxes: list[Box] | None = None  # what the query's ``<box>`` slots show
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -205,6 +212,13 @@ def _build_caption(rng: random.Random, scene: Scene) -> Built | None:
     return Built("grounded_caption", rng.choice(CAPTION_QUERIES), steps, order, answer_text=answer)
 
 
+def _build_region_caption(rng: random.Random, scene: Scene) -> Built:
+    """LLaVA-1.5's region captioning (RefCOCO REG): the prompt gives an object's box, the answer names it."""
+    j = rng.randrange(len(scene.objects))
+    return Built("region_caption", BOX_SLOT, [], [], answer_text=object_name(scene, j, rng), task="understanding",
+                 query_boxes=[scene.objects[j].box])
+
+
 def _number_word(n: int) -> str:
     return str(n)
 
@@ -279,13 +293,16 @@ def build_query(rng: random.Random, scene: Scene, kind: str, cfg: SynthConfig) -
         return _build_group(rng, scene, kind, cfg.chain_style == "terse")
     if kind == "grounded_caption":
         return _build_caption(rng, scene)
+    if kind == "region_caption":
+        return _build_region_caption(rng, scene)
     return _build_qa(rng, scene, cfg)
 
 
 def check_built(b: Built, scene: Scene) -> list[str]:
     """Why a built chain is wrong: a box outside the image or without area, answers not the referents."""
     problems = []
-    boxes = [bx for s in b.steps for bx in s.boxes_xyxy_px] + [scene.objects[j].box for j in b.targets]
+    boxes = [*(b.query_boxes or []), *(bx for s in b.steps for bx in s.boxes_xyxy_px),
+             *(scene.objects[j].box for j in b.targets)]
     for bx in boxes:
         p = box_problem_px(bx, scene.width, scene.height)
         if p:
