@@ -83,10 +83,11 @@ def vision_tower_of(model_dir: Path) -> str:
 
 def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, out: Path, spec: TrainSpec,
                      extra: list[str] | None = None) -> list[str]:
-    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it, on CPU in fp32."""
+    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it, on CPU in fp32, seeded
+    before the model is built (``llava_twist.train.train_llava``: LoRA's adapters start the same in every run)."""
     recipe = ctx.recipe
     return [
-        ctx.python, "-m", "llava.train.train",
+        ctx.python, "-m", "llava_twist.train.train_llava",
         "--model_name_or_path", str(model_dir),
         "--version", "v1",
         "--data_path", str(data),
