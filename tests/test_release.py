@@ -45,6 +45,23 @@ def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
     assert figures["understanding"]["n"] > 0 and figures["one_shot"]["refexp"]["hard"]["n"] > 0
 
 
+def test_the_committed_tokenizer_is_the_one_the_code_trains(tmp_path: Path) -> None:
+    """The recipe hash does not cover the tokenizer's corpus (every phrasing ``scout_data`` can write): a new
+    phrasing or data kind that reaches the corpus changes every tokenizer ``make base`` builds."""
+    import sentencepiece as spm
+
+    from llava_twist.tiny import default_corpus, train_tokenizer
+
+    model = get_recipe("full").model
+    train_tokenizer(tmp_path, default_corpus(), model.vocab_size, model.coordinate_tokens)
+
+    def pieces(folder: Path) -> list[str]:
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+    assert pieces(tmp_path) == pieces(RELEASE), "the tokenizer corpus changed since the committed base was trained"
+
+
 def test_the_demo_imports_the_release_instead_of_training_a_base() -> None:
     full = get_recipe("full")
     names = [s.name for s in build_stages(full)]
