@@ -23,6 +23,7 @@ IMAGE_TOKEN = "<image>"
 STEP_BY_STEP = "Answer step by step."
 REGION_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {query}."
 REGION_CAPTION_PROMPT = "Please provide a short description for this region: {query}."
+ONE_SHOT_PROMPTS = {"region": REGION_PROMPT, "region_caption": REGION_CAPTION_PROMPT}  # LLaVA-1.5's REC and REG
 STEPWISE_KINDS = ("refexp", "find_all", "count", "grounded_caption")
 
 PHRASES: dict[str, tuple[str, ...]] = {
@@ -126,10 +127,8 @@ def render_prompt(query: str, kind: str) -> str:
     q = " ".join(query.split())
     if kind == "qa":
         return q
-    if kind == "region":
-        return REGION_PROMPT.format(query=q.rstrip("."))
-    if kind == "region_caption":
-        return REGION_CAPTION_PROMPT.format(query=q.rstrip("."))
+    if kind in ONE_SHOT_PROMPTS:
+        return ONE_SHOT_PROMPTS[kind].format(query=q.rstrip("."))
     return f"{q} {STEP_BY_STEP}"
 
 

@@ -10,6 +10,7 @@ from torch's generator, which a fresh process seeds at random: two LoRA runs of 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -20,13 +21,9 @@ DEFAULT_SEED = transformers.TrainingArguments.seed  # what LLaVA's Trainer seeds
 
 def seed_of(argv: Sequence[str]) -> int:
     """The value of ``--seed`` in LLaVA's arguments (``--seed 3`` or ``--seed=3``), else the Trainer's default."""
-    seed = DEFAULT_SEED
-    for i, arg in enumerate(argv):
-        if arg == "--seed" and i + 1 < len(argv):
-            seed = int(argv[i + 1])
-        elif arg.startswith("--seed="):
-            seed = int(arg.split("=", 1)[1])
-    return seed
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    return parser.parse_known_args(list(argv))[0].seed
 
 
 def main() -> None:

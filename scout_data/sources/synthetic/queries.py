@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scout_data.boxes import Box, box_problem_px
 from scout_data.schema import BOX_SLOT, Step
@@ -64,7 +64,7 @@ class Built:
     task: str = "grounding"
     answer_boxes: list[Box] | None = None  # default: the targets' boxes
     expression: str = ""
-    query_boxes: list[Box] | None = None  # what the query's ``<box>`` slots show
+    query_boxes: list[Box] = field(default_factory=list)  # what the query's ``<box>`` slots show
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -301,7 +301,7 @@ def build_query(rng: random.Random, scene: Scene, kind: str, cfg: SynthConfig) -
 def check_built(b: Built, scene: Scene) -> list[str]:
     """Why a built chain is wrong: a box outside the image or without area, answers not the referents."""
     problems = []
-    boxes = [*(b.query_boxes or []), *(bx for s in b.steps for bx in s.boxes_xyxy_px),
+    boxes = [*b.query_boxes, *(bx for s in b.steps for bx in s.boxes_xyxy_px),
              *(scene.objects[j].box for j in b.targets)]
     for bx in boxes:
         p = box_problem_px(bx, scene.width, scene.height)

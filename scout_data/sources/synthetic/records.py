@@ -52,7 +52,7 @@ def generate(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Sampl
             answer_boxes_xyxy_px=[scene.objects[j].box for j in b.targets],
             answer_text=b.answer_text,
             expression=b.expression,
-            query_boxes_xyxy_px=list(b.query_boxes or []),
+            query_boxes_xyxy_px=list(b.query_boxes),
             difficulty=b.difficulty,  # type: ignore[arg-type]
             split=split,
             source=NAME,
