@@ -82,6 +82,12 @@ class TinyLlavaSpec:
 
 
 COORDINATES = [f"{i / 100:.2f}" for i in range(101)]
+# LLaVA's ``preprocess_v1`` masks a conversation round by round, tokenizing each round alone; for a non-legacy
+# tokenizer it counts every round after the first one token shorter (its fix for Llama-2's tokenizers). This
+# vocabulary holds ``USER`` with and without the word prefix, so a round costs the same alone and in place only
+# under the legacy rule; non-legacy, LLaVA drops every multi-turn record ("tokenization mismatch ... (ignored)").
+# Single-turn records tokenize the same either way.
+LEGACY = True
 
 
 def train_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int, coordinate_tokens: bool = False) -> None:
@@ -119,7 +125,7 @@ def train_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int, coord
         vocab_file = Path(tmp) / "tokenizer.model"
         vocab_file.write_bytes(model.getvalue())
         tokenizer = LlamaTokenizer(
-            vocab_file=str(vocab_file), legacy=False, model_max_length=2048, padding_side="right"
+            vocab_file=str(vocab_file), legacy=LEGACY, model_max_length=2048, padding_side="right"
         )
         tokenizer.save_pretrained(str(out_dir))
 

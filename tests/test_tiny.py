@@ -56,3 +56,52 @@ def test_demo_vocabulary_gives_each_word_of_the_world_one_token(tmp_path: Path) 
     assert {w: p for w, p in split.items() if len(p) != 1} == {}
     assert len(tok(conv_templates["v1"].system, add_special_tokens=False).input_ids) <= 40
     assert len(tok) == spec.vocab_size
+
+
+def _answer_spans(tok, conversations: list[dict[str, str]]) -> list[str]:
+    """The label spans LLaVA's own preprocessing keeps for training, decoded."""
+    import copy
+
+    from llava import conversation as conversation_lib
+    from llava.constants import IGNORE_INDEX
+    from llava.train.train import preprocess
+
+    saved = conversation_lib.default_conversation
+    conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
+    try:
+        out = preprocess([copy.deepcopy(conversations)], tok, has_image=True)
+    finally:
+        conversation_lib.default_conversation = saved
+    labels = out["labels"][0].tolist()
+    spans, current = [], []
+    for label in [*labels, IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            spans.append(tok.decode(current).strip())
+            current = []
+    return spans
+
+
+@pytest.mark.parametrize("source", ["trained", "release"])
+def test_llava_trains_on_every_round_of_a_multi_turn_conversation(tmp_path: Path, source: str) -> None:
+    """LLaVA-1.5's data is multi-turn (several questions about one image); with a tokenizer whose rounds LLaVA
+    miscounts, it masks the whole record and trains on nothing, warning once per record."""
+    from llava_twist.demo.recipe import full_recipe
+    from llava_twist.demo.release import RELEASE_DIR
+
+    if source == "trained":
+        spec = full_recipe().model
+        train_tokenizer(tmp_path, default_corpus(), spec.vocab_size, spec.coordinate_tokens)
+        folder = tmp_path
+    else:
+        folder = Path(__file__).resolve().parents[1] / RELEASE_DIR
+    tok = AutoTokenizer.from_pretrained(str(folder), use_fast=False)
+    tok.pad_token = tok.unk_token
+    turns = [("<image>\nWhat colour is the circle? Answer the question using a single word or phrase.", "red"),
+             ("Is there a blue square in the image? Answer the question using a single word or phrase.", "No"),
+             ("Please provide the bounding box coordinate of the region this sentence describes: the red circle.",
+              "[0.28, 0.03, 0.45, 0.20]")]
+    conversations = [{"from": who, "value": text} for q, a in turns for who, text in (("human", q), ("gpt", a))]
+    assert _answer_spans(tok, conversations) == [f"{a}</s>" for _, a in turns]
+    assert _answer_spans(tok, conversations[:2]) == ["red</s>"]
