@@ -140,6 +140,10 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
             assert m["refexp"][level]["n"] >= 0
         assert 0.0 <= m["refexp"]["acc@0.5"] <= 1.0 and 0.0 <= m["refexp"]["mean_iou"] <= 1.0
         assert 0.0 <= m["understanding"]["accuracy"] <= 1.0
+        by_type = m["understanding"]["by_type"]
+        assert "other" not in by_type and sum(t["n"] for t in by_type.values()) == m["understanding"]["n"]
+        right = sum(t["accuracy"] * t["n"] for t in by_type.values())
+        assert right == pytest.approx(m["understanding"]["accuracy"] * m["understanding"]["n"])
         assert m["trainable_params"] > 0
         assert (name == "base") == ("retention" not in m)
         assert (name in TWIST) == ("router" in m)
@@ -150,6 +154,9 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     reliance = results["image_reliance"]
     assert reliance["records"] >= 2 and reliance["loss_own_images"] > 0 and reliance["loss_shuffled_images"] > 0
     assert "Does the base use the image?" in (demo["out"] / "report.md").read_text()
+    base_types = results["models"]["base"]["understanding"]["by_type"]
+    assert "Understanding by question type (held-out):" in (demo["out"] / "report.md").read_text()
+    assert f"| {' | '.join(sorted(base_types))} |" in (demo["out"] / "report.md").read_text()
     region, one_shot = results["base_one_shot"]["region"], results["base_one_shot"]["refexp"]
     assert region["n"] > 0 and 0.0 <= region["acc@0.5"] <= 1.0 and 0.0 <= region["parse_failure_rate"] <= 1.0
     report = (demo["out"] / "report.md").read_text()

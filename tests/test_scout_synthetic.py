@@ -313,3 +313,28 @@ def test_terse_chains_locate_each_candidate_as_a_one_shot_prompt_names_it(tmp_pa
         seen.add(r["kind"])
         assert len(r["conversations"][1]["value"]) < len(f["conversations"][1]["value"])
     assert {"refexp", "find_all", "count", "relation"} <= seen
+
+
+def test_understanding_questions_carry_their_type(tmp_path):
+    """The eval splits understanding accuracy by question type (a binding failure shows in colour and exists
+    questions while shape questions pass), so each type label must be the question actually asked."""
+    from llava_twist.eval.scout_questions import question_for
+
+    _, splits = generate_dir(tmp_path / "d", "--num", "200", "--image-size", "64", "--kinds", "qa:1", "--grid", "4",
+                             "--min-objects", "1", "--max-objects", "4", "--splits", "train:1")
+    world = {"colour": set(S.COLOURS), "shape": set(S.SHAPES)}
+    seen = Counter()
+    for r in splits["train"]:
+        t = r["source_ids"]["question_type"]
+        seen[t] += 1
+        answer, query = r["answer_text"], r["query"]
+        if t in world:
+            assert answer in world[t], (t, query, answer)
+        elif t in ("exists", "relation"):
+            assert answer in ("Yes", "No"), (t, query, answer)
+        elif t == "count":
+            assert query.startswith("How many"), (t, query)
+        else:
+            assert t == "caption" and "single word" not in query, (t, query)
+        assert question_for(r)[1]["question_type"] == t
+    assert set(seen) == {"colour", "shape", "count", "exists", "relation", "caption"}

@@ -131,6 +131,10 @@ def _acc(figures: dict[str, Any], bench: str, level: str) -> str:
     return f"{_pct(part.get('acc@0.5'))} (n={part.get('n', 0)})"
 
 
+def _by_type(understanding: dict[str, Any]) -> str:
+    return ", ".join(f"{t} {_pct(v['accuracy'])} ({v['n']})" for t, v in (understanding.get("by_type") or {}).items())
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The model card a reader sees beside the weights."""
     f = card["figures"]
@@ -162,6 +166,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "| figure | value |",
         "|---|---|",
         f"| understanding (short answers) | {_pct(u.get('accuracy'))} (n={u.get('n', 0)}) |",
+        *([f"| understanding by question type | {by_type} |"] if (by_type := _by_type(u)) else []),
         f"| one-shot box Acc@0.5, its own region prompts, simple | {_acc(f, 'region', 'simple')} |",
         f"| one-shot box Acc@0.5, its own region prompts, hard (same shape twice) | {_acc(f, 'region', 'hard')} |",
         f"| one-shot box Acc@0.5, the demo's referring expressions, simple | {_acc(f, 'refexp', 'simple')} |",

@@ -103,6 +103,20 @@ def best_twist(recipe: Recipe, models: dict[str, dict[str, Any]]) -> str:
     return max(names, key=lambda n: (get(models[n], "refexp", "acc@0.5") or 0.0, -names.index(n)))
 
 
+def understanding_by_type_table(names: list[str], models: dict[str, Any]) -> str:
+    """Understanding accuracy per question type (colour, shape, count, exists, relation, ...), one row a model."""
+    types = sorted({t for n in names for t in (get(models[n], "understanding", "by_type") or {})})
+    if not types:
+        return "Understanding by question type: the questions carry no type."
+    rows = ["Understanding by question type (held-out):", "", "| model | " + " | ".join(types) + " |",
+            "|---|" + "---|" * len(types)]
+    for n in names:
+        by_type = get(models[n], "understanding", "by_type") or {}
+        cells = [f"{pct(by_type[t]['accuracy'])} ({by_type[t]['n']})" if t in by_type else "–" for t in types]
+        rows.append(f"| {label(n)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: dict[str, dict[str, Any]]) -> str:
     head = ["model", "Acc@0.5", "simple", "hard", "mean IoU", "find-all recall@0.5", "understanding acc",
             "identical to base", "router acc", "trainable params"]
@@ -429,6 +443,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
         *(c.line() for v in recipe.twist_variants for c in checks[v.stage]),
         "",
         f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
+        "",
+        understanding_by_type_table(names, models),
         "",
         vision_line(stamps.get("model") or stamps.get("base")),
         "",

@@ -393,7 +393,11 @@ def understanding(vqa: list[dict[str, Any]], by_id: dict[str, dict[str, Any]]) -
     from llava_twist.eval.eval_retention import is_correct
 
     correct = [is_correct(str(by_id.get(q["question_id"], {}).get("text", "")), q.get("answer", "")) for q in vqa]
-    return {"n": len(vqa), "accuracy": _mean([float(c) for c in correct])}
+    by_type: dict[str, list[float]] = {}
+    for q, c in zip(vqa, correct, strict=True):
+        by_type.setdefault(q.get("question_type") or "other", []).append(float(c))
+    return {"n": len(vqa), "accuracy": _mean([float(c) for c in correct]),
+            "by_type": {t: {"n": len(v), "accuracy": _mean(v)} for t, v in sorted(by_type.items())}}
 
 
 def refexp_metrics(questions: list[dict[str, Any]], answers: list[dict[str, Any]], result_file: Path,

@@ -106,6 +106,9 @@ def question_for(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     else:
         q["answer"] = record.get("answer_text", "")
         q["benchmark"] = f"{record.get('source', 'scout')}_qa"
+        question_type = (record.get("source_ids") or {}).get("question_type")
+        if question_type:
+            q["question_type"] = question_type
     return bench, q
 
 

@@ -65,6 +65,7 @@ class Built:
     answer_boxes: list[Box] | None = None  # default: the targets' boxes
     expression: str = ""
     query_boxes: list[Box] = field(default_factory=list)  # what the query's ``<box>`` slots show
+    question_type: str = ""  # an understanding question's type (one of QA_TYPES)
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -275,11 +276,11 @@ def _build_qa(rng: random.Random, scene: Scene, cfg: SynthConfig) -> Built | Non
             items = item_list([f"a {objs[j].words()}" for j in order], with_boxes=False)
             query = rng.choice(QA_QUERIES["caption"])
             answer = rng.choice(CAPTION_QA_ANSWERS).format(n=len(objs), items=items)
-            return Built(
-                "qa", query, [], [], answer_text=answer[0].upper() + answer[1:], task="understanding"
-            )
+            return Built("qa", query, [], [], answer_text=answer[0].upper() + answer[1:], task="understanding",
+                         question_type=t)
         if query is not None and answer is not None:
-            return Built("qa", f"{query} {SHORT_ANSWER}", [], [], answer_text=answer, task="understanding")
+            return Built("qa", f"{query} {SHORT_ANSWER}", [], [], answer_text=answer, task="understanding",
+                         question_type=t)
     return None
 
 

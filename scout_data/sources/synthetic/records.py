@@ -61,6 +61,7 @@ def generate(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Sampl
                 "index": index,
                 "attempt": attempt,
                 "targets": b.targets,
+                **({"question_type": b.question_type} if b.question_type else {}),
                 "objects": [
                     {"shape": o.shape, "colour": o.colour, "size": o.size, "box_xyxy_px": list(o.box)}
                     for o in scene.objects
