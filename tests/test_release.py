@@ -107,6 +107,9 @@ def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: t
     assert json.loads((release / "config.json").read_text())["mm_vision_tower"] == str(release.resolve() / TOWER)
     for key in ("understanding", "one_shot", "image_reliance"):
         assert key in card["figures"]
+    by_type = card["figures"]["understanding"]["by_type"]
+    assert sum(t["n"] for t in by_type.values()) == card["figures"]["understanding"]["n"]
+    assert "| understanding by question type | " in (release / CARD_MD).read_text()
     tower = card["vision_pretraining"]["held_out"]  # the tower's read-outs travel with the weights
     assert 0.0 <= tower["shape_acc"] <= 1.0 and "vision tower (frozen)" in (release / CARD_MD).read_text()
     assert not list(release.parent.glob(".release.*"))  # no temporary folder left
