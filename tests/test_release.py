@@ -109,9 +109,10 @@ def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: t
         assert key in card["figures"]
     by_type = card["figures"]["understanding"]["by_type"]
     assert sum(t["n"] for t in by_type.values()) == card["figures"]["understanding"]["n"]
-    assert "| understanding by question type | " in (release / CARD_MD).read_text()
+    card_md = (release / CARD_MD).read_text()
+    assert "| understanding by question type | " in card_md
     tower = card["vision_pretraining"]["held_out"]  # the tower's read-outs travel with the weights
-    assert 0.0 <= tower["shape_acc"] <= 1.0 and "vision tower (frozen)" in (release / CARD_MD).read_text()
+    assert 0.0 <= tower["shape_acc"] <= 1.0 and "vision tower (frozen)" in card_md
     assert not list(release.parent.glob(".release.*"))  # no temporary folder left
 
 
