@@ -99,7 +99,8 @@ def describe_model(source: ModelSource, loaded: LoadedModel | None) -> str:
         params = sum(p.numel() for p in loaded.model.parameters())
         twist = ", ".join(
             f"{k.removeprefix('twist_')}={getattr(cfg, k)}"
-            for k in ("twist_expert", "twist_layers", "twist_mix", "twist_router_layer", "twist_router_threshold")
+            for k in ("twist_expert", "twist_layers", "twist_mix", "twist_head", "twist_router_layer",
+                      "twist_router_threshold")
             if hasattr(cfg, k)
         )
         dtype = str(loaded.dtype).split(".")[-1]

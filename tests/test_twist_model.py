@@ -31,8 +31,9 @@ KINDS = [
     {"twist_expert": "mlp", "twist_layers": "every_other"},
     {"twist_expert": "layer", "twist_layers": [1, 3]},
     {"twist_expert": "mlp", "twist_layers": "all", "twist_mix": "fixed", "twist_mix_init": 0.0},
+    {"twist_expert": "layer", "twist_layers": "all", "twist_mix_init": 0.0, "twist_head": True},
 ]
-KIND_IDS = ["mlp-every_other", "layer-1,3", "mlp-all-fixed0"]
+KIND_IDS = ["mlp-every_other", "layer-1,3", "mlp-all-fixed0", "layer-all-head"]
 
 
 def load_base(path: Path) -> LlavaLlamaForCausalLM:
@@ -125,8 +126,9 @@ def test_stock_checkpoint_loads_with_only_new_weights_missing(tiny_llava: Path) 
     assert twist_names - base_names  # the experts, mixes and router exist
 
 
-def test_only_twist_params_train(tiny_llava: Path) -> None:
-    twist = load_twist(tiny_llava, twist_expert="mlp", twist_layers="every_other")
+@pytest.mark.parametrize("kwargs", [KINDS[0], KINDS[3]], ids=[KIND_IDS[0], KIND_IDS[3]])
+def test_only_twist_params_train(tiny_llava: Path, kwargs: dict) -> None:
+    twist = load_twist(tiny_llava, **kwargs)
     perturb_experts(twist)  # a fresh copy gives the mix a zero gradient (frozen(x) - grounding(x) = 0)
     twist.train()
     trainable, total = freeze_all_but_twist(twist)
@@ -173,13 +175,14 @@ def test_router_loss_balances_the_tasks(tiny_llava: Path, balance: bool) -> None
 
 
 def test_frozen_samples_give_experts_no_gradient(tiny_llava: Path) -> None:
-    twist = load_twist(tiny_llava)
+    twist = load_twist(tiny_llava, twist_head=True)
     twist.train()
     freeze_all_but_twist(twist)
     batch = make_batch(tiny_llava, QUERIES)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_INDEX, -100)
     twist(**batch, labels=labels, twist_route=torch.tensor([False, False])).loss.backward()
     expert_grads = [p.grad for n, p in twist.named_parameters() if ".twist_expert." in n]
+    assert "lm_head.twist_expert.weight" in dict(twist.named_parameters())
     assert all(g is None or torch.count_nonzero(g) == 0 for g in expert_grads)
 
 
@@ -225,7 +228,7 @@ def test_router_reads_only_the_prompt_after_the_image(tiny_llava: Path) -> None:
     torch.testing.assert_close(p_prompt, p_with_answer)
 
 
-@pytest.mark.parametrize("kwargs", KINDS[:2], ids=KIND_IDS[:2])
+@pytest.mark.parametrize("kwargs", [KINDS[0], KINDS[1], KINDS[3]], ids=[KIND_IDS[0], KIND_IDS[1], KIND_IDS[3]])
 def test_generate_with_kv_cache_matches_recompute(tiny_llava: Path, kwargs: dict) -> None:
     twist = load_twist(tiny_llava, **kwargs)
     perturb_experts(twist, 0.2)
@@ -272,7 +275,7 @@ def test_full_checkpoint_round_trip_and_plain_llava_reads_it(tiny_llava: Path, t
 
 
 def test_delta_round_trip_and_wrong_base_refused(tiny_llava: Path, other_tiny_llava: Path, tmp_path: Path) -> None:
-    twist = load_twist(tiny_llava, twist_expert="mlp", twist_layers="all")
+    twist = load_twist(tiny_llava, twist_expert="mlp", twist_layers="all", twist_head=True)
     perturb_experts(twist)
     delta = save_twist_delta(twist, tmp_path / "twist-delta")
     size = (delta / "twist_delta.safetensors").stat().st_size
@@ -337,6 +340,7 @@ def test_tiny_tokenizer_fits_llavas_v1_preprocessing(tiny_llava: Path) -> None:
         ({"twist_expert": "attention"}, "twist_expert"),
         ({"twist_mix_init": 1.5}, "twist_mix_init"),
         ({"twist_router_layer": 9}, "twist_router_layer"),
+        ({"twist_head": True, "twist_router": "token"}, "twist_head"),
     ],
 )
 def test_bad_twist_settings_are_named(tiny_llava: Path, kwargs: dict, message: str) -> None:

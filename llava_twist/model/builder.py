@@ -31,6 +31,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
 from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM, is_twist_param
+from llava_twist.model.twin_layer import TwistOutputHead
 
 DELTA_WEIGHTS = "twist_delta.safetensors"
 LLAVA_LLAMA_TYPE = "llava_llama"
@@ -125,14 +126,17 @@ def init_twist_from_frozen(model: TwistLlavaLlamaForCausalLM) -> None:
     Works on partitioned parameters under ZeRO-3 (gathered, modified on rank 0, re-partitioned).
     """
     inner = model.get_model()
-    for layer in inner.twin_decoder_layers():
-        for frozen, copy in layer.grounding_modules():
-            src, dst = own_params(frozen), dict(copy.named_parameters())
-            if set(src) != set(dst):
-                raise RuntimeError(f"layer {layer.layer_idx}: expert and copy differ: {sorted(set(src) ^ set(dst))}")
-            with gathered(list(src.values()) + list(dst.values())):
-                for name, param in dst.items():
-                    param.data.copy_(src[name].data)
+    pairs = [(f"layer {layer.layer_idx}", frozen, copy)
+             for layer in inner.twin_decoder_layers() for frozen, copy in layer.grounding_modules()]
+    if isinstance(model.lm_head, TwistOutputHead):
+        pairs.append(("lm_head", model.lm_head, model.lm_head.twist_expert))
+    for where, frozen, copy in pairs:
+        src, dst = own_params(frozen), dict(copy.named_parameters())
+        if set(src) != set(dst):
+            raise RuntimeError(f"{where}: expert and copy differ: {sorted(set(src) ^ set(dst))}")
+        with gathered(list(src.values()) + list(dst.values())):
+            for name, param in dst.items():
+                param.data.copy_(src[name].data)
     new = [p for n, p in model.named_parameters() if is_twist_param(n) and ".twist_expert." not in f".{n}"]
     with gathered(new):
         inner.reset_twist_router_and_mix()

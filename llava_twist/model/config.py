@@ -41,6 +41,8 @@ class TwistConfig(LlavaConfig):
             :class:`llava_twist.model.loss.StepWeights`); empty: every supervised token alike.
         twist_router_balance: weigh the router's BCE so that grounding and understanding prompts count equally in
             each batch, whatever the replay ratio (without it the majority task pulls the router's bias its way).
+        twist_head: also give the output layer (``lm_head``) a grounding copy, used by the grounding route; for
+            bases whose frozen output rows cannot reach the chains' words (see ``TwistOutputHead``).
         twist_route: the route ``forward``/``generate`` take when none is passed.
         twist_base_fingerprint: fingerprint of the base LLaVA weights a grounding delta applies onto.
     """
@@ -60,6 +62,7 @@ class TwistConfig(LlavaConfig):
         twist_router_loss_weight: float = 1.0,
         twist_router_balance: bool = True,
         twist_step_weights: str = "",
+        twist_head: bool = False,
         twist_route: str = "auto",
         twist_base_fingerprint: str | None = None,
         **kwargs: Any,
@@ -75,6 +78,7 @@ class TwistConfig(LlavaConfig):
         self.twist_router_loss_weight = float(twist_router_loss_weight)
         self.twist_router_balance = bool(twist_router_balance)
         self.twist_step_weights = str(twist_step_weights or "")
+        self.twist_head = bool(twist_head)
         self.twist_route = twist_route
         self.twist_base_fingerprint = twist_base_fingerprint
         super().__init__(**kwargs)
@@ -123,6 +127,11 @@ class TwistConfig(LlavaConfig):
         if not 0.0 < self.twist_router_threshold < 1.0:
             raise ValueError(f"twist_router_threshold={self.twist_router_threshold}: must lie in (0, 1)")
         StepWeights.parse(self.twist_step_weights)  # names the flag and the bad item
+        if self.twist_head and self.twist_router == "token":
+            raise ValueError("twist_head=True needs one route per prompt; the per-token gate (twist_router='token') "
+                             "has none")
+        if self.twist_head and getattr(self, "pretraining_tp", 1) > 1:
+            raise ValueError(f"twist_head=True needs pretraining_tp=1 (got {self.pretraining_tp})")
         if self.twist_router == "none" and self.twist_route == "auto":
             raise ValueError("twist_router='none' needs a forced default route: set twist_route to frozen|grounding")
 

@@ -6,6 +6,8 @@ keeps its base Linear); every new parameter sits under a ``twist_`` name. Per sa
     frozen route:     out = frozen(x)                                   (the exact original computation)
     grounding route:  out = a * frozen(x) + (1 - a) * grounding(x)      (a: per-layer mix, may be 0)
     per-token gate:   out = (1 - g_t) * frozen(x) + g_t * grounding-route(x)   (ablation)
+
+and, with ``twist_head``, the output layer: the grounding route's logits come from a copy of ``lm_head``.
 """
 
 from __future__ import annotations
@@ -145,3 +147,27 @@ class TwistDecoderLayer(LlamaDecoderLayer):
             self._ctx, hidden_states, None if frozen is None else frozen[0], None if grounding is None else grounding[0]
         )
         return (hidden,) + (frozen if frozen is not None else grounding)[1:]
+
+
+class TwistOutputHead(nn.Linear):
+    """``lm_head`` (original weight and name) with a grounding copy: the grounding route's logits come from the
+    copy, the frozen route's from the original. For a base whose output rows never wrote the chains' words: the
+    final norm fixes the hidden state's length, so frozen rows that training only pushed down cap how likely
+    any twin layer can make those words (about e^-3.5 for the tiny base's ``Step``, ``the``, ``large``)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.twist_expert = nn.Linear(hidden_size, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, route: torch.Tensor | None = None, compute_both: bool = False
+                ) -> torch.Tensor:
+        """Logits per sample of ``route`` (True: grounding); no route: the frozen head's."""
+        if route is None:
+            return super().forward(hidden)
+        some_grounding = compute_both or bool(route.any())
+        some_frozen = compute_both or not bool(route.all())
+        frozen = super().forward(hidden) if some_frozen else None
+        grounding = self.twist_expert(hidden) if some_grounding else None
+        if frozen is None or grounding is None:
+            return frozen if grounding is None else grounding
+        return torch.where(route.view(-1, 1, 1), grounding, frozen)

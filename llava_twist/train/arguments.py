@@ -35,6 +35,9 @@ class TwistArguments:
     twist_step_weights: str | None = field(
         default=None, metadata={"help": "per-step loss weights: '1,1,2' (steps in order), 'answer:2', 'steps:0.5'"}
     )
+    twist_head: bool | None = field(
+        default=None, metadata={"help": "also give the output layer (lm_head) a trained copy for the grounding route"}
+    )
     twist_save_full: bool = field(
         default=False,
         metadata={"help": "also save a full 16-bit TWIST checkpoint (in <dir>/llava-v1.5-full) at each save"},
@@ -49,7 +52,8 @@ class TwistArguments:
     def config_kwargs(self) -> dict[str, Any]:
         """The ``twist_*`` TwistConfig settings given on the command line."""
         names = ("twist_expert", "twist_mix", "twist_mix_init", "twist_router", "twist_router_layer",
-                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance", "twist_step_weights")
+                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance", "twist_step_weights",
+                 "twist_head")
         kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.twist_layers is not None:
             kwargs["twist_layers"] = parse_layers(self.twist_layers)

@@ -13,7 +13,8 @@ from llava_twist.model.builder import twist_state_dict
 from llava_twist.model.modeling import is_twist_param
 
 ADAPTER = "default"
-TWIST_LORA_TARGETS = r".*\.twist_expert\.(?:.*\.)?(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TWIST_LORA_TARGETS = (r".*\.twist_expert\.(?:.*\.)?(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+                      r"|lm_head\.twist_expert")
 
 
 def add_twist_lora(model: nn.Module, r: int, alpha: int, dropout: float) -> list[str]:
