@@ -105,6 +105,7 @@ def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: t
     assert not {"trainer_state.json", "training_args.bin", ".done.json"} & {p.name for p in release.iterdir()}
     assert {"model.safetensors", "preprocessor_config.json"} <= {p.name for p in (release / TOWER).iterdir()}
     assert json.loads((release / "config.json").read_text())["mm_vision_tower"] == str(release.resolve() / TOWER)
+    assert json.loads((release / TOWER / "config.json").read_text())["_name_or_path"] == str(release.resolve() / TOWER)
     for key in ("understanding", "one_shot", "image_reliance"):
         assert key in card["figures"]
     by_type = card["figures"]["understanding"]["by_type"]

@@ -57,10 +57,10 @@ def read_card(folder: Path) -> dict[str, Any]:
     return card
 
 
-def _set_tower(config_file: Path, tower: str, name: str) -> None:
+def _update_config(config_file: Path, **values: str) -> None:
+    """Set ``values`` in a checkpoint's ``config.json`` (e.g. ``_name_or_path``: where the copy now lives)."""
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["mm_vision_tower"] = tower
-    config["_name_or_path"] = name
+    config.update(values)
     config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -76,7 +76,7 @@ def install_release(release: Path, dest: Path, expected_hash: str) -> dict[str, 
     if missing:
         raise ReleaseError(f"{release}: incomplete release, missing {', '.join(missing)}")
     shutil.copytree(release, dest, dirs_exist_ok=True)
-    _set_tower(dest / "config.json", str((dest / TOWER).resolve()), str(release))
+    _update_config(dest / "config.json", mm_vision_tower=str((dest / TOWER).resolve()), _name_or_path=str(release))
     return card
 
 
@@ -103,7 +103,8 @@ def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, 
             if f.is_file() and f.name not in TRAINING_FILES:
                 shutil.copy2(f, tmp / f.name)
         shutil.copytree(tower, tmp / TOWER, ignore=shutil.ignore_patterns(*TRAINING_FILES, "dense_pretraining.json"))
-        _set_tower(tmp / "config.json", tower_reference(release), RELEASE_DIR)
+        _update_config(tmp / "config.json", mm_vision_tower=tower_reference(release), _name_or_path=RELEASE_DIR)
+        _update_config(tmp / TOWER / "config.json", _name_or_path=tower_reference(release))
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         if size > MAX_RELEASE_BYTES:
             raise ReleaseError(f"the release would be {size / 2**20:.1f} MB, over the {MAX_RELEASE_BYTES >> 20} MB "
