@@ -229,8 +229,8 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         self.model = TwistLlavaLlamaModel(config)
         self.pretraining_tp = config.pretraining_tp
         self.vocab_size = config.vocab_size
-        self.lm_head = (TwistOutputHead(config.hidden_size, config.vocab_size) if config.twist_head
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = (TwistOutputHead(config.hidden_size, config.vocab_size, self.model.twist_context)
+                        if config.twist_head else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.post_init()
         self.model.reset_twist_router_and_mix()
 
@@ -292,10 +292,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             twist_router_mask=twist_router_mask,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(self.lm_head, TwistOutputHead):
-            logits = self.lm_head(hidden_states, outputs.route,
-                                  compute_both=is_deepspeed_zero3_enabled() or self.training)
-        elif self.config.pretraining_tp > 1:
+        if self.config.pretraining_tp > 1:
             slices = self.lm_head.weight.split(self.vocab_size // self.config.pretraining_tp, dim=0)
             logits = torch.cat([F.linear(hidden_states, s) for s in slices], dim=-1)
         else:

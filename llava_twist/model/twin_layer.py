@@ -155,17 +155,17 @@ class TwistOutputHead(nn.Linear):
     final norm fixes the hidden state's length, so frozen rows that training only pushed down cap how likely
     any twin layer can make those words (about e^-3.5 for the tiny base's ``Step``, ``the``, ``large``)."""
 
-    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, ctx: RouteContext) -> None:
         super().__init__(hidden_size, vocab_size, bias=False)
         self.twist_expert = nn.Linear(hidden_size, vocab_size, bias=False)
+        self._ctx = ctx
 
-    def forward(self, hidden: torch.Tensor, route: torch.Tensor | None = None, compute_both: bool = False
-                ) -> torch.Tensor:
-        """Logits per sample of ``route`` (True: grounding); no route: the frozen head's."""
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits per sample of the forward's route; outside a routed forward, the frozen head's."""
+        route = self._ctx.route
         if route is None:
             return super().forward(hidden)
-        some_grounding = compute_both or bool(route.any())
-        some_frozen = compute_both or not bool(route.all())
+        some_frozen, some_grounding = self._ctx.needs()
         frozen = super().forward(hidden) if some_frozen else None
         grounding = self.twist_expert(hidden) if some_grounding else None
         if frozen is None or grounding is None:
