@@ -22,6 +22,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llava_twist.train.records import load_records  # noqa: E402
+
 NORM, HEAD = "model.norm.weight", "lm_head.weight"
 
 
@@ -74,8 +78,8 @@ def ceilings(head: torch.Tensor, norm: torch.Tensor, token_ids: Sequence[int], s
 def answer_token_counts(data: Path, tokenizer) -> Counter:
     """How often each token occurs in the answers (``gpt`` turns) of a LLaVA conversation JSON."""
     counts: Counter = Counter()
-    for record in json.loads(data.read_text()):
-        for turn in record.get("conversations", []):
+    for record in load_records(data):
+        for turn in record.get("conversations", []) if isinstance(record, dict) else []:
             if turn.get("from") == "gpt":
                 counts.update(tokenizer(turn["value"], add_special_tokens=False).input_ids)
     return counts
