@@ -186,6 +186,52 @@ def test_frozen_samples_give_experts_no_gradient(tiny_llava: Path) -> None:
     assert all(g is None or torch.count_nonzero(g) == 0 for g in expert_grads)
 
 
+def expert_batch_sizes(model: TwistLlavaLlamaForCausalLM, layer: int) -> dict[str, list[int]]:
+    """Samples per call of layer ``layer``'s frozen FFN and of its grounding copy, recorded by forward hooks."""
+    kind = model.config.twist_expert
+    copy = f"model.layers.{layer}." + ("mlp.twist_expert.gate_proj" if kind == "mlp" else "twist_expert.mlp.gate_proj")
+    names = {"frozen": f"model.layers.{layer}.mlp.gate_proj", "grounding": copy}
+    seen: dict[str, list[int]] = {role: [] for role in names}
+    modules = dict(model.named_modules())
+    for role, name in names.items():
+        modules[name].register_forward_hook(lambda _m, args, _out, role=role: seen[role].append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("kwargs", KINDS, ids=KIND_IDS)
+def test_training_runs_each_expert_on_its_own_samples(tiny_llava: Path, kwargs: dict) -> None:
+    twist = load_twist(tiny_llava, **kwargs)
+    perturb_experts(twist)
+    freeze_all_but_twist(twist)  # and no KV cache, as in training (a cache keeps the whole-batch path)
+    batch = make_batch(tiny_llava, [*QUERIES, "Find the blue triangle. Answer step by step."])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_INDEX, -100)
+    route = torch.tensor([False, True, True])
+
+    def loss_and_grads(train: bool, route: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        twist.train(train)
+        twist.zero_grad(set_to_none=True)
+        out = twist(**batch, labels=labels, twist_route=route, twist_router_labels=route.float(), use_cache=False)
+        out.loss.backward()
+        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in twist.named_parameters()
+                 if p.requires_grad}
+        return out.logits.detach(), grads
+
+    layer = twist.config.twin_layer_indices()[-1]
+    seen = expert_batch_sizes(twist, layer)
+    split_logits, split_grads = loss_and_grads(True, route)
+    reads_frozen = twist.config.twist_mix == "learned" or twist.config.twist_mix_init != 0
+    assert seen == {"frozen": [3 if reads_frozen else 1], "grounding": [2]}
+    whole_logits, whole_grads = loss_and_grads(False, route)  # inference's path: both experts on every sample
+    assert seen == {"frozen": [3 if reads_frozen else 1, 3], "grounding": [2, 3]}
+    torch.testing.assert_close(split_logits, whole_logits, rtol=1e-5, atol=1e-5)
+    assert any(g.abs().sum() > 0 for n, g in split_grads.items() if ".twist_expert." in n)
+    torch.testing.assert_close(split_grads, whole_grads, rtol=1e-4, atol=1e-6)
+
+    seen["frozen"].clear(), seen["grounding"].clear()
+    loss_and_grads(True, torch.ones(3, dtype=torch.bool))  # ZeRO-3: every rank calls both experts, even on none
+    assert seen == {"frozen": [3 if reads_frozen else 0], "grounding": [3]}
+
+
 def set_router_bias(model: TwistLlavaLlamaForCausalLM, bias: float) -> None:
     with torch.no_grad():
         model.get_model().twist_router.net[-1].bias.fill_(bias)

@@ -156,6 +156,16 @@ class RouteContext:
         if self.route is None:
             self.route = torch.sigmoid(self.router_logits) > self.threshold
 
+    def expert_rows(self, grounding_reads_frozen: bool) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(frozen expert's samples, grounding expert's samples) when each expert runs on its own samples only:
+        under ``compute_both`` (training, ZeRO-3) with a per-sample route. Frozen's is None (every sample) when
+        the grounding route reads the frozen expert (a mix ``a`` that is learned or not 0). None: no split, each
+        expert that runs takes the whole batch (inference, the per-token gate, no route yet)."""
+        if not self.compute_both or self.route is None or self.token_gate:
+            return None
+        grounding = self.route.nonzero().squeeze(1)
+        return (None if grounding_reads_frozen else (~self.route).nonzero().squeeze(1)), grounding
+
     def needs(self) -> tuple[bool, bool]:
         """(some sample takes the frozen route, some takes the grounding route); both under compute_both."""
         if self.compute_both or self.route is None:

@@ -49,6 +49,10 @@ class TwinMix(nn.Module):
         """Whether the grounding route needs the frozen expert's output."""
         return self.learned or self.fixed_value != 0.0
 
+    def reader(self) -> Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None:
+        """`grounding_route` when the grounding route reads the frozen expert's output, else None."""
+        return self.grounding_route if self.uses_frozen() else None
+
     def grounding_route(self, frozen: torch.Tensor | None, grounding: torch.Tensor) -> torch.Tensor:
         if not self.uses_frozen():
             return grounding
@@ -75,11 +79,46 @@ class TwinMix(nn.Module):
 def _run_twins(
     ctx: RouteContext, mix: TwinMix, frozen_fn: Callable[[], Any], grounding_fn: Callable[[], Any]
 ) -> tuple[Any, Any]:
-    """Run the experts the current route needs (both under ZeRO-3 or training: compute, then select)."""
+    """Run the experts the current route needs on the whole batch (both under ``compute_both``), to be selected
+    per sample after; `_run_split` runs each on its own samples instead when the route allows."""
     some_frozen, some_grounding = ctx.needs()
     frozen = frozen_fn() if some_frozen or (some_grounding and (mix.uses_frozen() or mix.gate is not None)) else None
     grounding = grounding_fn() if some_grounding else None
     return frozen, grounding
+
+
+RowsFn = Callable[[torch.Tensor | None], torch.Tensor]  # an expert run on some samples (None: all) of the batch
+
+
+def _take(value: Any, rows: torch.Tensor | None, batch: int) -> Any:
+    """``value``'s samples at ``rows`` when it is a per-sample tensor of the batch (dim 0 = ``batch``)."""
+    if rows is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        return value
+    return value.index_select(0, rows)
+
+
+def _run_split(
+    ctx: RouteContext,
+    grounding_route: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None,
+    batch: int,
+    frozen_fn: RowsFn,
+    grounding_fn: RowsFn,
+) -> torch.Tensor | None:
+    """Each expert on its own samples (`RouteContext.expert_rows`), merged back in batch order; None when the
+    route does not split. Both experts are called, one possibly on no sample, so that every ZeRO-3 rank gathers
+    the same parameters in the same order (and DDP sees every parameter used). ``grounding_route(frozen, out)``
+    mixes the frozen expert into the grounding route; None: the grounding expert alone."""
+    rows = ctx.expert_rows(grounding_reads_frozen=grounding_route is not None)
+    if rows is None:
+        return None
+    frozen_rows, grounding_rows = rows
+    frozen = frozen_fn(frozen_rows)
+    grounding = grounding_fn(grounding_rows)
+    if frozen_rows is None:
+        mixed = grounding_route(frozen.index_select(0, grounding_rows), grounding)
+        return frozen.index_copy(0, grounding_rows, mixed)
+    merged = frozen.new_zeros((batch, *frozen.shape[1:]))
+    return merged.index_copy(0, frozen_rows, frozen).index_copy(0, grounding_rows, grounding)
 
 
 class TwinExpertMLP(LlamaMLP):
@@ -92,6 +131,12 @@ class TwinExpertMLP(LlamaMLP):
         self._ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        split = _run_split(self._ctx, self.twist_mix.reader(), batch,
+                           lambda rows: super(TwinExpertMLP, self).forward(_take(x, rows, batch)),
+                           lambda rows: self.twist_expert(_take(x, rows, batch)))
+        if split is not None:
+            return split
         frozen, grounding = _run_twins(self._ctx, self.twist_mix, lambda: super(TwinExpertMLP, self).forward(x),
                                        lambda: self.twist_expert(x))
         return self.twist_mix.combine(self._ctx, x, frozen, grounding)
@@ -137,6 +182,18 @@ class TwistDecoderLayer(LlamaDecoderLayer):
         layer_args = (hidden_states, attention_mask, position_ids, past_key_value, output_attentions, use_cache)
         if self.twist_kind == "mlp":
             return super().forward(*layer_args, **kwargs)
+        if past_key_value is None and not use_cache and not output_attentions:
+            batch = hidden_states.shape[0]
+            frozen_layer = super().forward
+
+            def on_rows(layer: Callable[..., tuple[torch.Tensor, ...]]) -> RowsFn:
+                return lambda rows: layer(*(_take(a, rows, batch) for a in layer_args),
+                                          **{k: _take(v, rows, batch) for k, v in kwargs.items()})[0]
+
+            split = _run_split(self._ctx, self.twist_mix.reader(), batch, on_rows(frozen_layer),
+                               on_rows(self.twist_expert))
+            if split is not None:
+                return (split,)
         frozen, grounding = _run_twins(
             self._ctx,
             self.twist_mix,
@@ -165,6 +222,11 @@ class TwistOutputHead(nn.Linear):
         route = self._ctx.route
         if route is None:
             return super().forward(hidden)
+        batch = hidden.shape[0]
+        split = _run_split(self._ctx, None, batch, lambda rows: super(TwistOutputHead, self).forward(
+            _take(hidden, rows, batch)), lambda rows: self.twist_expert(_take(hidden, rows, batch)))
+        if split is not None:
+            return split
         some_frozen, some_grounding = self._ctx.needs()
         frozen = super().forward(hidden) if some_frozen else None
         grounding = self.twist_expert(hidden) if some_grounding else None
