@@ -5,13 +5,15 @@ AdamW state memory (bytes of exp_avg + exp_avg_sq after a step) and step time (f
 optimizer step, median), each with its ratio to full fine-tuning measured in the same run.
 
     python scripts/bench_train.py [--hidden 256 --layers 4 --batch 4 --steps 8 --threads 2]
-    python scripts/bench_train.py --demo-step [--batch 32 --steps 40]
+    python scripts/bench_train.py --demo-step [--steps 40]
 
-``--demo-step``: the demo's own step. LLaVA's trainer (``llava.train.train``, as the demo calls it) runs full
-fine-tuning of the released base on the demo's chains; the bare step (forward + backward + AdamW of the same
-model on batches collated in advance by LLaVA's own dataset and collator) is measured in the same run, and the
-ratio trainer step / bare step says what the trainer spends on anything but compute (data loading, image
-preprocessing, tokenization, logging). The data's per-batch cost is measured apart.
+``--demo-step``: the demo's own steps. The demo's own stages (``llava_twist.demo``: its data, the released base,
+its TWIST run through the ZeRO-3 launcher and its full fine-tuning through LLaVA's trainer, ``--steps`` steps
+each) give the trainer step (``train_runtime / steps``); the bare step (forward + backward + AdamW of the same
+model, one process, on batches of the demo's data collated in advance) is measured in the same run, and the
+ratio trainer step / bare step says what each trainer spends on anything but compute (data loading, image
+preprocessing, tokenization, logging, DeepSpeed's partitioning and processes). The data's per-batch cost is
+measured apart.
 
 Full fine-tuning trains the language model and projector (LLaVA's finetune.sh; the vision tower stays
 frozen); LoRA (peft) adapts q/k/v/o/gate/up/down of the language model plus the projector (LLaVA's
@@ -138,89 +140,99 @@ class Run:
                 "step_s": statistics.median(self.times)}
 
 
-def demo_data(root: Path, records: int) -> tuple[Path, Path]:
-    """``records`` training chains of the demo's recipe (``scout_data synth``), and their image folder."""
-    import subprocess
-
-    from llava_twist.demo.recipe import get_recipe
-
-    spec = get_recipe("full").grounding_data
-    args = spec.synth_args(0)
-    args[args.index("--num") + 1] = str(records)
-    args[args.index("--splits") + 1] = "train:1"
-    subprocess.run([sys.executable, "-m", "scout_data", "synth", "--out", str(root), "--quiet", *args], check=True)
-    return root / "train.json", root / "images"
+def bare_steps(model: nn.Module, batches: list[dict], lr: float, twist: bool) -> float:
+    """Median seconds of forward + backward + AdamW over ``batches`` (the first two are warm-up)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    times = []
+    for k, batch in enumerate(batches):
+        batch = dict(batch)
+        batch.pop("image_sizes", None)
+        if twist:  # what TwistTrainer.compute_loss passes
+            batch.pop("twist_step_ids", None)
+        else:
+            batch = {k: v for k, v in batch.items() if not k.startswith("twist_")}
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if k >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def demo_step(args: argparse.Namespace) -> None:
-    """Trainer step / bare step for the demo's model, data, batch and padding (see the module's docstring)."""
+    """Trainer step / bare step for the demo's full fine-tuning and TWIST runs (see the module's docstring)."""
     import dataclasses
-    import json
-    import subprocess
 
     import transformers
     from llava import conversation as conversation_lib
-    from llava.train.train import DataArguments, make_supervised_data_module
+    from llava.train.train import DataArguments
 
-    from llava_twist.demo.pipeline import Context, Layout
-    from llava_twist.demo.recipe import SHIPPED_BASE, TrainSpec, get_recipe
-    from llava_twist.demo.release import install_release
-    from llava_twist.demo.stages import llava_train_args
+    from llava_twist.demo.pipeline import Layout, read_json, run_stage
+    from llava_twist.demo.recipe import get_recipe
+    from llava_twist.demo.stages import build_stages
+    from llava_twist.train.arguments import TwistArguments
+    from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset
+    from llava_twist.train.records import validated_records
 
-    recipe = dataclasses.replace(get_recipe("full"), threads=args.threads)
+    recipe = get_recipe("full")
+    recipe = dataclasses.replace(recipe, threads=args.threads,
+                                 twist=dataclasses.replace(recipe.twist, steps=args.steps),
+                                 full_ft=dataclasses.replace(recipe.full_ft, steps=args.steps))
+    variant = recipe.twist_variants[0]
+    stages = {s.name: s for s in build_stages(recipe)}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base = root / "base"
-        install_release(Path(__file__).resolve().parents[1] / SHIPPED_BASE, base, recipe.base_hash())
-        data, images = demo_data(root / "data", max(args.batch * (args.steps + 4), 256))
+        layout, stamps = Layout(Path(tmp)), {}
+        for name in ("data", "base", variant.stage, "full-ft"):  # the demo's own stage bodies
+            print(f"running the demo's stage {name} ({args.steps} steps)", file=sys.stderr, flush=True)
+            stamps[name] = run_stage(stages[name], recipe, layout, stamps).stamp
+        base, data = layout.model("base"), layout.data
 
-        ctx = Context(recipe, Layout(root), "bench", root, {}, python=sys.executable)
-        spec = TrainSpec(steps=args.steps, batch=args.batch, lr=1e-3)
-        cmd = llava_train_args(ctx, base, data, images, root / "trained", spec)
-        env = {**ctx.env(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        state = json.loads((root / "trained" / "trainer_state.json").read_text())
-        trainer_s = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e) / args.steps
+        def trainer_step(stage: str) -> float:
+            state = read_json(layout.model(stage) / "trainer_state.json")
+            return next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e) / args.steps
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(base), use_fast=False,
                                                                model_max_length=recipe.model_max_length)
-        model = full(base)
+        tokenizer.pad_token = tokenizer.unk_token
         conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
-        data_args = DataArguments(data_path=str(data), lazy_preprocess=True, is_multimodal=True,
-                                  image_folder=str(images), image_aspect_ratio="pad")
-        data_args.image_processor = model.get_vision_tower().image_processor
+        twist_args = transformers.HfArgumentParser(TwistArguments).parse_args_into_dataclasses(
+            args=[*recipe.twist_flags, *variant.flags], return_remaining_strings=True)[0]
+        twist_model = twist(base, **twist_args.config_kwargs())
+        twist_model.config.use_cache = False
+        data_args = DataArguments(data_path=str(data / "mixed.json"), lazy_preprocess=True, is_multimodal=True,
+                                  image_folder=str(data), image_aspect_ratio="pad")
+        data_args.image_processor = twist_model.get_vision_tower().image_processor
         data_args.mm_use_im_start_end = False
-        module = make_supervised_data_module(tokenizer, data_args)
-        dataset, collate = module["train_dataset"], module["data_collator"]
+        dataset = TwistSupervisedDataset(validated_records(data_args.data_path, str(data)), tokenizer, data_args)
+        collate = TwistDataCollator(tokenizer=tokenizer)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
         start = time.perf_counter()
-        batches = [collate([dataset[i] for i in order[k * args.batch:(k + 1) * args.batch]])
-                   for k in range(args.steps)]
+        size = recipe.twist.batch  # the global batch; the full-FT run's is the same
+        batches = [collate([dataset[i] for i in order[k * size:(k + 1) * size]]) for k in range(args.steps)]
         data_s = (time.perf_counter() - start) / args.steps
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-        model.train()
-        times = []
-        for k, batch in enumerate(batches):
-            batch.pop("image_sizes", None)
-            t0 = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if k >= 2:
-                times.append(time.perf_counter() - t0)
-        bare_s = statistics.median(times)
-        lengths = [int(b["attention_mask"].sum(1).float().mean()) for b in batches]
+        twist_bare = bare_steps(twist_model, batches, recipe.twist.lr, twist=True)
+        del twist_model
+        full_bare = bare_steps(full(base), batches, recipe.full_ft.lr, twist=False)
+        rows = [("full fine-tuning (LLaVA's trainer)", trainer_step("full-ft"), full_bare),
+                (f"TWIST {variant.name} (ZeRO-3 launcher, {recipe.twist_nproc} processes)",
+                 trainer_step(variant.stage), twist_bare)]
+        lengths = [float(b["attention_mask"].sum(1).float().mean()) for b in batches]
         padded = [b["input_ids"].shape[1] for b in batches]
 
-    print(f"the demo's step: released base ({SHIPPED_BASE}), full fine-tuning, batch {args.batch} of the demo's "
-          f"chains, {args.threads} CPU threads, {args.steps} steps")
+    print(f"the demo's steps: released base ({recipe.shipped_base}), batch {size} of the demo's mixed data "
+          f"(chains + understanding replay), {args.threads} CPU threads in all, {args.steps} steps")
     print(f"text tokens per record: mean {statistics.mean(lengths):.0f}, padded to {statistics.mean(padded):.0f} "
-          f"(+{(recipe.model.image_size // recipe.model.patch_size) ** 2} image tokens)")
-    print(f"{'LLaVA trainer step (train_runtime / steps)':45s} {1000 * trainer_s:8.1f} ms")
-    print(f"{'bare step (forward + backward + AdamW)':45s} {1000 * bare_s:8.1f} ms")
-    print(f"{'data: LLaVA dataset + collator per batch':45s} {1000 * data_s:8.1f} ms")
-    print(f"trainer step / bare step: {trainer_s / bare_s:.2f}x (target <= 1.30x)")
+          f"(+{(recipe.model.image_size // recipe.model.patch_size) ** 2} image tokens); dataset + collator: "
+          f"{1000 * data_s:.1f} ms a batch")
+    print(f"{'run':52s} {'trainer ms':>10s} {'bare ms':>8s} {'trainer / bare':>15s}")
+    for name, trainer_s, bare_s in rows:
+        print(f"{name:52s} {1000 * trainer_s:10.1f} {1000 * bare_s:8.1f} {trainer_s / bare_s:14.2f}x")
+    print(f"TWIST trainer step / full fine-tuning trainer step: {rows[1][1] / rows[0][1]:.2f}x; target for trainer / "
+          "bare: <= 1.30x")
 
 
 def main(argv: list[str] | None = None) -> None:
