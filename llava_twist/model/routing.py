@@ -124,6 +124,7 @@ class RouteContext:
         self.gate_logits: list[torch.Tensor] = []  # per-token gates (ablation), (B, T) per twin layer
         self.compute_both = False  # ZeRO-3 / training: run both experts whatever the route
         self.token_gate = False  # per-token gate ablation active
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (route, its frozen, grounding rows)
 
     def begin(
         self,
@@ -163,8 +164,10 @@ class RouteContext:
         expert that runs takes the whole batch (inference, the per-token gate, no route yet)."""
         if not self.compute_both or self.route is None or self.token_gate:
             return None
-        grounding = self.route.nonzero().squeeze(1)
-        return (None if grounding_reads_frozen else (~self.route).nonzero().squeeze(1)), grounding
+        if self._rows is None or self._rows[0] is not self.route:  # once per route (one host sync on a GPU)
+            self._rows = (self.route, (~self.route).nonzero().squeeze(1), self.route.nonzero().squeeze(1))
+        _, frozen, grounding = self._rows
+        return (None if grounding_reads_frozen else frozen), grounding
 
     def needs(self) -> tuple[bool, bool]:
         """(some sample takes the frozen route, some takes the grounding route); both under compute_both."""

@@ -105,20 +105,43 @@ def _run_split(
     grounding_fn: RowsFn,
 ) -> torch.Tensor | None:
     """Each expert on its own samples (`RouteContext.expert_rows`), merged back in batch order; None when the
-    route does not split. Both experts are called, one possibly on no sample, so that every ZeRO-3 rank gathers
-    the same parameters in the same order (and DDP sees every parameter used). ``grounding_route(frozen, out)``
-    mixes the frozen expert into the grounding route; None: the grounding expert alone."""
+    route does not split. ``grounding_route(frozen, out)`` mixes the frozen expert into the grounding route;
+    None: the grounding expert alone.
+
+    Both experts always run and enter the autograd graph, so that every ZeRO-3 rank gathers and reduces the
+    same parameters in the same order (and DDP sees every parameter used): an expert with no sample of its own
+    runs on one stand-in sample whose output counts zero times (FlashAttention refuses a batch of 0)."""
     rows = ctx.expert_rows(grounding_reads_frozen=grounding_route is not None)
     if rows is None:
         return None
     frozen_rows, grounding_rows = rows
-    frozen = frozen_fn(frozen_rows)
-    grounding = grounding_fn(grounding_rows)
-    if frozen_rows is None:
+    stand_in = grounding_rows.new_zeros(1)
+    idle = []
+    if frozen_rows is not None and frozen_rows.numel() == 0:
+        idle.append(frozen_fn(stand_in))
+        frozen = None
+    else:
+        frozen = frozen_fn(frozen_rows)
+    if grounding_rows.numel() == 0:
+        out = grounding_fn(stand_in)
+        idle.append(out if frozen_rows is not None else grounding_route(frozen.index_select(0, stand_in), out))
+        grounding = None
+    else:
+        grounding = grounding_fn(grounding_rows)
+    if grounding is None:
+        merged = frozen
+    elif frozen_rows is None:
         mixed = grounding_route(frozen.index_select(0, grounding_rows), grounding)
-        return frozen.index_copy(0, grounding_rows, mixed)
-    merged = frozen.new_zeros((batch, *frozen.shape[1:]))
-    return merged.index_copy(0, frozen_rows, frozen).index_copy(0, grounding_rows, grounding)
+        merged = frozen.index_copy(0, grounding_rows, mixed)
+    elif frozen is None:
+        merged = grounding
+    else:
+        merged = frozen.new_empty((batch, *frozen.shape[1:]))
+        merged.index_copy_(0, frozen_rows, frozen)
+        merged.index_copy_(0, grounding_rows, grounding)
+    for out in idle:
+        merged = merged + 0.0 * out.sum()
+    return merged
 
 
 class TwinExpertMLP(LlamaMLP):
