@@ -267,7 +267,7 @@ def train_twist(ctx: Context) -> dict[str, Any]:
         "DEEPSPEED": str(deepspeed) if deepspeed.is_file() else "deepspeed",
     }
     extra = [*recipe.twist_flags, *variant.flags, "--model_max_length", str(recipe.model_max_length),
-             "--gradient_checkpointing", "False",
+             "--gradient_checkpointing", "False", "--dataloader_num_workers", "1",
              "--warmup_ratio", f"{spec.warmup_ratio:g}", "--lr_scheduler_type", spec.scheduler,
              "--seed", str(recipe.seed)]
     threads = max(1, min(recipe.threads or cpu_count(), cpu_count() // nproc))
