@@ -167,7 +167,6 @@ def demo_step(args: argparse.Namespace) -> None:
     import dataclasses
 
     import transformers
-    from llava import conversation as conversation_lib
     from llava.train.train import DataArguments
 
     from llava_twist.demo.pipeline import Layout, read_json, run_stage
@@ -176,6 +175,7 @@ def demo_step(args: argparse.Namespace) -> None:
     from llava_twist.train.arguments import TwistArguments
     from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset
     from llava_twist.train.records import validated_records
+    from llava_twist.train.train_twist import set_conversation_template
 
     recipe = get_recipe("full")
     recipe = dataclasses.replace(recipe, threads=args.threads,
@@ -183,7 +183,6 @@ def demo_step(args: argparse.Namespace) -> None:
                                  full_ft=dataclasses.replace(recipe.full_ft, steps=args.steps))
     variant = recipe.twist_variants[0]
     stages = {s.name: s for s in build_stages(recipe)}
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         layout, stamps = Layout(Path(tmp)), {}
         for name in ("data", "base", variant.stage, "full-ft"):  # the demo's own stage bodies
@@ -197,8 +196,7 @@ def demo_step(args: argparse.Namespace) -> None:
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(base), use_fast=False,
                                                                model_max_length=recipe.model_max_length)
-        tokenizer.pad_token = tokenizer.unk_token
-        conversation_lib.default_conversation = conversation_lib.conv_templates["v1"]
+        set_conversation_template("v1", tokenizer)
         twist_args = transformers.HfArgumentParser(TwistArguments).parse_args_into_dataclasses(
             args=[*recipe.twist_flags, *variant.flags], return_remaining_strings=True)[0]
         twist_model = twist(base, **twist_args.config_kwargs())

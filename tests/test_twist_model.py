@@ -217,7 +217,7 @@ def test_training_runs_each_expert_on_its_own_samples(tiny_llava: Path, kwargs: 
     layer = twist.config.twin_layer_indices()[-1]
     seen = expert_batch_sizes(twist, layer)
     split_logits, split_grads = loss_and_grads(True, route)
-    reads_frozen = twist.config.twist_mix == "learned" or twist.config.twist_mix_init != 0
+    reads_frozen = twist.model.layers[layer].mixes()[0].uses_frozen()
     assert seen == {"frozen": [3 if reads_frozen else 1], "grounding": [2]}
     whole_logits, whole_grads = loss_and_grads(False, route)  # inference's path: both experts on every sample
     assert seen == {"frozen": [3 if reads_frozen else 1, 3], "grounding": [2, 3]}
