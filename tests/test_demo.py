@@ -168,6 +168,18 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 
+def test_misses_account_for_every_held_out_expression_as_the_scorer_does(demo: dict[str, Any]) -> None:
+    results = demo["results"]
+    base = results["models"]["base"]
+    for misses, refexp in [(m["misses"], m["refexp"]) for m in results["models"].values()] + [
+            (base["one_shot"]["misses"], base["one_shot"])]:
+        assert misses["n"] == refexp["n"] == sum(misses["answer"].values())
+        assert misses["answer"]["right"] == round(refexp["acc@0.5"] * refexp["n"])  # the scorer's own count
+        steps = misses["steps"]
+        assert steps["boxes"] >= steps["on_an_object"] >= steps["on_the_named_object"] >= 0
+    assert "## How the chains miss" in (demo["out"] / "report.md").read_text()
+
+
 def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(demo: dict[str, Any]) -> None:
     losses = {name: m["chain_loss"] for name, m in demo["results"]["models"].items()}
     assert len({json.dumps(r["tokens"]) for r in losses.values()}) == 1  # same records, same tokenizer

@@ -177,6 +177,32 @@ def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[
             f"`llava_twist.eval.answer_loss`).{ref}", "", *lines, ""]
 
 
+def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each model's answer boxes land among its scene's objects, and whether its steps' boxes land on the
+    objects the steps name (``llava_twist.demo.chain_misses``): choosing wrong among found objects, or not
+    finding them."""
+    rows = [(label(n) + (", step-by-step prompt" if n == "base" else ""), models[n].get("misses")) for n in names]
+    rows.insert(1, ("base, one-shot REC prompt", get(models.get("base", {}), "one_shot", "misses")))
+    rows = [(name, m) for name, m in rows if m and m["n"]]
+    if not rows:
+        return []
+
+    def share(count: int, total: int) -> str:
+        return f"{count} ({pct(count / total)})" if total else "–"
+
+    lines = ["| model | answer right | on another object | on no object | step boxes | on an object | "
+             "on the object the step names |", "|---|---|---|---|---|---|---|"]
+    for name, m in rows:
+        a, s = m["answer"], m["steps"]
+        lines.append(f"| {name} | {share(a['right'], m['n'])} | {share(a['another_object'], m['n'])} | "
+                     f"{share(a['no_object'], m['n'])} | {s['boxes']} | {share(s['on_an_object'], s['boxes'])} | "
+                     f"{share(s['on_the_named_object'], s['boxes'])} |")
+    return ["## How the chains miss", "",
+            f"Each first answer box of the {rows[0][1]['n']} held-out referring expressions against every object of "
+            "its scene (IoU >= 0.5), and each step box against the object the step's words name (every attribute "
+            "it names is the object's).", "", *lines, ""]
+
+
 def settings_table(recipe: Recipe) -> str:
     rows = [
         ("tiny model", ", ".join(f"{k}={v}" for k, v in vars(recipe.model).items())),
@@ -453,6 +479,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         base_region_line(get(metrics, "base_one_shot", "region")),
         "",
         *chain_loss_section(recipe, names, models),
+        *misses_section(names, models),
         "## Held-out scenes",
         "",
         f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "

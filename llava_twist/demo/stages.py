@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llava_twist.demo.chain_misses import chain_misses
 from llava_twist.demo.pipeline import (
     GROUNDING_PREFIX,
     UNDERSTANDING_PREFIX,
@@ -527,6 +528,12 @@ def evaluate(ctx: Context) -> dict[str, Any]:
         found.pop("predictions", None)
     if "refexp" in one_shot:
         models["base"]["one_shot"] = one_shot["refexp"]
+    scenes = {GROUNDING_PREFIX + k: r for k, r in _records_by_id(layout.data / "grounding" / "test.json").items()}
+    for name in dirs:
+        models[name]["misses"] = chain_misses(asked["refexp"], answers[name], scenes)
+    if "refexp" in one_shot:
+        one_shot_answers = read_jsonl(str(layout.eval / "base_one_shot" / "refexp" / "answers.jsonl"), "answers")
+        models["base"]["one_shot"]["misses"] = chain_misses(asked["refexp"], one_shot_answers, scenes)
     counts = {b: len(rows) for b, rows in asked.items()}
     write_json(layout.eval / "metrics.json", {
         "questions": counts, "models": models, "base_one_shot": one_shot,
