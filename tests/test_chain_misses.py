@@ -24,14 +24,18 @@ def test_answers_and_steps_are_set_against_every_object_of_the_scene() -> None:
         f"Step 1: the red circle {BLUE_CIRCLE}.\nAnswer: {BLUE_CIRCLE}",  # names one object, boxes another
         f"Step 1: the square {EMPTY}.\nStep 2: the circles {RED_CIRCLE} {BLUE_CIRCLE}.\nAnswer: {EMPTY}",
         "Answer: nothing here",
+        # a repeated step number: each step keeps its own box (the second, boxless, is not counted)
+        f"Step 1: the blue circle {BLUE_CIRCLE}.\nStep 1: the red circle.\nStep 2: the red square {EMPTY}.\n"
+        f"Answer: {BLUE_CIRCLE}",
         f"Answer: {RED_SQUARE}",
     ]
     questions = [question(k) for k in range(len(texts) + 1)]  # the last one has no answer: not counted
     answers = [{"question_id": f"g/q{k}", "text": t} for k, t in enumerate(texts)]
     records = {q["question_id"]: {"source_ids": {"objects": OBJECTS}} for q in questions}
-    records.pop("g/q4")  # a record without its scene's objects is not counted either
+    records.pop("g/q5")  # a record without its scene's objects is not counted either
     got = chain_misses(questions, answers, records)
-    assert got["n"] == 4
-    assert got["answer"] == {"right": 1, "another_object": 1, "no_object": 2}
-    # one-box steps only (the two-box step is left out): 2 + 1 + 1 = 4 boxes, 3 on an object, 2 on the one named
-    assert got["steps"] == {"boxes": 4, "on_an_object": 3, "on_the_named_object": 2}
+    assert got["n"] == 5
+    assert got["answer"] == {"right": 1, "another_object": 2, "no_object": 2}
+    # one-box steps only (the two-box and boxless steps are left out): 2 + 1 + 1 + 2 = 6 boxes, 4 on an object,
+    # 3 on the one named
+    assert got["steps"] == {"boxes": 6, "on_an_object": 4, "on_the_named_object": 3}

@@ -32,8 +32,9 @@ def _named(text: str) -> set[str]:
 def chain_misses(questions: Sequence[dict[str, Any]], answers: Sequence[dict[str, Any]],
                  records: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Counts over the referring-expression ``questions`` whose record (by question id) lists its scene's
-    objects (``source_ids.objects``, pixel boxes): where each first answer box lands, and for steps with one
-    box, whether it lands on an object and on one that has every attribute the step's words name."""
+    objects (``source_ids.objects``, pixel boxes) and that have an answer: where each first answer box lands (no
+    box: on no object), and for steps with one box, whether it lands on an object and on one that has every
+    attribute the step's words name."""
     by_id = answers_by_id(answers)
     answer = {"right": 0, "another_object": 0, "no_object": 0}
     steps = {"boxes": 0, "on_an_object": 0, "on_the_named_object": 0}
@@ -51,8 +52,9 @@ def chain_misses(questions: Sequence[dict[str, Any]], answers: Sequence[dict[str
             answer["another_object"] += 1
         else:
             answer["no_object"] += 1
+        step_boxes = iter(b.box_xyxy_px for b in result.boxes if b.step is not None)  # in step order
         for step in result.chain.steps:
-            px = [b.box_xyxy_px for b in result.boxes if b.step == step.index]
+            px = [next(step_boxes) for _ in step.boxes_xyxy_norm]  # a step's own boxes, even if its number repeats
             if len(px) != 1:
                 continue
             found = _object_at(px[0], objects)

@@ -199,8 +199,9 @@ def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[
                      f"{share(s['on_the_named_object'], s['boxes'])} |")
     return ["## How the chains miss", "",
             f"Each first answer box of the {rows[0][1]['n']} held-out referring expressions against every object of "
-            "its scene (IoU >= 0.5), and each step box against the object the step's words name (every attribute "
-            "it names is the object's).", "", *lines, ""]
+            "its scene (IoU >= 0.5; an answer without a box counts as on no object), and the box of each step that "
+            "has one against the object the step's words name (every attribute it names is the object's).", "",
+            *lines, ""]
 
 
 def settings_table(recipe: Recipe) -> str:
