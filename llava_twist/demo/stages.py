@@ -477,10 +477,11 @@ def router_metrics(questions: dict[str, list[dict[str, Any]]], by_id: dict[str, 
 
 
 def base_one_shot(ctx: Context, model_dir: Path, questions: dict[str, list[dict[str, Any]]],
-                  out: Path) -> dict[str, Any]:
+                  out: Path, scenes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The base asked one-shot with LLaVA-1.5's REC prompt ("Please provide the bounding box coordinate of the
     region this sentence describes: ..."), the prompt its box data trains: on its own held-out region prompts
-    (``region``) and on the held-out referring expressions the grounding runs are scored on (``refexp``)."""
+    (``region``) and on the held-out referring expressions the grounding runs are scored on (``refexp``; given
+    ``scenes``, also where its boxes land among their objects)."""
     from llava_twist.eval.common import read_jsonl
 
     qdir = ctx.layout.eval / "questions"
@@ -493,6 +494,8 @@ def base_one_shot(ctx: Context, model_dir: Path, questions: dict[str, list[dict[
         answers = read_jsonl(str(folder / "answers.jsonl"), "answers")
         result[bench] = refexp_metrics(questions[bench], answers, folder / "refexp.result.json",
                                        f"base one-shot {bench}")
+        if bench == "refexp" and scenes is not None:
+            result[bench]["misses"] = chain_misses(questions[bench], answers, scenes)
     return result
 
 
@@ -523,17 +526,14 @@ def evaluate(ctx: Context) -> dict[str, Any]:
               for name in dirs}
     for name, model_dir in dirs.items():
         models[name]["chain_loss"] = chain_loss(ctx, name, model_dir, layout.eval / "models" / name)
-    one_shot = base_one_shot(ctx, dirs["base"], questions, layout.eval / "base_one_shot")
+    scenes = {GROUNDING_PREFIX + k: r for k, r in _records_by_id(layout.data / "grounding" / "test.json").items()}
+    for name in dirs:
+        models[name]["misses"] = chain_misses(asked["refexp"], answers[name], scenes)
+    one_shot = base_one_shot(ctx, dirs["base"], questions, layout.eval / "base_one_shot", scenes)
     for found in one_shot.values():
         found.pop("predictions", None)
     if "refexp" in one_shot:
         models["base"]["one_shot"] = one_shot["refexp"]
-    scenes = {GROUNDING_PREFIX + k: r for k, r in _records_by_id(layout.data / "grounding" / "test.json").items()}
-    for name in dirs:
-        models[name]["misses"] = chain_misses(asked["refexp"], answers[name], scenes)
-    if "refexp" in one_shot:
-        one_shot_answers = read_jsonl(str(layout.eval / "base_one_shot" / "refexp" / "answers.jsonl"), "answers")
-        models["base"]["one_shot"]["misses"] = chain_misses(asked["refexp"], one_shot_answers, scenes)
     counts = {b: len(rows) for b, rows in asked.items()}
     write_json(layout.eval / "metrics.json", {
         "questions": counts, "models": models, "base_one_shot": one_shot,
