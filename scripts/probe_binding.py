@@ -10,6 +10,11 @@ two hops: held-out accuracy every 100 steps (a model that picks one of the scene
     python scripts/probe_binding.py --heads 4           # the first base's shape: 0.58 after 1500 steps
     python scripts/probe_binding.py --heads 32          # Llama-2-7B's head count: 0.95 after 1500 steps
     python scripts/probe_binding.py --answer echo       # the answer restates the noun first: one hop
+
+``--tower DIR`` swaps the ideal tokens for a frozen CLIP tower's patch features (the layer LLaVA reads) of rendered
+scenes of the demo's world, so that a tower's effect on binding is measured apart from the language model's:
+
+    python scripts/probe_binding.py --heads 32 --tower playground/models/tiny-llava-v1.5/clip-vision-tower
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import argparse
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-SHAPES, COLOURS, PATCHES = 4, 5, 16
+SHAPES, COLOURS, PATCHES, GRID = 4, 5, 16, 4
 WORDS = ("<s>", "USER:", "ASSISTANT:", "What", "colour", "is", "the", "of", "?", "Answer", "using", "a", "single",
          "word", "</s>", *(f"shape{i}" for i in range(SHAPES)), *(f"colour{i}" for i in range(COLOURS)))
 TOKEN = {w: i for i, w in enumerate(WORDS)}
@@ -41,28 +47,84 @@ class Batch:
     mask: torch.Tensor  # (B, 2 + PATCHES + T)
     labels: torch.Tensor  # (B, 2 + PATCHES + T), answer tokens only
     answer_at: torch.Tensor  # (B,) index into labels of the colour token
+    scene: torch.Tensor  # (B,) index of the rendered scene (``TowerScenes``); -1 for ideal tokens
 
 
-def sample_batch(rng: random.Random, size: int, answer: str) -> Batch:
+Scene = tuple[list[tuple[int, int]], list[int], int]  # (shape, colour) per object, its patch, rendered scene or -1
+Draw = Callable[[random.Random], Scene]
+
+
+def ideal_scene(rng: random.Random) -> Scene:
+    n = rng.randint(2, 4)
+    return [(rng.randrange(SHAPES), rng.randrange(COLOURS)) for _ in range(n)], rng.sample(range(PATCHES), n), -1
+
+
+def world_config():
+    """The demo's world (``llava_twist.demo.recipe.WORLD``) with 2-4 objects a scene."""
+    from llava_twist.demo.recipe import WORLD
+    from scout_data.sources.synthetic import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(["--image-size", "64", "--min-objects", "2", "--max-objects", "4",
+                                               *(arg for k, v in WORLD.items() for arg in (f"--{k}", str(v)))]))
+
+
+def render(cfg, seed: str, i: int) -> tuple[Scene, object]:
+    """Scene ``i`` of ``seed`` as the probe reads it, and its image."""
+    from scout_data.sources.synthetic import make_scene, render_scene
+
+    rng = random.Random(f"probe-binding:{seed}:{i}")
+    scene = make_scene(rng, cfg)
+    image = render_scene(scene, rng, cfg)
+    cell = cfg.width // GRID
+    objs = [(cfg.shapes.index(o.shape), cfg.colours.index(o.colour)) for o in scene.objects]
+    cells = [int(o.cy // cell) * GRID + int(o.cx // cell) for o in scene.objects]
+    return (objs, cells, i), image
+
+
+class TowerScenes:
+    """Scenes of the demo's world (2-4 objects in a 4 x 4 grid of 64 px) rendered once, with a frozen tower's
+    patch features at ``select_layer`` (LLaVA's ``mm_vision_select_layer``)."""
+
+    def __init__(self, tower: str | Path, n: int, seed: str, select_layer: int = -2) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        from llava_twist.demo.vision_pretrain import patch_features, preprocess
+
+        cfg = world_config()
+        model = CLIPVisionModel.from_pretrained(str(tower)).eval()
+        processor = CLIPImageProcessor.from_pretrained(str(tower))
+        rendered = [render(cfg, seed, i) for i in range(n)]
+        self.scenes: list[Scene] = [scene for scene, _ in rendered]
+        images = [image for _, image in rendered]
+        with torch.no_grad():
+            self.features = torch.cat([patch_features(model, preprocess(processor, images[i:i + 256]), select_layer)
+                                       for i in range(0, n, 256)])
+
+    def draw(self, rng: random.Random) -> Scene:
+        return self.scenes[rng.randrange(len(self.scenes))]
+
+
+def sample_batch(rng: random.Random, size: int, answer: str, draw: Draw = ideal_scene) -> Batch:
     """``size`` scenes of 2-4 objects in distinct patches, each asking the colour of an object whose shape is unique."""
     rows = []
     while len(rows) < size:
-        n = rng.randint(2, 4)
-        objs = [(rng.randrange(SHAPES), rng.randrange(COLOURS)) for _ in range(n)]
+        objs, cells, scene = draw(rng)
         unique = [o for o in objs if sum(s == o[0] for s, _ in objs) == 1]
         if not unique:
             continue
         shape, colour = rng.choice(unique)
-        cells = rng.sample(range(PATCHES), n)
         question = [w.format(shape=f"shape{shape}") for w in rng.choice(QUESTIONS)]
         reply = ([f"shape{shape}"] if answer == "echo" else []) + [f"colour{colour}"]
-        rows.append((objs, cells, [TOKEN[w] for w in (*question, *SUFFIX, *reply)], len(reply)))
+        rows.append((objs, cells, [TOKEN[w] for w in (*question, *SUFFIX, *reply)], len(reply), scene))
     width = max(len(r[2]) for r in rows)
     prefix = 2 + PATCHES
     b = Batch(torch.zeros(size, PATCHES, dtype=torch.long), torch.zeros(size, PATCHES, dtype=torch.long),
               torch.full((size, width), TOKEN["</s>"]), torch.zeros(size, prefix + width, dtype=torch.long),
-              torch.full((size, prefix + width), -100), torch.zeros(size, dtype=torch.long))
-    for i, (objs, cells, text, n_reply) in enumerate(rows):
+              torch.full((size, prefix + width), -100), torch.zeros(size, dtype=torch.long),
+              torch.tensor([r[4] for r in rows]))
+    for i, (objs, cells, text, n_reply, _) in enumerate(rows):
         for (shape, colour), cell in zip(objs, cells, strict=True):
             b.shapes[i, cell], b.colours[i, cell] = shape + 1, colour + 1
         end = prefix + len(text)
@@ -76,7 +138,7 @@ def sample_batch(rng: random.Random, size: int, answer: str) -> Batch:
 class Probe(nn.Module):
     """A ``LlamaForCausalLM`` reading ``<s> USER:``, 16 projected patch tokens, then the text."""
 
-    def __init__(self, hidden: int, layers: int, heads: int, seed: int) -> None:
+    def __init__(self, hidden: int, layers: int, heads: int, seed: int, features: torch.Tensor | None = None) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         super().__init__()
@@ -84,7 +146,8 @@ class Probe(nn.Module):
         self.lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=3 * hidden,
                                                num_hidden_layers=layers, num_attention_heads=heads,
                                                max_position_embeddings=128))
-        tower = 64
+        tower = 64 if features is None else features.shape[-1]
+        self.features = features
         self.register_buffer("shape_emb", torch.randn(SHAPES + 1, tower))
         self.register_buffer("colour_emb", torch.randn(COLOURS + 1, tower))
         self.register_buffer("pos_emb", torch.randn(PATCHES, tower) * 0.5)
@@ -92,7 +155,10 @@ class Probe(nn.Module):
 
     def forward(self, b: Batch) -> torch.Tensor:
         embed = self.lm.get_input_embeddings()
-        image = self.projector(self.shape_emb[b.shapes] + self.colour_emb[b.colours] + self.pos_emb)
+        if self.features is None:
+            image = self.projector(self.shape_emb[b.shapes] + self.colour_emb[b.colours] + self.pos_emb)
+        else:
+            image = self.projector(self.features[b.scene])
         start = embed(torch.tensor([TOKEN["<s>"], TOKEN["USER:"]])).expand(len(b.text), -1, -1)
         return self.lm(inputs_embeds=torch.cat([start, image, embed(b.text)], 1), attention_mask=b.mask,
                        labels=b.labels)
@@ -109,20 +175,29 @@ def accuracy(model: Probe, b: Batch) -> float:
 
 def run(heads: int, layers: int = 4, hidden: int = 128, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
         answer: str = "word", seed: int = 0, eval_every: int = 100, held_out: int = 256,
-        log: bool = True) -> list[tuple[int, float, float]]:
-    """Train the probe; return ``(step, training loss, held-out accuracy)`` every ``eval_every`` steps."""
-    model = Probe(hidden, layers, heads, seed)
+        log: bool = True, tower: str | Path | None = None, scenes: int = 8000) -> list[tuple[int, float, float]]:
+    """Train the probe; return ``(step, training loss, held-out accuracy)`` every ``eval_every`` steps.
+    With ``tower``, the image tokens are its features of ``scenes`` rendered training scenes (held out: others)."""
+    train_draw, held_draw, features = ideal_scene, ideal_scene, None
+    if tower is not None:
+        train_set = TowerScenes(tower, scenes, f"train:{seed}")
+        held_set = TowerScenes(tower, held_out * 2, f"held-out:{seed}")
+        offset = len(train_set.scenes)
+        held_set.scenes = [(o, c, i + offset) for o, c, i in held_set.scenes]
+        features = torch.cat([train_set.features, held_set.features])
+        train_draw, held_draw = train_set.draw, held_set.draw
+    model = Probe(hidden, layers, heads, seed, features)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng, held = random.Random(seed), sample_batch(random.Random(f"held-out:{seed}"), held_out, answer)
+    rng, held = random.Random(seed), sample_batch(random.Random(f"held-out:{seed}"), held_out, answer, held_draw)
     history, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        loss = model(sample_batch(rng, batch, answer)).loss
+        loss = model(sample_batch(rng, batch, answer, train_draw)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % eval_every == 0 or step == steps:
-            history.append((step, float(loss), accuracy(model, held)))
+            history.append((step, loss.item(), accuracy(model, held)))
             if log:
                 print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {history[-1][2]:.3f} "
                       f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
@@ -140,15 +215,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--answer", choices=("word", "echo"), default="word",
                    help="word: the colour alone (LLaVA's short answer); echo: the noun, then the colour")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tower", help="a saved CLIPVisionModel folder whose features replace the ideal tokens")
+    p.add_argument("--scenes", type=int, default=8000, help="rendered training scenes (with --tower)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    history = run(args.heads, args.layers, args.hidden, args.steps, args.batch, args.lr, args.answer, args.seed)
+    history = run(args.heads, args.layers, args.hidden, args.steps, args.batch, args.lr, args.answer, args.seed,
+                  tower=args.tower, scenes=args.scenes)
     first = next((step for step, _, acc in history if acc >= 0.9), None)
-    print(f"heads {args.heads}, layers {args.layers}, hidden {args.hidden}, answer {args.answer}, seed {args.seed}: "
+    tokens = f"tower {args.tower}" if args.tower else "ideal tokens"
+    print(f"heads {args.heads}, layers {args.layers}, hidden {args.hidden}, answer {args.answer}, seed {args.seed}, "
+          f"{tokens}: "
           f"held-out accuracy {history[-1][2]:.3f} after {args.steps} steps; "
           + (f"first >= 0.9 at step {first}" if first else "never >= 0.9"))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 
@@ -32,3 +33,30 @@ def test_a_one_hop_answer_is_learnt(probe) -> None:
     history = probe.run(heads=4, layers=2, hidden=64, steps=300, answer="echo", eval_every=150, held_out=128,
                         log=False)
     assert history[-1][2] >= 0.9, history
+
+
+def test_tower_scenes_ask_about_rendered_objects_in_their_own_patches(probe, tmp_path) -> None:
+    from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
+
+    tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=1, image_size=64,
+                                                       patch_size=16))
+    scenes = probe.TowerScenes(tower, 12, "test")
+    assert scenes.features.shape == (12, probe.PATCHES, 16)
+    cfg = probe.world_config()
+    for objs, cells, index in scenes.scenes:
+        assert 2 <= len(objs) <= 4 and len(set(cells)) == len(cells)
+        scene, image = probe.render(cfg, "test", index)
+        assert scene == (objs, cells, index)
+        pixels = np.asarray(image.convert("RGB")).reshape(4, 16, 4, 16, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1, 3)
+        background = pixels[0, 0]  # objects sit centred in their cells, off the cells' corners
+        for cell in range(probe.PATCHES):
+            drawn = (pixels[cell] != background).any(-1)
+            assert drawn.any() == (cell in cells), (index, cell)
+    b = probe.sample_batch(random.Random(0), 16, "word", scenes.draw)
+    for i in range(16):
+        objs, cells, index = scenes.scenes[int(b.scene[i])]
+        assert index == int(b.scene[i])
+        for (shape, colour), cell in zip(objs, cells, strict=True):
+            assert (int(b.shapes[i, cell]), int(b.colours[i, cell])) == (shape + 1, colour + 1)
+    model = probe.Probe(hidden=32, layers=1, heads=4, seed=0, features=scenes.features)
+    assert 0.0 <= probe.accuracy(model, b) <= 1.0
