@@ -12,9 +12,11 @@ two hops: held-out accuracy every 100 steps (a model that picks one of the scene
     python scripts/probe_binding.py --answer echo       # the answer restates the noun first: one hop
 
 ``--tower DIR`` swaps the ideal tokens for a frozen CLIP tower's patch features (the layer LLaVA reads) of rendered
-scenes of the demo's world, so that a tower's effect on binding is measured apart from the language model's:
+scenes of the demo's world, so that a tower's effect on binding is measured apart from the language model's;
+``--world`` asks about the same scenes with ideal tokens (the ceiling a tower could give):
 
     python scripts/probe_binding.py --heads 32 --tower playground/models/tiny-llava-v1.5/clip-vision-tower
+    python scripts/probe_binding.py --heads 32 --world
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from scout_data.sources.synthetic import SynthConfig
 
 SHAPES, COLOURS, PATCHES, GRID = 4, 5, 16, 4
 WORDS = ("<s>", "USER:", "ASSISTANT:", "What", "colour", "is", "the", "of", "?", "Answer", "using", "a", "single",
@@ -47,19 +55,14 @@ class Batch:
     mask: torch.Tensor  # (B, 2 + PATCHES + T)
     labels: torch.Tensor  # (B, 2 + PATCHES + T), answer tokens only
     answer_at: torch.Tensor  # (B,) index into labels of the colour token
-    scene: torch.Tensor  # (B,) index of the rendered scene (``TowerScenes``); -1 for ideal tokens
+    scene: torch.Tensor  # (B,) index of the rendered scene (``WorldScenes``); -1 for ideal tokens
 
 
-Scene = tuple[list[tuple[int, int]], list[int], int]  # (shape, colour) per object, its patch, rendered scene or -1
+Scene = tuple[list[tuple[int, int]], list[int], int]  # (shape, colour) per object, its patch, row of the features
 Draw = Callable[[random.Random], Scene]
 
 
-def ideal_scene(rng: random.Random) -> Scene:
-    n = rng.randint(2, 4)
-    return [(rng.randrange(SHAPES), rng.randrange(COLOURS)) for _ in range(n)], rng.sample(range(PATCHES), n), -1
-
-
-def world_config():
+def world_config() -> SynthConfig:
     """The demo's world (``llava_twist.demo.recipe.WORLD``) with 2-4 objects a scene."""
     from llava_twist.demo.recipe import WORLD
     from scout_data.sources.synthetic import add_arguments, config_from_args
@@ -70,8 +73,8 @@ def world_config():
                                                *(arg for k, v in WORLD.items() for arg in (f"--{k}", str(v)))]))
 
 
-def render(cfg, seed: str, i: int) -> tuple[Scene, object]:
-    """Scene ``i`` of ``seed`` as the probe reads it, and its image."""
+def render(cfg: SynthConfig, seed: str, i: int, row: int) -> tuple[Scene, Image.Image]:
+    """Scene ``i`` of ``seed`` as the probe reads it (its features at ``row`` of the bank), and its image."""
     from scout_data.sources.synthetic import make_scene, render_scene
 
     rng = random.Random(f"probe-binding:{seed}:{i}")
@@ -80,44 +83,78 @@ def render(cfg, seed: str, i: int) -> tuple[Scene, object]:
     cell = cfg.width // GRID
     objs = [(cfg.shapes.index(o.shape), cfg.colours.index(o.colour)) for o in scene.objects]
     cells = [int(o.cy // cell) * GRID + int(o.cx // cell) for o in scene.objects]
-    return (objs, cells, i), image
+    return (objs, cells, row), image
 
 
-class TowerScenes:
-    """Scenes of the demo's world (2-4 objects in a 4 x 4 grid of 64 px) rendered once, with a frozen tower's
-    patch features at ``select_layer`` (LLaVA's ``mm_vision_select_layer``)."""
+def unique_shaped(objs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The objects no other object of the scene shares a shape with (those a question can name by shape)."""
+    return [o for o in objs if sum(s == o[0] for s, _ in objs) == 1]
 
-    def __init__(self, tower: str | Path, n: int, seed: str, select_layer: int = -2) -> None:
+
+class WorldScenes:
+    """Scenes of the demo's world (2-4 objects in a 4 x 4 grid of 64 px), rendered once, and a frozen tower's patch
+    features of each at ``select_layer`` (LLaVA's ``mm_vision_select_layer``; no ``tower``: none, the probe's ideal
+    tokens of the same scenes): ``train`` scenes, then held-out scenes until ``held_out`` of them have an object
+    whose shape is unique (one question each)."""
+
+    def __init__(self, tower: str | Path | None, train: int, held_out: int, seed: int, select_layer: int = -2) -> None:
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
         from llava_twist.demo.vision_pretrain import patch_features, preprocess
 
         cfg = world_config()
+        if (cfg.grid, len(cfg.shapes), len(cfg.colours)) != (GRID, SHAPES, COLOURS):
+            raise ValueError(f"the probe's vocabulary is a {GRID}x{GRID} grid of {SHAPES} shapes and {COLOURS} "
+                             f"colours; the world has {cfg.grid}, {len(cfg.shapes)} and {len(cfg.colours)}")
+        rendered = [render(cfg, f"train:{seed}", i, i) for i in range(train)]
+        self.train: list[Scene] = [scene for scene, _ in rendered]
+        self.held_out: list[Scene] = []
+        i = 0
+        while len(self.held_out) < held_out:
+            scene, image = render(cfg, f"held-out:{seed}", i, len(rendered))
+            i += 1
+            if unique_shaped(scene[0]):
+                rendered.append((scene, image))
+                self.held_out.append(scene)
+        self.features: torch.Tensor | None = None
+        if tower is None:
+            return
         model = CLIPVisionModel.from_pretrained(str(tower)).eval()
         processor = CLIPImageProcessor.from_pretrained(str(tower))
-        rendered = [render(cfg, seed, i) for i in range(n)]
-        self.scenes: list[Scene] = [scene for scene, _ in rendered]
         images = [image for _, image in rendered]
         with torch.no_grad():
             self.features = torch.cat([patch_features(model, preprocess(processor, images[i:i + 256]), select_layer)
-                                       for i in range(0, n, 256)])
+                                       for i in range(0, len(images), 256)])
+        if self.features.shape[1] != PATCHES:
+            raise ValueError(f"{tower}: {self.features.shape[1]} patches an image, the probe's grid has {PATCHES}")
 
     def draw(self, rng: random.Random) -> Scene:
-        return self.scenes[rng.randrange(len(self.scenes))]
+        return self.train[rng.randrange(len(self.train))]
+
+    def held_out_in_order(self) -> Draw:
+        scenes = iter(self.held_out)
+        return lambda rng: next(scenes)
 
 
-def sample_batch(rng: random.Random, size: int, answer: str, draw: Draw = ideal_scene) -> Batch:
-    """``size`` scenes of 2-4 objects in distinct patches, each asking the colour of an object whose shape is unique."""
+def sample_batch(rng: random.Random, size: int, answer: str, draw: Draw | None = None) -> Batch:
+    """``size`` scenes of 2-4 objects in distinct patches, each asking the colour of an object whose shape is unique.
+    Without ``draw``, ideal scenes: each object's shape and colour drawn independently."""
     rows = []
     while len(rows) < size:
-        objs, cells, scene = draw(rng)
-        unique = [o for o in objs if sum(s == o[0] for s, _ in objs) == 1]
+        if draw is None:
+            n, row = rng.randint(2, 4), -1
+            objs, cells = [(rng.randrange(SHAPES), rng.randrange(COLOURS)) for _ in range(n)], None
+        else:
+            objs, cells, row = draw(rng)
+        unique = unique_shaped(objs)
         if not unique:
             continue
         shape, colour = rng.choice(unique)
+        if cells is None:
+            cells = rng.sample(range(PATCHES), len(objs))
         question = [w.format(shape=f"shape{shape}") for w in rng.choice(QUESTIONS)]
         reply = ([f"shape{shape}"] if answer == "echo" else []) + [f"colour{colour}"]
-        rows.append((objs, cells, [TOKEN[w] for w in (*question, *SUFFIX, *reply)], len(reply), scene))
+        rows.append((objs, cells, [TOKEN[w] for w in (*question, *SUFFIX, *reply)], len(reply), row))
     width = max(len(r[2]) for r in rows)
     prefix = 2 + PATCHES
     b = Batch(torch.zeros(size, PATCHES, dtype=torch.long), torch.zeros(size, PATCHES, dtype=torch.long),
@@ -147,7 +184,7 @@ class Probe(nn.Module):
                                                num_hidden_layers=layers, num_attention_heads=heads,
                                                max_position_embeddings=128))
         tower = 64 if features is None else features.shape[-1]
-        self.features = features
+        self.register_buffer("features", features, persistent=False)
         self.register_buffer("shape_emb", torch.randn(SHAPES + 1, tower))
         self.register_buffer("colour_emb", torch.randn(COLOURS + 1, tower))
         self.register_buffer("pos_emb", torch.randn(PATCHES, tower) * 0.5)
@@ -158,6 +195,8 @@ class Probe(nn.Module):
         if self.features is None:
             image = self.projector(self.shape_emb[b.shapes] + self.colour_emb[b.colours] + self.pos_emb)
         else:
+            if int(b.scene.min()) < 0:
+                raise ValueError("a batch of ideal scenes given to a probe that reads a tower's features")
             image = self.projector(self.features[b.scene])
         start = embed(torch.tensor([TOKEN["<s>"], TOKEN["USER:"]])).expand(len(b.text), -1, -1)
         return self.lm(inputs_embeds=torch.cat([start, image, embed(b.text)], 1), attention_mask=b.mask,
@@ -175,17 +214,16 @@ def accuracy(model: Probe, b: Batch) -> float:
 
 def run(heads: int, layers: int = 4, hidden: int = 128, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
         answer: str = "word", seed: int = 0, eval_every: int = 100, held_out: int = 256,
-        log: bool = True, tower: str | Path | None = None, scenes: int = 8000) -> list[tuple[int, float, float]]:
+        log: bool = True, tower: str | Path | None = None, world: bool = False,
+        scenes: int = 8000) -> list[tuple[int, float, float]]:
     """Train the probe; return ``(step, training loss, held-out accuracy)`` every ``eval_every`` steps.
-    With ``tower``, the image tokens are its features of ``scenes`` rendered training scenes (held out: others)."""
-    train_draw, held_draw, features = ideal_scene, ideal_scene, None
-    if tower is not None:
-        train_set = TowerScenes(tower, scenes, f"train:{seed}")
-        held_set = TowerScenes(tower, held_out * 2, f"held-out:{seed}")
-        offset = len(train_set.scenes)
-        held_set.scenes = [(o, c, i + offset) for o, c, i in held_set.scenes]
-        features = torch.cat([train_set.features, held_set.features])
-        train_draw, held_draw = train_set.draw, held_set.draw
+    With ``world`` or a ``tower``, the questions are about ``scenes`` rendered training scenes of the demo's world
+    (the ``held_out`` questions about as many others, one each), and with a ``tower`` the image tokens are its
+    features of them."""
+    train_draw, held_draw, features = None, None, None
+    if world or tower is not None:
+        rendered = WorldScenes(tower, scenes, held_out, seed)
+        train_draw, held_draw, features = rendered.draw, rendered.held_out_in_order(), rendered.features
     model = Probe(hidden, layers, heads, seed, features)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng, held = random.Random(seed), sample_batch(random.Random(f"held-out:{seed}"), held_out, answer, held_draw)
@@ -216,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="word: the colour alone (LLaVA's short answer); echo: the noun, then the colour")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tower", help="a saved CLIPVisionModel folder whose features replace the ideal tokens")
-    p.add_argument("--scenes", type=int, default=8000, help="rendered training scenes (with --tower)")
+    p.add_argument("--world", action="store_true",
+                   help="ideal tokens of the rendered world's scenes: the --tower task without a tower")
+    p.add_argument("--scenes", type=int, default=8000, help="rendered training scenes (with --tower or --world)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.hidden % args.heads:
@@ -224,12 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     history = run(args.heads, args.layers, args.hidden, args.steps, args.batch, args.lr, args.answer, args.seed,
-                  tower=args.tower, scenes=args.scenes)
+                  tower=args.tower, world=args.world, scenes=args.scenes)
     first = next((step for step, _, acc in history if acc >= 0.9), None)
-    tokens = f"tower {args.tower}" if args.tower else "ideal tokens"
+    tokens = f"tower {args.tower}" if args.tower else "ideal tokens" + (" of the world's scenes" if args.world else "")
     print(f"heads {args.heads}, layers {args.layers}, hidden {args.hidden}, answer {args.answer}, seed {args.seed}, "
-          f"{tokens}: "
-          f"held-out accuracy {history[-1][2]:.3f} after {args.steps} steps; "
+          f"{tokens}: held-out accuracy {history[-1][2]:.3f} after {args.steps} steps; "
           + (f"first >= 0.9 at step {first}" if first else "never >= 0.9"))
     return 0
 

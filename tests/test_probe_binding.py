@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +37,52 @@ def test_a_one_hop_answer_is_learnt(probe) -> None:
 
 
 def test_tower_scenes_ask_about_rendered_objects_in_their_own_patches(probe, tmp_path) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from llava_twist.demo.vision_pretrain import patch_features, preprocess
     from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
 
-    tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=1, image_size=64,
+    tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=2, image_size=64,
                                                        patch_size=16))
-    scenes = probe.TowerScenes(tower, 12, "test")
-    assert scenes.features.shape == (12, probe.PATCHES, 16)
+    world = probe.WorldScenes(tower, 12, 6, seed=0)
+    assert len(world.held_out) == 6 and world.features.shape == (18, probe.PATCHES, 16)
     cfg = probe.world_config()
-    for objs, cells, index in scenes.scenes:
+    model = CLIPVisionModel.from_pretrained(str(tower)).eval()
+    processor = CLIPImageProcessor.from_pretrained(str(tower))
+    rendered = [probe.render(cfg, "train:0", i, i) for i in range(12)]
+    i, row = 0, 12  # held-out scenes without a uniquely shaped object are skipped, and take no row
+    while row < 18:
+        scene, image = probe.render(cfg, "held-out:0", i, row)
+        i += 1
+        if probe.unique_shaped(scene[0]):
+            rendered.append((scene, image))
+            row += 1
+    assert [scene for scene, _ in rendered] == world.train + world.held_out
+    with torch.no_grad():
+        features = patch_features(model, preprocess(processor, [image for _, image in rendered]), -2)
+    assert torch.allclose(world.features, features, atol=1e-5)
+    for (objs, cells, _), image in rendered:
         assert 2 <= len(objs) <= 4 and len(set(cells)) == len(cells)
-        scene, image = probe.render(cfg, "test", index)
-        assert scene == (objs, cells, index)
         pixels = np.asarray(image.convert("RGB")).reshape(4, 16, 4, 16, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1, 3)
         background = pixels[0, 0]  # objects sit centred in their cells, off the cells' corners
         for cell in range(probe.PATCHES):
-            drawn = (pixels[cell] != background).any(-1)
-            assert drawn.any() == (cell in cells), (index, cell)
-    b = probe.sample_batch(random.Random(0), 16, "word", scenes.draw)
-    for i in range(16):
-        objs, cells, index = scenes.scenes[int(b.scene[i])]
-        assert index == int(b.scene[i])
-        for (shape, colour), cell in zip(objs, cells, strict=True):
-            assert (int(b.shapes[i, cell]), int(b.colours[i, cell])) == (shape + 1, colour + 1)
-    model = probe.Probe(hidden=32, layers=1, heads=4, seed=0, features=scenes.features)
-    assert 0.0 <= probe.accuracy(model, b) <= 1.0
+            assert (pixels[cell] != background).any() == (cell in cells)
+    held = probe.sample_batch(random.Random(0), 6, "word", world.held_out_in_order())
+    assert held.scene.tolist() == [row for _, _, row in world.held_out]
+    for i in range(6):
+        objs, cells, _ = world.held_out[i]
+        shape = int(next(w for w in (probe.WORDS[t] for t in held.text[i]) if w.startswith("shape"))[5:])
+        assert [s for s, _ in objs].count(shape) == 1
+        for (s, c), cell in zip(objs, cells, strict=True):
+            assert (int(held.shapes[i, cell]), int(held.colours[i, cell])) == (s + 1, c + 1)
+
+
+@pytest.mark.parametrize("tokens", ["tower", "ideal"])
+def test_a_probe_on_the_world_trains(probe, tmp_path, tokens: str) -> None:
+    from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
+
+    tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=1, image_size=64,
+                                                       patch_size=16)) if tokens == "tower" else None
+    history = probe.run(heads=2, layers=1, hidden=16, steps=2, batch=4, eval_every=1, held_out=4, log=False,
+                        tower=tower, world=True, scenes=8)
+    assert [step for step, _, _ in history] == [1, 2] and all(0.0 <= acc <= 1.0 for _, _, acc in history)
