@@ -236,9 +236,11 @@ def full_recipe() -> Recipe:
         seed=0,
         # 32 attention heads (of width 4), as Llama-2-7B has 32: with 4, reading the attribute of the object a
         # question names stays at chance in scripts/probe_binding.py, and the base's boxes and understanding
-        # were lower (docs/demo-notes.md).
+        # were lower (docs/demo-notes.md). A per-patch tower: one CLIP layer, read before it (LLaVA's select
+        # layer -2), so that no image token carries another object; the probe on a 3-layer tower's features
+        # binds less (scripts/probe_binding.py --tower, docs/demo-notes.md).
         model=TinyLlavaSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=32,
-                            vocab_size=1536, vision_hidden_size=64, vision_layers=3, vision_heads=2, image_size=64,
+                            vocab_size=1536, vision_hidden_size=64, vision_layers=1, vision_heads=2, image_size=64,
                             patch_size=16, coordinate_tokens=True),
         vision=VisionPretrainSpec(scenes=6000, steps=1500, batch=64, lr=3e-3),
         base_data=SceneSpec(num=40000, kinds="qa:0.6,region:0.4", image_size=64, min_objects=1, max_objects=4,
