@@ -64,13 +64,14 @@ Draw = Callable[[random.Random], Scene]
 
 def world_config() -> SynthConfig:
     """The demo's world (``llava_twist.demo.recipe.WORLD``) with 2-4 objects a scene."""
-    from llava_twist.demo.recipe import WORLD
+    from llava_twist.demo.recipe import WORLD, SceneSpec
     from scout_data.sources.synthetic import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return config_from_args(parser.parse_args(["--image-size", "64", "--min-objects", "2", "--max-objects", "4",
-                                               *(arg for k, v in WORLD.items() for arg in (f"--{k}", str(v)))]))
+    parser.add_argument("--seed")  # scout_data's CLI reads it; the probe seeds each scene itself
+    spec = SceneSpec(num=1, kinds="qa:1", image_size=64, min_objects=2, max_objects=4, test_fraction=0, **WORLD)
+    return config_from_args(parser.parse_args(spec.synth_args(seed=0)))
 
 
 def render(cfg: SynthConfig, seed: str, i: int, row: int) -> tuple[Scene, Image.Image]:
