@@ -197,7 +197,12 @@ def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(dem
         assert count["x1"] + count["y1"] + count["x2"] + count["y2"] == count["coordinate"]
         values = [r["loss_per_token"]["coordinate"], pooled(r, "x1", "y1"), pooled(r, "x2", "y2"),
                   r["loss_per_token"]["text"]]
-        assert "| " + " | ".join([ROW_LABELS[name], *(f"{v:.3f}" for v in values)]) + " |" in section
+        mass = r["coordinate_mass"]  # the ci model has one token per coordinate
+        corner = mass["first_corner"]
+        assert mass["all"]["tokens"] == count["coordinate"] and corner["tokens"] == count["x1"] + count["y1"]
+        assert sum(corner[k] for k in ("target", "near", "far", "not_coordinate")) == pytest.approx(1.0)
+        split = " / ".join(f"{corner[k]:.2f}" for k in ("target", "near", "far"))
+        assert "| " + " | ".join([ROW_LABELS[name], *(f"{v:.3f}" for v in values), split]) + " |" in section
 
 
 def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[str, Any]) -> None:
@@ -326,3 +331,4 @@ def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> 
     assert str(tmp_path / "logs" / "broken.log") in message
     assert "line 49" in message and "line 19" not in message
     assert not (tmp_path / "work" / "broken" / STAMP).exists()
+

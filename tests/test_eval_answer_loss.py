@@ -59,6 +59,7 @@ def test_split_matches_llavas_own_loss_and_counts_every_digit_of_every_box(tiny_
     assert all(result["tokens"][corner] == boxes * 3 for corner in al.CORNERS)
     mean = result["loss_per_token"]
     assert min(mean["coordinate"], mean["text"]) < mean["all"] < max(mean["coordinate"], mean["text"])
+    assert "coordinate_mass" not in result  # digits: no token is one coordinate
     own = image_reliance(str(tiny_llava), str(data), str(images), num=5)["loss_own_images"]
     assert mean["all"] == pytest.approx(own, rel=1e-4)
 
@@ -78,3 +79,48 @@ def test_bad_input_names_the_file(tiny_llava: Path, tmp_path: Path, capsys: pyte
     assert al.main(["--model-path", str(tiny_llava), "--model-class", "llava", "--data", str(bad),
                     "--image-folder", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 1
     assert str(bad) in capsys.readouterr().err and not (tmp_path / "o.json").exists()
+
+
+class LocationPieces:
+    """A vocabulary with one token per coordinate, as the tiny models' ``coordinate_tokens``: ids 10-110 are
+    ``0.00`` ... ``1.00``."""
+
+    unk_token_id = 0
+    words = {1: "▁[", 2: ",", 3: "]", 4: "▁a"}
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        return [10 + al.COORDINATES.index(t) if t in al.COORDINATES else self.unk_token_id for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [al.COORDINATES[i - 10] if i >= 10 else self.words[i] for i in ids]
+
+
+def test_coordinate_mass_splits_each_coordinates_probability_by_distance() -> None:
+    pieces = LocationPieces()
+    values = al.coordinate_values(pieces)
+    assert len(values) == 101 and values[10 + 27] == 27
+    labels = torch.tensor([[-100, 1, 10 + 27, 2, 10 + 52, 3, 4]])  # "[0.27, 0.52] a"
+    logits = torch.full((1, 7, 111), -30.0)
+    x1 = {10 + 27: 0.5, 10 + 28: 0.2, 10 + 25: 0.1, 10 + 52: 0.15, 4: 0.05}  # predicted at the place before x1
+    for token, p in x1.items():
+        logits[0, 1, token] = torch.tensor(p).log()
+    logits[0, 3, 10 + 52] = 10.0  # the second number: sure of it
+    rows = al.coordinate_mass(logits, labels, values, al.box_places(labels, pieces))
+    assert [r[0] for r in rows] == [0, 1]
+    assert rows[0][1:] == pytest.approx((0.5, 0.3, 0.15, 0.05), abs=1e-6)  # 0.25 is 2 away: near; 0.52 far
+    assert rows[1][1:] == pytest.approx((1.0, 0.0, 0.0, 0.0), abs=1e-6)
+    ce = al.split_losses(logits, labels, pieces)["coordinate"]
+    assert [r[1] for r in rows] == pytest.approx([float(torch.tensor(-c).exp()) for c in ce])
+    summary = al.summarise(al.split_losses(logits, labels, pieces), 1, rows)["coordinate_mass"]
+    assert summary["all"]["tokens"] == summary["first_corner"]["tokens"] == 2
+    assert summary["all"]["near"] == pytest.approx(0.15) and summary["all"]["far"] == pytest.approx(0.075)
+
+
+def test_coordinate_mass_needs_one_token_per_coordinate() -> None:
+    class Digits(LocationPieces):
+        def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+            return [self.unk_token_id for _ in tokens]
+
+    assert al.coordinate_values(Digits()) == {}
+    labels = torch.tensor([[-100, 1, 10, 3]])
+    assert al.coordinate_mass(torch.randn(1, 4, 111), labels, {}, al.box_places(labels, Digits())) == []

@@ -161,16 +161,26 @@ def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[
         n = sum(c for v, c in values if v is not None)
         return num(sum(v * c for v, c in values if v is not None) / n) if n else "–"
 
-    lines = ["| model | per coordinate | first corner (x1, y1) | second corner (x2, y2) | per text token |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {label(n)} | {mean(r, 'coordinate')} | {mean(r, 'x1', 'y1')} | {mean(r, 'x2', 'y2')} | "
-              f"{mean(r, 'text')} |" for n, r in losses.items()]
+    def mass(r: dict[str, Any] | None) -> str:
+        corner = get(r, "coordinate_mass", "first_corner")
+        return " / ".join(f"{corner[k]:.2f}" for k in ("target", "near", "far")) if corner else "–"
+
     first = next(r for r in losses.values() if r)
+    near = get(first, "coordinate_mass", "near_hundredths")
+    lines = ["| model | per coordinate | first corner (x1, y1) | second corner (x2, y2) | per text token |"
+             + (f" first corner's probability: its value / within {near / 100:.2f} / farther |"
+                if near else ""),
+             "|---|---|---|---|---|" + ("---|" if near else "")]
+    lines += [f"| {label(n)} | {mean(r, 'coordinate')} | {mean(r, 'x1', 'y1')} | {mean(r, 'x2', 'y2')} | "
+              f"{mean(r, 'text')} |" + (f" {mass(r)} |" if near else "") for n, r in losses.items()]
     ref = ""
     if recipe.model.coordinate_tokens:
         ref = (f" A guess spread evenly over the {len(COORDINATES)} coordinate tokens costs "
                f"{math.log(len(COORDINATES)):.2f} nats per coordinate; a model that localises is far below it on "
                "the first corner too.")
+    if near:
+        ref += (f" Where the first corner's probability goes tells what a coordinate-aware loss (soft targets over "
+                f"neighbouring coordinates) could change: it rewards only the mass within {near} hundredths.")
     return ["## Where the loss sits", "",
             f"Teacher-forced loss (nats per token) on {first['records']} held-out chains "
             f"({first['tokens']['coordinate']} box-coordinate tokens, {first['tokens']['text']} others; "

@@ -2,7 +2,10 @@
 box-coordinate tokens (the numbers inside ``[x1, y1, x2, y2]``, also by place in the box) and every other token.
 
 A model can write a grounding chain's words and format perfectly and still know nothing of where things are; the
-overall loss hides which. Records are read with LLaVA's own dataset and collator (``--version v1``), as in
+overall loss hides which. Where a vocabulary has one token per coordinate (the tiny models' ``coordinate_tokens``),
+``coordinate_mass`` also says where each coordinate's probability goes: to the target value, to its neighbours
+within :data:`NEAR_HUNDREDTHS` (all a coordinate-aware, soft-target loss would reward), to values farther away,
+or to tokens that are not coordinates. Records are read with LLaVA's own dataset and collator (``--version v1``), as in
 training; TWIST models take ``--route`` (``auto``: the router decides, as in evaluation).
 
     python -m llava_twist.eval.answer_loss --model-path ./checkpoints/llava-v1.5-7b-twist \\
@@ -23,9 +26,12 @@ from tqdm import tqdm
 from llava_twist.eval.common import EvalError, write_result
 from llava_twist.model.loss import StepWeights, stepwise_lm_loss
 from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, load_model
+from llava_twist.tiny import COORDINATES
 
 CORNERS = ("x1", "y1", "x2", "y2")
 KINDS = ("coordinate", "text", *CORNERS)
+NEAR_HUNDREDTHS = 2
+MASS_KINDS = ("target", "near", "far", "not_coordinate")
 
 
 def coordinate_positions(pieces: Sequence[str]) -> list[int | None]:
@@ -48,25 +54,73 @@ def coordinate_positions(pieces: Sequence[str]) -> list[int | None]:
     return positions
 
 
+def box_places(labels: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """For each next-token target of a batch (``labels[:, 1:]``): the place in its box (0-3: x1 ... y2) of a
+    supervised piece carrying a coordinate's digits, else -1."""
+    targets = labels[:, 1:]
+    places = torch.full(targets.shape, -1, dtype=torch.long)
+    for b, row in enumerate(targets):
+        keep = (row != IGNORE_INDEX).nonzero().squeeze(1)
+        found = coordinate_positions(tokenizer.convert_ids_to_tokens(row[keep].tolist()))
+        places[b, keep] = torch.tensor([-1 if f is None else f for f in found], dtype=torch.long)
+    return places
+
+
 def split_losses(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> dict[str, list[float]]:
     """Per-token cross-entropy of every answer token of a batch (the training loss's, unweighted), by kind: text,
     coordinate, and each coordinate again under its place in the box (``x1`` ... ``y2``)."""
     _, losses, _ = stepwise_lm_loss(logits, labels, None, StepWeights())
+    places = box_places(labels, tokenizer)
     out: dict[str, list[float]] = {k: [] for k in KINDS}
-    for row_labels, row_loss in zip(labels[:, 1:], losses, strict=True):
-        keep = row_labels != IGNORE_INDEX
-        pieces = tokenizer.convert_ids_to_tokens(row_labels[keep].tolist())
-        for position, loss in zip(coordinate_positions(pieces), row_loss[keep].tolist(), strict=True):
-            out["text" if position is None else "coordinate"].append(loss)
-            if position is not None and position < len(CORNERS):
-                out[CORNERS[position]].append(loss)
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    for place, loss in zip(places[supervised].tolist(), losses[supervised.to(losses.device)].tolist(), strict=True):
+        out["text" if place < 0 else "coordinate"].append(loss)
+        if 0 <= place < len(CORNERS):
+            out[CORNERS[place]].append(loss)
     return out
 
 
-def summarise(losses: dict[str, list[float]], records: int) -> dict[str, Any]:
+def coordinate_values(tokenizer: Any) -> dict[int, int]:
+    """Token id -> value in hundredths, for a vocabulary with one token per coordinate (``0.00`` ... ``1.00``);
+    empty where coordinates are spelt in digits."""
+    ids = tokenizer.convert_tokens_to_ids(COORDINATES)
+    table = {i: v for v, i in enumerate(ids) if i is not None and i != tokenizer.unk_token_id}
+    return table if len(set(table)) == len(COORDINATES) else {}
+
+
+def coordinate_mass(logits: torch.Tensor, labels: torch.Tensor, values: dict[int, int], places: torch.Tensor,
+                    near: int = NEAR_HUNDREDTHS) -> list[tuple[int, float, float, float, float]]:
+    """For each supervised coordinate token of a batch, in order: its place in the box (``places``, from
+    :func:`box_places`) and the predicted probability (next-token, as the loss) on its target value, on other
+    values at most ``near`` hundredths away, on values farther away, and on tokens that are not coordinates."""
+    if not values:
+        return []
+    ids = torch.tensor(list(values), device=logits.device)
+    table = torch.tensor(list(values.values()), device=logits.device)
+    targets = labels[:, 1:].to(logits.device)
+    hit = torch.isin(targets, ids)
+    probs = logits[:, :-1][hit].float().softmax(-1)[:, ids]
+    wanted = table[(targets[hit].unsqueeze(1) == ids).int().argmax(1)]
+    distance = (table.unsqueeze(0) - wanted.unsqueeze(1)).abs()
+    parts = [(probs * m).sum(1).tolist() for m in (distance == 0, (distance > 0) & (distance <= near), distance > near)]
+    return [(place, *row, 1.0 - sum(row))
+            for place, *row in zip(places.to(hit.device)[hit].tolist(), *parts, strict=True)]
+
+
+def summarise(losses: dict[str, list[float]], records: int,
+              masses: list[tuple[int, float, float, float, float]] | None = None) -> dict[str, Any]:
     everything = losses["coordinate"] + losses["text"]
     mean = {k: (sum(v) / len(v) if v else None) for k, v in {**losses, "all": everything}.items()}
-    return {"records": records, "tokens": {k: len(v) for k, v in losses.items()}, "loss_per_token": mean}
+    out = {"records": records, "tokens": {k: len(v) for k, v in losses.items()}, "loss_per_token": mean}
+    if masses:
+        groups = {"all": masses, "first_corner": [m for m in masses if m[0] in (0, 1)]}
+        out["coordinate_mass"] = {
+            "near_hundredths": NEAR_HUNDREDTHS,
+            **{name: {"tokens": len(rows), **{k: sum(r[i + 1] for r in rows) / len(rows)
+                                              for i, k in enumerate(MASS_KINDS)}}
+               for name, rows in groups.items() if rows},
+        }
+    return out
 
 
 def llava_records(data: str, image_folder: str, tokenizer: Any, image_processor: Any,
@@ -106,6 +160,7 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
     collate = DataCollatorForSupervisedDataset(tokenizer)
     extra = {"twist_route": route} if loaded.is_twist else {}
     losses: dict[str, list[float]] = {k: [] for k in KINDS}
+    coordinates, masses = coordinate_values(tokenizer), []
     for start in tqdm(range(0, len(picked), batch_size), desc="answer loss", unit="batch", file=sys.stderr):
         rows = []
         for i in picked[start:start + batch_size]:
@@ -121,7 +176,8 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
                 batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])[5]
         for kind, values in split_losses(logits, labels, tokenizer).items():
             losses[kind].extend(values)
-    return summarise(losses, len(picked))
+        masses.extend(coordinate_mass(logits, labels, coordinates, box_places(labels, tokenizer)))
+    return summarise(losses, len(picked), masses)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{result['records']} records: loss per coordinate token {_fmt(mean['coordinate'])} "
           f"({result['tokens']['coordinate']} tokens), per text token {_fmt(mean['text'])} "
           f"({result['tokens']['text']}) -> {args.out}")
+    if "coordinate_mass" in result:
+        mass = result["coordinate_mass"]
+        for group in ("all", "first_corner"):
+            if group in mass:
+                print(f"coordinate probability ({group.replace('_', ' ')}): "
+                      + ", ".join(f"{k} {mass[group][k]:.3f}" for k in MASS_KINDS)
+                      + f" (near: within {mass['near_hundredths']} hundredths)")
     return 0
 
 
