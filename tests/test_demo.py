@@ -332,3 +332,55 @@ def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> 
     assert "line 49" in message and "line 19" not in message
     assert not (tmp_path / "work" / "broken" / STAMP).exists()
 
+
+# ---------------------------------------------------------------- where the runs run: CPU (fp32) or CUDA (bf16)
+
+
+def launched_args(script: Path, env: dict[str, str], extra: list[str], tmp_path: Path) -> list[str]:
+    """The arguments a TWIST launcher hands the trainer, read from a stand-in ``deepspeed`` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.json"
+    fake = bin_dir / "deepspeed"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    run_env = {**os.environ, **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    if "DEEPSPEED" in env:
+        run_env["DEEPSPEED"] = str(fake)
+    subprocess.run(["bash", str(script), *extra], env=run_env, check=True, timeout=60)
+    argv = json.loads(record.read_text())
+    return argv[argv.index(next(a for a in argv if a.endswith("train_twist.py"))) + 1:]
+
+
+def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_launcher(tmp_path: Path) -> None:
+    from transformers import HfArgumentParser
+
+    from llava_twist.demo.stages import llava_train_args, twist_launch
+    from llava_twist.train.arguments import DataArguments, ModelArguments, TrainingArguments, TwistArguments
+
+    full, gpu = get_recipe("full"), get_recipe("gpu")
+    assert (full.device, gpu.device) == ("cpu", "cuda") and gpu.shipped_base is None
+    assert gpu.model.hidden_size > full.model.hidden_size and gpu.twist.steps > full.twist.steps
+    assert gpu.grounding_data.grid == full.grounding_data.grid and gpu.base_hash() != full.base_hash()
+    # where a run runs changes its results (a stage's stamp), not what the released base is made of
+    assert replace(full, device="cuda").base_hash() == full.base_hash()
+    assert replace(full, device="cuda").stage_config("full-ft") != full.stage_config("full-ft")
+
+    layout = Layout(tmp_path / "demo")
+    layout.model("base").mkdir(parents=True)
+    (layout.model("base") / "config.json").write_text(json.dumps({"mm_vision_tower": "/towers/tiny-clip"}))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, TwistArguments))
+    for recipe, script_name, bf16 in ((gpu, "finetune_twist.sh", True), (full, "finetune_twist_cpu.sh", False)):
+        work = tmp_path / recipe.profile
+        work.mkdir()
+        script, env, extra = twist_launch(recipe, layout, recipe.twist_variants[0], work / "out", sys.executable)
+        assert script.name == script_name
+        args, unknown = parser.parse_known_args(launched_args(script, env, extra, work))
+        assert unknown == []  # every flag is one the trainer knows
+        assert args.bf16 is bf16 and args.max_steps == recipe.twist.steps and args.twist_layers == "all"
+        assert args.per_device_train_batch_size * recipe.twist_nproc == recipe.twist.batch
+        assert args.twist_router_lr == 5e-2 and args.gradient_checkpointing is False  # the recipe's, not the script's
+        assert args.model_name_or_path == str(layout.model("base")) and args.report_to == ["none"]
+        ctx = Context(recipe, layout, "full-ft", work, {})
+        llava = llava_train_args(ctx, layout.model("base"), work / "d.json", work, work / "o", recipe.full_ft)
+        assert llava[llava.index("--bf16") + 1] == str(bf16)

@@ -13,7 +13,7 @@ from typing import TypeVar
 import llava_twist.demo as demo_package
 from llava_twist.demo.pipeline import Layout, StageError, StageResult, run_stage
 from llava_twist.demo.pointer import read_pointer
-from llava_twist.demo.recipe import PROFILES, VARIANTS, Recipe, get_recipe
+from llava_twist.demo.recipe import PROFILES, VARIANTS, Recipe, default_profile, get_recipe
 
 T = TypeVar("T")
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "playground" / "data" / "demo"  # what `make playground` opens
@@ -78,9 +78,10 @@ def playground_hint(out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_twist.demo", description=demo_package.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                   help="full: make demo (from the released base); ci: the same pipeline in minutes, training its "
-                        "own base (tests)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="full: make demo on CPU (from the released base); gpu: a larger model in bf16 with more "
+                        "steps, training its own base; ci: the same pipeline in minutes (tests). Default: gpu "
+                        "where CUDA is present, else full")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="everything goes here (default: %(default)s)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE (and everything downstream) even if cached; repeatable; 'all' redoes all")
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="OpenMP threads per process (default: cores over a stage's processes; not in the cache key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    recipe = get_recipe(args.profile)
+    recipe = get_recipe(args.profile or default_profile())
     extra = tuple(VARIANTS[n] for n in dict.fromkeys(args.variant) if VARIANTS[n] not in recipe.twist_variants)
     recipe = dataclasses.replace(recipe, twist_variants=recipe.twist_variants + extra)
     if args.threads is not None:

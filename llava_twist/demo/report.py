@@ -387,6 +387,10 @@ def draw_grid(layout: Layout, names: list[str], metrics: dict[str, Any], scenes:
 # ---------------------------------------------------------------- report
 
 
+def where(recipe: Recipe) -> str:
+    return "one GPU in bf16" if recipe.device == "cuda" else "CPU in fp32"
+
+
 def image_reliance_line(r: dict[str, Any] | None) -> str:
     """Whether the base looks at the image: without that, no model can learn to localise on top of it."""
     if not r:
@@ -459,7 +463,8 @@ def write_report(ctx: Context) -> dict[str, Any]:
         f"# TWIST & SCOUT demo ({recipe.profile} profile)",
         "",
         "A tiny LLaVA-1.5 instruction-tuned with LLaVA's own trainer (the base), then taught step-by-step grounding "
-        "on the same data and step budget by full fine-tuning, LoRA and TWIST, all on CPU. Held-out questions: "
+        f"on the same data and step budget by full fine-tuning, LoRA and TWIST, all on {where(recipe)}. "
+        "Held-out questions: "
         f"{qcount.get('refexp', 0)} referring expressions, {qcount.get('localization', 0)} find-all queries, "
         f"{qcount.get('vqa', 0)} understanding questions.",
         "",

@@ -22,7 +22,7 @@ from llava_twist.demo.pipeline import (
     read_json,
     write_json,
 )
-from llava_twist.demo.recipe import Recipe, TrainSpec, config_hash
+from llava_twist.demo.recipe import Recipe, TrainSpec, TwistVariant, config_hash
 from llava_twist.demo.report import model_dirs, write_report
 from llava_twist.model.routes import TASK_ROUTE
 from llava_twist.spec_cli import spec_flags
@@ -30,6 +30,7 @@ from scout_data.output import atomic_write_text, dumps_records
 
 REPO = Path(__file__).resolve().parents[2]
 TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
+TWIST_GPU_LAUNCHER = REPO / "scripts" / "finetune_twist.sh"
 ANSWER_LOSS = Path(__file__).parents[1] / "eval" / "answer_loss.py"
 BENCHMARK_FILES = ("refexp", "localization", "vqa", "region")  # region: the base's own one-shot box prompts
 
@@ -82,10 +83,23 @@ def vision_tower_of(model_dir: Path) -> str:
     return str(read_json(model_dir / "config.json")["mm_vision_tower"])
 
 
+def precision_args(recipe: Recipe) -> list[str]:
+    """fp32 on CPU; on CUDA bf16 with TF32 matmuls, as LLaVA-1.5's ``finetune.sh``."""
+    if recipe.device == "cuda":
+        return ["--bf16", "True", "--fp16", "False", "--tf32", "True"]
+    return ["--bf16", "False", "--fp16", "False"]
+
+
+def loader_workers(recipe: Recipe) -> str:
+    """One data-loader worker on 2 CPU cores; on a GPU machine enough that LLaVA's preprocessing keeps up."""
+    return "4" if recipe.device == "cuda" else "1"
+
+
 def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, out: Path, spec: TrainSpec,
                      extra: list[str] | None = None) -> list[str]:
-    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it, on CPU in fp32, seeded
-    before the model is built (``llava_twist.train.train_llava``: LoRA's adapters start the same in every run)."""
+    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it (fp32 on CPU, bf16 on
+    CUDA), seeded before the model is built (``llava_twist.train.train_llava``: LoRA's adapters start the same in
+    every run)."""
     recipe = ctx.recipe
     return [
         ctx.python, "-m", "llava_twist.train.train_llava",
@@ -112,12 +126,11 @@ def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, ou
         "--logging_steps", "1",
         "--model_max_length", str(recipe.model_max_length),
         "--gradient_checkpointing", "False",
-        "--dataloader_num_workers", "1",
+        "--dataloader_num_workers", loader_workers(recipe),
         "--lazy_preprocess", "True",
         "--report_to", "none",
         "--seed", str(recipe.seed),
-        "--bf16", "False",
-        "--fp16", "False",
+        *precision_args(recipe),
         *(["--mm_projector_lr", f"{spec.mm_projector_lr:g}"] if spec.mm_projector_lr is not None else []),
         *(extra or []),
     ]
@@ -243,36 +256,51 @@ def train_lora(ctx: Context) -> dict[str, Any]:
     return {**trainer_summary(adapter), "trainable_params": trainable}
 
 
-def train_twist(ctx: Context) -> dict[str, Any]:
-    """``scripts/finetune_twist_cpu.sh``: the DeepSpeed launcher, ZeRO-3, ``twist_nproc`` CPU processes."""
-    from llava_twist.model.builder import DELTA_WEIGHTS
-
-    recipe, layout = ctx.recipe, ctx.layout
-    variant = next(v for v in recipe.twist_variants if v.stage == ctx.stage)
+def twist_launch(recipe: Recipe, layout: Layout, variant: TwistVariant, out: Path,
+                 python: str) -> tuple[Path, dict[str, str], list[str]]:
+    """The TWIST launcher a stage runs, its environment and its extra trainer flags: on CPU
+    ``scripts/finetune_twist_cpu.sh`` (DeepSpeed, ZeRO-3, ``twist_nproc`` gloo processes, fp32); on CUDA
+    ``scripts/finetune_twist.sh``, the launcher users run (ZeRO-3, bf16, one process per GPU)."""
     spec, nproc = recipe.twist, recipe.twist_nproc
-    if spec.batch % nproc:
-        raise StageError(ctx.stage, f"TWIST batch {spec.batch} does not split over {nproc} processes")
-    if not TWIST_LAUNCHER.is_file():
-        raise StageError(ctx.stage, f"{TWIST_LAUNCHER} not found (run the demo from a source checkout)")
-    deepspeed = Path(ctx.python).parent / "deepspeed"
+    base = layout.model("base")
     env = {
-        "MODEL": str(layout.model("base")),
+        "MODEL": str(base),
         "DATA": str(layout.data / "mixed.json"),
         "IMAGES": str(layout.data),
-        "OUT": str(ctx.folder),
-        "STEPS": str(spec.steps),
+        "OUT": str(out),
         "BATCH": str(spec.batch // nproc),
         "LR": f"{spec.lr:g}",
         "SAVE_STEPS": str(spec.steps + 1),
-        "NPROC": str(nproc),
-        "DEEPSPEED": str(deepspeed) if deepspeed.is_file() else "deepspeed",
     }
     extra = [*recipe.twist_flags, *variant.flags, "--model_max_length", str(recipe.model_max_length),
-             "--gradient_checkpointing", "False", "--dataloader_num_workers", "1",
+             "--gradient_checkpointing", "False", "--dataloader_num_workers", loader_workers(recipe),
              "--warmup_ratio", f"{spec.warmup_ratio:g}", "--lr_scheduler_type", spec.scheduler,
              "--seed", str(recipe.seed)]
+    if recipe.device == "cuda":
+        env.update(GPUS=str(nproc), VISION_TOWER=vision_tower_of(base), REPORT_TO="none",
+                   ENTRY="llava_twist/train/train_twist.py")
+        extra += ["--max_steps", str(spec.steps), "--group_by_modality_length", "False"]
+        return TWIST_GPU_LAUNCHER, env, extra
+    deepspeed = Path(python).parent / "deepspeed"
+    env.update(STEPS=str(spec.steps), NPROC=str(nproc),
+               DEEPSPEED=str(deepspeed) if deepspeed.is_file() else "deepspeed")
+    return TWIST_LAUNCHER, env, extra
+
+
+def train_twist(ctx: Context) -> dict[str, Any]:
+    """TWIST through the DeepSpeed launcher with ZeRO-3 (:func:`twist_launch` says which script and how)."""
+    from llava_twist.model.builder import DELTA_WEIGHTS
+
+    recipe = ctx.recipe
+    variant = next(v for v in recipe.twist_variants if v.stage == ctx.stage)
+    nproc = recipe.twist_nproc
+    if recipe.twist.batch % nproc:
+        raise StageError(ctx.stage, f"TWIST batch {recipe.twist.batch} does not split over {nproc} processes")
+    launcher, env, extra = twist_launch(recipe, ctx.layout, variant, ctx.folder, ctx.python)
+    if not launcher.is_file():
+        raise StageError(ctx.stage, f"{launcher} not found (run the demo from a source checkout)")
     threads = max(1, min(recipe.threads or cpu_count(), cpu_count() // nproc))
-    ctx.run(["bash", str(TWIST_LAUNCHER), *extra], threads=threads, env=env, cwd=REPO)
+    ctx.run(["bash", str(launcher), *extra], threads=threads, env=env, cwd=REPO)
     delta = ctx.folder / DELTA_WEIGHTS
     if not delta.is_file():
         raise StageError(ctx.stage, f"the launcher exited 0 but wrote no {DELTA_WEIGHTS}", ctx.log)
@@ -359,7 +387,7 @@ def answer_questions(ctx: Context, name: str, model_dir: Path, questions_file: P
         "--max_new_tokens", str(spec.max_new_tokens),
         "--conv-mode", DEFAULT_CONV_MODE,
         "--temperature", "0",
-        "--device", "cpu",
+        "--device", ctx.recipe.device,
         "--prompt", prompt,
         "--overwrite",
         *model_args(ctx, name),
@@ -376,7 +404,7 @@ def chain_loss(ctx: Context, name: str, model_dir: Path, out: Path) -> dict[str,
     run_cached(ctx, result, key, "llava_twist.eval.answer_loss", [
         "--model-path", str(model_dir), "--data", str(chains),
         "--image-folder", str(layout.data / "grounding" / "images"),
-        "--num", str(limit), "--out", str(result), *model_args(ctx, name)])
+        "--num", str(limit), "--device", ctx.recipe.device, "--out", str(result), *model_args(ctx, name)])
     return read_json(result)
 
 
