@@ -35,7 +35,7 @@ def test_split_losses_shift_labels_and_skip_ignored() -> None:
 
     labels = torch.tensor([[-100, 1, 2, 3, 4]])
     logits = torch.randn(1, 5, 6)
-    out = al.split_losses(logits, labels, Pieces())
+    out = al.split_losses(logits, labels, al.box_places(labels, Pieces()))
     ce = torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([1, 2, 3, 4]), reduction="none").tolist()
     assert out["coordinate"] == pytest.approx([ce[1]]) and out["x1"] == pytest.approx([ce[1]])
     assert out["text"] == pytest.approx([ce[0], ce[2], ce[3]])
@@ -99,8 +99,8 @@ def test_coordinate_mass_splits_each_coordinates_probability_by_distance() -> No
     pieces = LocationPieces()
     values = al.coordinate_values(pieces)
     assert len(values) == 101 and values[10 + 27] == 27
-    labels = torch.tensor([[-100, 1, 10 + 27, 2, 10 + 52, 3, 4]])  # "[0.27, 0.52] a"
-    logits = torch.full((1, 7, 111), -30.0)
+    labels = torch.tensor([[-100, 1, 10 + 27, 2, 10 + 52, 3, 4, 10 + 50]])  # "[0.27, 0.52] a 0.50": the last, no box
+    logits = torch.full((1, 8, 111), -30.0)
     x1 = {10 + 27: 0.5, 10 + 28: 0.2, 10 + 25: 0.1, 10 + 52: 0.15, 4: 0.05}  # predicted at the place before x1
     for token, p in x1.items():
         logits[0, 1, token] = torch.tensor(p).log()
@@ -109,9 +109,10 @@ def test_coordinate_mass_splits_each_coordinates_probability_by_distance() -> No
     assert [r[0] for r in rows] == [0, 1]
     assert rows[0][1:] == pytest.approx((0.5, 0.3, 0.15, 0.05), abs=1e-6)  # 0.25 is 2 away: near; 0.52 far
     assert rows[1][1:] == pytest.approx((1.0, 0.0, 0.0, 0.0), abs=1e-6)
-    ce = al.split_losses(logits, labels, pieces)["coordinate"]
-    assert [r[1] for r in rows] == pytest.approx([float(torch.tensor(-c).exp()) for c in ce])
-    summary = al.summarise(al.split_losses(logits, labels, pieces), 1, rows)["coordinate_mass"]
+    losses = al.split_losses(logits, labels, al.box_places(labels, pieces))
+    assert len(losses["text"]) == 5  # "[", ",", "]", "a" and the number outside a box
+    assert [r[1] for r in rows] == pytest.approx([float(torch.tensor(-c).exp()) for c in losses["coordinate"]])
+    summary = al.summarise(losses, 1, rows)["coordinate_mass"]
     assert summary["all"]["tokens"] == summary["first_corner"]["tokens"] == 2
     assert summary["all"]["near"] == pytest.approx(0.15) and summary["all"]["far"] == pytest.approx(0.075)
 

@@ -161,9 +161,11 @@ def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[
         n = sum(c for v, c in values if v is not None)
         return num(sum(v * c for v, c in values if v is not None) / n) if n else "–"
 
+    from llava_twist.eval.answer_loss import MASS_KINDS
+
     def mass(r: dict[str, Any] | None) -> str:
         corner = get(r, "coordinate_mass", "first_corner")
-        return " / ".join(f"{corner[k]:.2f}" for k in ("target", "near", "far")) if corner else "–"
+        return " / ".join(f"{corner[k]:.2f}" for k in MASS_KINDS[:3]) if corner else "–"
 
     first = next(r for r in losses.values() if r)
     near = get(first, "coordinate_mass", "near_hundredths")

@@ -55,9 +55,9 @@ def coordinate_positions(pieces: Sequence[str]) -> list[int | None]:
 
 
 def box_places(labels: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """For each next-token target of a batch (``labels[:, 1:]``): the place in its box (0-3: x1 ... y2) of a
-    supervised piece carrying a coordinate's digits, else -1."""
-    targets = labels[:, 1:]
+    """For each next-token target of a batch (``labels[:, 1:]``), on the CPU: the place in its box (0-3: x1 ... y2)
+    of a supervised piece carrying a coordinate's digits, else -1."""
+    targets = labels[:, 1:].cpu()
     places = torch.full(targets.shape, -1, dtype=torch.long)
     for b, row in enumerate(targets):
         keep = (row != IGNORE_INDEX).nonzero().squeeze(1)
@@ -66,14 +66,13 @@ def box_places(labels: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     return places
 
 
-def split_losses(logits: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> dict[str, list[float]]:
+def split_losses(logits: torch.Tensor, labels: torch.Tensor, places: torch.Tensor) -> dict[str, list[float]]:
     """Per-token cross-entropy of every answer token of a batch (the training loss's, unweighted), by kind: text,
-    coordinate, and each coordinate again under its place in the box (``x1`` ... ``y2``)."""
+    coordinate, and each coordinate again under its place in the box (``places``, from :func:`box_places`)."""
     _, losses, _ = stepwise_lm_loss(logits, labels, None, StepWeights())
-    places = box_places(labels, tokenizer)
     out: dict[str, list[float]] = {k: [] for k in KINDS}
-    supervised = labels[:, 1:] != IGNORE_INDEX
-    for place, loss in zip(places[supervised].tolist(), losses[supervised.to(losses.device)].tolist(), strict=True):
+    supervised = (labels[:, 1:] != IGNORE_INDEX).cpu()
+    for place, loss in zip(places[supervised].tolist(), losses.cpu()[supervised].tolist(), strict=True):
         out["text" if place < 0 else "coordinate"].append(loss)
         if 0 <= place < len(CORNERS):
             out[CORNERS[place]].append(loss)
@@ -98,7 +97,7 @@ def coordinate_mass(logits: torch.Tensor, labels: torch.Tensor, values: dict[int
     ids = torch.tensor(list(values), device=logits.device)
     table = torch.tensor(list(values.values()), device=logits.device)
     targets = labels[:, 1:].to(logits.device)
-    hit = torch.isin(targets, ids)
+    hit = torch.isin(targets, ids) & (places.to(logits.device) >= 0)  # inside a box, as split_losses counts them
     probs = logits[:, :-1][hit].float().softmax(-1)[:, ids]
     wanted = table[(targets[hit].unsqueeze(1) == ids).int().argmax(1)]
     distance = (table.unsqueeze(0) - wanted.unsqueeze(1)).abs()
@@ -174,9 +173,10 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
             logits = model(**batch, **extra).logits
             labels = model.prepare_inputs_labels_for_multimodal(
                 batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])[5]
-        for kind, values in split_losses(logits, labels, tokenizer).items():
+        places = box_places(labels, tokenizer)
+        for kind, values in split_losses(logits, labels, places).items():
             losses[kind].extend(values)
-        masses.extend(coordinate_mass(logits, labels, coordinates, box_places(labels, tokenizer)))
+        masses.extend(coordinate_mass(logits, labels, coordinates, places))
     return summarise(losses, len(picked), masses)
 
 
