@@ -140,6 +140,8 @@ class Context:
             WANDB_DISABLED="true",
             PATH=bin_dir + os.pathsep + env.get("PATH", ""),
         )
+        if self.recipe.device == "cpu":  # on a CUDA host, HF's Trainer and DeepSpeed would take the GPU
+            env["CUDA_VISIBLE_DEVICES"] = ""
         return env
 
     def run(self, cmd: Sequence[str], *, threads: int | None = None, env: dict[str, str] | None = None,

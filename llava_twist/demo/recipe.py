@@ -161,7 +161,9 @@ class Recipe:
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         """The part of the recipe ``stage`` reads (what its cache stamp hashes; ``threads`` is not part of it)."""
-        common = {"model_max_length": self.model_max_length, "seed": self.seed, "device": self.device}
+        # where a run runs is part of its stamp; CPU runs keep the stamps they had before the gpu profile existed
+        where = {} if self.device == "cpu" else {"device": self.device}
+        common = {"model_max_length": self.model_max_length, "seed": self.seed, **where}
         if stage == "model":
             vision = asdict(self.vision) if self.vision else None
             return {"model": asdict(self.model), "vision": vision, "world": asdict(self.base_data) if vision else None,
@@ -189,7 +191,7 @@ class Recipe:
                 return {**common, "train": asdict(self.twist), "flags": [*self.twist_flags, *v.flags],
                         "nproc": self.twist_nproc}
         if stage == "eval":
-            return {"eval": asdict(self.eval), "device": self.device}
+            return {"eval": asdict(self.eval), **where}
         if stage == "report":
             return {k: v for k, v in self.to_json().items() if k != "threads"}
         raise KeyError(f"no stage {stage!r} in this recipe")

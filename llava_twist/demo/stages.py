@@ -31,6 +31,8 @@ from scout_data.output import atomic_write_text, dumps_records
 REPO = Path(__file__).resolve().parents[2]
 TWIST_LAUNCHER = REPO / "scripts" / "finetune_twist_cpu.sh"
 TWIST_GPU_LAUNCHER = REPO / "scripts" / "finetune_twist.sh"
+TRAIN_LLAVA = Path(__file__).parents[1] / "train" / "train_llava.py"  # what DeepSpeed's launcher runs on CUDA
+LLAVA_DS_CONFIG = REPO / "scripts" / "zero2.json"
 ANSWER_LOSS = Path(__file__).parents[1] / "eval" / "answer_loss.py"
 BENCHMARK_FILES = ("refexp", "localization", "vqa", "region")  # region: the base's own one-shot box prompts
 
@@ -97,12 +99,18 @@ def loader_workers(recipe: Recipe) -> str:
 
 def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, out: Path, spec: TrainSpec,
                      extra: list[str] | None = None) -> list[str]:
-    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it (fp32 on CPU, bf16 on
-    CUDA), seeded before the model is built (``llava_twist.train.train_llava``: LoRA's adapters start the same in
-    every run)."""
+    """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it (fp32 on CPU; bf16 under
+    DeepSpeed ZeRO-2 on CUDA), seeded before the model is built (``llava_twist.train.train_llava``: LoRA's adapters
+    start the same in every run)."""
     recipe = ctx.recipe
+    if recipe.device == "cuda":  # under DeepSpeed, as LLaVA's scripts: bf16 weights keep an fp32 master copy
+        deepspeed = Path(ctx.python).parent / "deepspeed"
+        launch = [str(deepspeed) if deepspeed.is_file() else "deepspeed", "--num_gpus", "1", str(TRAIN_LLAVA),
+                  "--deepspeed", str(LLAVA_DS_CONFIG)]
+    else:
+        launch = [ctx.python, "-m", "llava_twist.train.train_llava"]
     return [
-        ctx.python, "-m", "llava_twist.train.train_llava",
+        *launch,
         "--model_name_or_path", str(model_dir),
         "--version", "v1",
         "--data_path", str(data),
