@@ -85,6 +85,12 @@ def vision_tower_of(model_dir: Path) -> str:
     return str(read_json(model_dir / "config.json")["mm_vision_tower"])
 
 
+def deepspeed_command(python: str) -> str:
+    """DeepSpeed's launcher beside ``python`` (the venv's), else the one on PATH."""
+    found = Path(python).parent / "deepspeed"
+    return str(found) if found.is_file() else "deepspeed"
+
+
 def precision_args(recipe: Recipe) -> list[str]:
     """fp32 on CPU; on CUDA bf16 with TF32 matmuls, as LLaVA-1.5's ``finetune.sh``."""
     if recipe.device == "cuda":
@@ -104,8 +110,7 @@ def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, ou
     start the same in every run)."""
     recipe = ctx.recipe
     if recipe.device == "cuda":  # under DeepSpeed, as LLaVA's scripts: bf16 weights keep an fp32 master copy
-        deepspeed = Path(ctx.python).parent / "deepspeed"
-        launch = [str(deepspeed) if deepspeed.is_file() else "deepspeed", "--num_gpus", "1", str(TRAIN_LLAVA),
+        launch = [deepspeed_command(ctx.python), "--num_gpus", "1", str(TRAIN_LLAVA),
                   "--deepspeed", str(LLAVA_DS_CONFIG)]
     else:
         launch = [ctx.python, "-m", "llava_twist.train.train_llava"]
@@ -289,9 +294,7 @@ def twist_launch(recipe: Recipe, layout: Layout, variant: TwistVariant, out: Pat
                    ENTRY="llava_twist/train/train_twist.py")
         extra += ["--max_steps", str(spec.steps), "--group_by_modality_length", "False"]
         return TWIST_GPU_LAUNCHER, env, extra
-    deepspeed = Path(python).parent / "deepspeed"
-    env.update(STEPS=str(spec.steps), NPROC=str(nproc),
-               DEEPSPEED=str(deepspeed) if deepspeed.is_file() else "deepspeed")
+    env.update(STEPS=str(spec.steps), NPROC=str(nproc), DEEPSPEED=deepspeed_command(python))
     return TWIST_LAUNCHER, env, extra
 
 

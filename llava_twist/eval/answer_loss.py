@@ -84,7 +84,7 @@ def coordinate_values(tokenizer: Any) -> dict[int, int]:
     empty where coordinates are spelt in digits."""
     ids = tokenizer.convert_tokens_to_ids(COORDINATES)
     table = {i: v for v, i in enumerate(ids) if i is not None and i != tokenizer.unk_token_id}
-    return table if len(set(table)) == len(COORDINATES) else {}
+    return table if len(table) == len(COORDINATES) else {}
 
 
 def coordinate_mass(logits: torch.Tensor, labels: torch.Tensor, values: dict[int, int], places: torch.Tensor,
@@ -96,14 +96,14 @@ def coordinate_mass(logits: torch.Tensor, labels: torch.Tensor, values: dict[int
         return []
     ids = torch.tensor(list(values), device=logits.device)
     table = torch.tensor(list(values.values()), device=logits.device)
-    targets = labels[:, 1:].to(logits.device)
-    hit = torch.isin(targets, ids) & (places.to(logits.device) >= 0)  # inside a box, as split_losses counts them
+    targets, places = labels[:, 1:].to(logits.device), places.to(logits.device)
+    hit = torch.isin(targets, ids) & (places >= 0)  # inside a box, as split_losses counts them
     probs = logits[:, :-1][hit].float().softmax(-1)[:, ids]
     wanted = table[(targets[hit].unsqueeze(1) == ids).int().argmax(1)]
     distance = (table.unsqueeze(0) - wanted.unsqueeze(1)).abs()
     parts = [(probs * m).sum(1).tolist() for m in (distance == 0, (distance > 0) & (distance <= near), distance > near)]
     return [(place, *row, 1.0 - sum(row))
-            for place, *row in zip(places.to(hit.device)[hit].tolist(), *parts, strict=True)]
+            for place, *row in zip(places[hit].tolist(), *parts, strict=True)]
 
 
 def summarise(losses: dict[str, list[float]], records: int,
