@@ -95,6 +95,9 @@ def question_for(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         q["bbox_xyxy_px"] = boxes[0]
         if record.get("expression"):
             q["expression"] = record["expression"]  # for --prompt llava / lmms-eval (model_grounding)
+        expression_type = (record.get("source_ids") or {}).get("expression_type")
+        if expression_type:
+            q["expression_type"] = expression_type
     elif bench == "grounded_caption":
         q["phrases"] = caption_phrases(record)
     elif bench == "localization":

@@ -66,6 +66,7 @@ class Built:
     expression: str = ""
     query_boxes: list[Box] = field(default_factory=list)  # what the query's ``<box>`` slots show
     question_type: str = ""  # an understanding question's type (one of QA_TYPES)
+    expression_type: str = ""  # a referring expression's type (one of REFEXP_TYPES)
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -144,12 +145,13 @@ def _build_refexp(rng: random.Random, scene: Scene, cfg: SynthConfig, region: bo
     targets = resolve(q, scene)
     ref = ref_text(q, scene, anchor_desc)
     if region:
-        return Built("region", ref, [], targets, difficulty=difficulty)
+        return Built("region", ref, [], targets, difficulty=difficulty, expression_type=t)
     query = rng.choice(REFEXP_QUERIES).format(ref=ref)
     return Built(
         "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0], cfg.chain_style == "terse"), targets,
         difficulty=difficulty,
         expression=ref,
+        expression_type=t,
     )
 
 

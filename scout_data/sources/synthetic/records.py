@@ -62,6 +62,7 @@ def generate(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Sampl
                 "attempt": attempt,
                 "targets": b.targets,
                 **({"question_type": b.question_type} if b.question_type else {}),
+                **({"expression_type": b.expression_type} if b.expression_type else {}),
                 "objects": [
                     {"shape": o.shape, "colour": o.colour, "size": o.size, "box_xyxy_px": list(o.box)}
                     for o in scene.objects
