@@ -230,3 +230,31 @@ def test_iter_samples_reads_its_own_flags(tmp_path):
     )
     items = [x for x in refcoco.iter_samples(args) if isinstance(x, Sample)]
     assert sorted(x.id for x in items) == ["refcoco_3_6", "refcoco_4_8"]
+
+
+def test_one_shot_rec_records_beside_the_chains(tmp_path):
+    samples, _ = _run(_refs_file(tmp_path), kinds=("refexp", "region"))
+    chains = {k: v for k, v in samples.items() if v.kind == "refexp"}
+    one_shot = {k: v for k, v in samples.items() if v.kind == "region"}
+    assert sorted(one_shot) == sorted(f"{k}_rec" for k in chains)
+    for sid, chain in chains.items():
+        rec = one_shot[f"{sid}_rec"]
+        assert rec.steps == [] and rec.answer_boxes_xyxy_px == chain.answer_boxes_xyxy_px
+        assert rec.query == rec.expression == chain.expression and rec.split == chain.split
+        record = render_record(rec)
+        assert record_problems(record) == []
+        human, gpt = (t["value"] for t in record["conversations"])
+        assert human == f"<image>\nPlease provide the bounding box coordinate of the region this sentence " \
+                        f"describes: {rec.expression}."
+        assert gpt.startswith("[") and gpt.count("[") == 1  # one box, no steps
+    only, _ = _run(_refs_file(tmp_path), kinds=("region",))
+    assert set(only) == set(one_shot)
+
+
+@pytest.mark.parametrize("kinds", ["chain", "refexp,refexp", ""])
+def test_unknown_kinds_are_refused_by_the_parser(tmp_path, kinds, capsys):
+    parser = argparse.ArgumentParser()
+    refcoco.add_arguments(parser)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--refs", "r.p", "--instances", "i.json", "--kinds", kinds])
+    assert exc.value.code == 2 and "expected a comma list of refexp, region" in capsys.readouterr().err

@@ -8,7 +8,8 @@ RefCOCO+, ``refcocog``), keeping the official split name (train, val, testA, tes
 
 The chain says what is asked, lists the candidates (the boxed, non-crowd instances of the referent's
 category in the image, at most ``--max-candidates``, the referent always among them), then names the
-referent; the answer is the referent's box.
+referent; the answer is the referent's box. ``--kinds refexp,region`` also writes each sentence as LLaVA-1.5's
+one-shot REC record (``region``, id ``..._rec``: the expression in its REC prompt, the box as the whole answer).
 
 The ``.p`` files are pickles, so they are read with ``SafeUnpickler``: only plain containers and
 scalars load; any global (class, function) is refused with an error naming the file and the global.
@@ -109,6 +110,9 @@ def image_file_from_ref(file_name: str) -> str:
     return _FILE_SUFFIX_RE.sub(r"\1", file_name)
 
 
+KINDS = ("refexp", "region")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refs", required=True, help="refs(unc).p / refs(umd).p / refs(google).p")
     parser.add_argument("--instances", required=True, help="COCO instances.json shipped with the refs")
@@ -132,6 +136,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="at most this many candidate boxes listed per chain (default 10)",
     )
+    parser.add_argument(
+        "--kinds",
+        type=parse_kinds,
+        default=("refexp",),
+        help="the records each expression gives, comma-separated: refexp (a SCOUT step-by-step chain, the default), "
+        "region (LLaVA-1.5's one-shot REC record: the expression, then its box), or both, as the paper's grounding "
+        "expert learns RefCOCO",
+    )
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``refexp,region`` -> ``("refexp", "region")``; an unknown or repeated kind is refused."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(KINDS)}, each once")
+    return kinds
 
 
 def iter_samples(args: argparse.Namespace) -> Iterator[Sample | Skip]:
@@ -144,6 +165,7 @@ def iter_samples(args: argparse.Namespace) -> Iterator[Sample | Skip]:
         dataset=args.dataset,
         seed=getattr(args, "seed", 0) or 0,
         max_candidates=args.max_candidates,
+        kinds=args.kinds,
     )
 
 
@@ -155,8 +177,10 @@ def convert_refcoco(
     dataset: str | None = None,
     seed: int = 0,
     max_candidates: int = 10,
+    kinds: Sequence[str] = ("refexp",),
 ) -> Iterator[Sample | Skip]:
-    """One ``refexp`` sample per (ref, sentence), and skips with reasons, in refs order.
+    """One sample of each of ``kinds`` per (ref, sentence) (``refexp``: a step-by-step chain; ``region``: the
+    one-shot REC record, id suffixed ``_rec``), and skips with reasons, in refs order.
 
     Both files are read (and a missing, malformed or unsafe one raises) before the iterator is returned.
     """
@@ -164,11 +188,12 @@ def convert_refcoco(
     refs = load_refs_pickle(refs_path)
     coco, _ = load_coco(instances)  # a ref to a dropped annotation is skipped as "not in the instances file"
     keep = set(splits) if splits else None
-    return _iter_refs(refs, coco, Path(refs_path).name, name, keep, images_dir, seed, max_candidates)
+    return _iter_refs(refs, coco, Path(refs_path).name, name, keep, images_dir, seed, max_candidates, tuple(kinds))
 
 
 def _iter_refs(
-    refs: list, coco, fname: str, name: str, keep: set[str] | None, images_dir, seed: int, max_candidates: int
+    refs: list, coco, fname: str, name: str, keep: set[str] | None, images_dir, seed: int, max_candidates: int,
+    kinds: tuple[str, ...],
 ) -> Iterator[Sample | Skip]:
     by_image_cat: dict[tuple[Any, Any], list[dict]] = defaultdict(list)
     for ann in coco.dataset["annotations"]:
@@ -188,7 +213,7 @@ def _iter_refs(
         if keep is not None and ref["split"] not in keep:
             continue
         yield from _ref_samples(
-            ref, rref, coco, by_image_cat, cand_cache, name, images_dir, seed, max_candidates
+            ref, rref, coco, by_image_cat, cand_cache, name, images_dir, seed, max_candidates, kinds
         )
 
 
@@ -202,6 +227,7 @@ def _ref_samples(
     images_dir,
     seed: int,
     max_candidates: int,
+    kinds: tuple[str, ...],
 ) -> Iterator[Sample | Skip]:
     sentences = ref["sentences"]
     if not isinstance(sentences, list) or not sentences:
@@ -295,18 +321,10 @@ def _ref_samples(
             cand_step,
             Step(f"The one that matches {q} is {BOX_SLOT}.", [target]),
         ]
-        yield Sample(
-            id=sid,
-            image=file_name,
-            width=width,
-            height=height,
-            query=query,
-            kind="refexp",
-            expression=text.strip(),
-            steps=steps,
-            answer_boxes_xyxy_px=[target],
-            difficulty="simple" if total == 1 else "hard",
-            split=str(ref["split"]),
-            source=name,
-            source_ids=dict(base_ids, sent_id=sent_id),
-        )
+        common = dict(image=file_name, width=width, height=height, expression=text.strip(),
+                      answer_boxes_xyxy_px=[target], difficulty="simple" if total == 1 else "hard",
+                      split=str(ref["split"]), source=name, source_ids=dict(base_ids, sent_id=sent_id))
+        if "refexp" in kinds:
+            yield Sample(id=sid, query=query, kind="refexp", steps=steps, **common)
+        if "region" in kinds:
+            yield Sample(id=f"{sid}_rec", query=text.strip(), kind="region", **common)
