@@ -21,6 +21,7 @@ LLAVA_STACK = [
     "shortuuid>=1.0",
 ]
 DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66", "matplotlib>=3.7"]
+EVAL = ["scipy>=1.11"]  # exact McNemar and bootstrap intervals of paired comparisons (llava_twist.eval.paired)
 
 setup(
     name="llava-twist",
@@ -29,7 +30,7 @@ setup(
     long_description=__doc__,
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["llava_twist", "llava_twist.*", "scout_data", "scout_data.*", "playground"]),
-    install_requires=LLAVA_STACK + DATA,
+    install_requires=LLAVA_STACK + DATA + EVAL,
     extras_require={
         "train": ["deepspeed==0.19.8", "peft==0.10.0"],
         "demo": ["gradio==6.17.3"],
