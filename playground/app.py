@@ -55,6 +55,7 @@ from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
 MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
 UPDATE_EVERY_S = 0.25
+MIN_DRAWN_WIDTH = 320  # a smaller image is drawn on an enlarged copy: its boxes' labels would cover its objects
 ROUTE_CHOICES: dict[str, str] = {
     "Auto (router decides)": AUTO,
     "Original LLaVA (frozen)": FROZEN,
@@ -141,7 +142,7 @@ class Backend:
             text += item
             partial = result_from_text(text, image.size, frame, prompt=query)
             if len(partial.boxes) != drawn_boxes:
-                drawn, drawn_boxes = draw_boxes(image, partial), len(partial.boxes)
+                drawn, drawn_boxes = draw_boxes(image, partial, min_width=MIN_DRAWN_WIDTH), len(partial.boxes)
             key = (len(partial.chain.steps), len(partial.boxes), partial.chain.has_answer_line)
             now = time.monotonic()
             if key != last_key or now - last_time >= UPDATE_EVERY_S:
@@ -149,7 +150,7 @@ class Backend:
                 yield PanelUpdate(partial, drawn, False, label)
         if final is None:
             final = result_from_text(text.strip(), image.size, frame, prompt=query)
-        yield PanelUpdate(final, draw_boxes(image, final), True, label)
+        yield PanelUpdate(final, draw_boxes(image, final, min_width=MIN_DRAWN_WIDTH), True, label)
 
     def run(
         self,

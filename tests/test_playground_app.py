@@ -61,16 +61,29 @@ def test_boxes_land_on_original_pixels_of_a_non_square_image() -> None:
     assert [s["boxes_xyxy_px"] for s in data["steps"]] == [[], [list(STEP2_PX)]]
     assert data["answer_boxes_xyxy_px"] == [list(ANSWER_PX)]
     im = final.image
-    assert im.size == (200, 100)
+    assert im.size == (400, 200)  # under 320 px wide: drawn on a copy enlarged twice, boxes at twice their pixels
     step2 = STEP_COLOURS[1]
-    assert im.getpixel((50, 25)) == step2 and im.getpixel((99, 25)) == step2  # left and right edges
-    assert im.getpixel((75, 38)) == step2  # bottom edge
-    assert im.getpixel((75, 25)) == BACKGROUND  # inside stays the image
-    assert im.getpixel((50, 75)) == BACKGROUND  # where the unconverted padded-frame box would be
-    assert im.getpixel((120, 60)) == ANSWER_COLOUR and im.getpixel((179, 60)) == ANSWER_COLOUR
+    assert im.getpixel((100, 50)) == step2 and im.getpixel((199, 50)) == step2  # left and right edges
+    assert im.getpixel((150, 79)) == step2  # bottom edge
+    assert im.getpixel((150, 50)) == BACKGROUND  # inside stays the image
+    assert im.getpixel((100, 150)) == BACKGROUND  # where the unconverted padded-frame box would be
+    assert im.getpixel((240, 120)) == ANSWER_COLOUR and im.getpixel((359, 120)) == ANSWER_COLOUR
     html = final.html()
     assert 'data-step="2" data-boxes="1"' in html and "[50, 10, 100, 40] px" in html
     assert "rgb({}, {}, {})".format(*step2) in html and '<div class="twist-answer" data-boxes="1"' in html
+
+
+def test_a_small_image_is_drawn_at_least_320_px_wide_with_boxes_in_its_own_pixels() -> None:
+    small = Image.new("RGB", (64, 64), BACKGROUND)
+    small.putpixel((10, 10), (255, 0, 0))
+    text = "Step 1: the cross [0.25, 0.25, 0.50, 0.50].\nAnswer: [0.50, 0.50, 0.75, 0.75]"
+    updates = list(Backend(None, generate_fn=fake_generator(text)).stream("q", small, GenerationSettings()))
+    assert all(u.image.size == (320, 320) for u in updates)  # every update, the first (no box yet) too
+    final = updates[-1]
+    assert final.data()["answer_boxes_xyxy_px"] == [[32.0, 32.0, 48.0, 48.0]]  # the image's own pixels
+    im = final.image
+    assert im.getpixel((52, 52)) == (255, 0, 0) and im.getpixel((54, 54)) == (255, 0, 0)  # pixels kept sharp
+    assert im.getpixel((160, 200)) == ANSWER_COLOUR and im.getpixel((80, 100)) == STEP_COLOURS[0]
 
 
 def test_steps_and_boxes_stream_in_order() -> None:
@@ -83,10 +96,10 @@ def test_steps_and_boxes_stream_in_order() -> None:
     first_box = boxes.index(1)
     mid = updates[first_box]
     assert not mid.done and not mid.result.chain.has_answer_line
-    assert mid.image.getpixel((50, 25)) == STEP_COLOURS[1]  # drawn while the answer is still being written
-    assert mid.image.getpixel((120, 60)) == BACKGROUND
+    assert mid.image.getpixel((100, 50)) == STEP_COLOURS[1]  # drawn while the answer is still being written
+    assert mid.image.getpixel((240, 120)) == BACKGROUND
     assert "twist-pending" in mid.html() and "so far" in mid.info()
-    assert updates[0].image.getpixel((50, 25)) == BACKGROUND
+    assert updates[0].image.getpixel((100, 50)) == BACKGROUND
 
 
 def test_run_yields_both_panels_and_reports_missing_boxes() -> None:
@@ -118,7 +131,7 @@ def test_answer_without_box_but_steps_with_boxes() -> None:
     text = "Step 1: A circle [0.10, 0.30, 0.20, 0.50].\nAnswer: it is red."
     final = list(Backend(None, generate_fn=fake_generator(text)).stream("q", grey(), GenerationSettings()))[-1]
     assert panels.NO_ANSWER_BOX in final.info() and panels.NO_BOX not in final.info()
-    assert final.image.getpixel((20, 30)) == STEP_COLOURS[0]
+    assert final.image.getpixel((40, 60)) == STEP_COLOURS[0]
 
 
 @pytest.mark.parametrize(

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageDraw, ImageFont
 
 from llava_twist.serve.result import InferenceResult
 from scout_data.palette import ANSWER_COLOUR, step_colour
 
 
-def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3) -> Image.Image:
-    """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled."""
-    out = image.convert("RGB").copy()
+def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3, min_width: int = 0) -> Image.Image:
+    """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled. An image
+    narrower than ``min_width`` is drawn on a copy enlarged by a whole factor (pixels kept sharp), so that small
+    images show their boxes and labels readably; the boxes stay in the image's own pixels in ``result``."""
+    scale = max(1, math.ceil(min_width / max(1, image.width)))
+    out = image.convert("RGB")
+    out = out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out.copy()
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     for box in result.boxes:
         colour = ANSWER_COLOUR if box.step is None else step_colour(box.step)
-        x1, y1, x2, y2 = box.box_xyxy_px
+        x1, y1, x2, y2 = (v * scale for v in box.box_xyxy_px)
         thick = width + 1 if box.step is None else width
         draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=thick)
         label = box.label
