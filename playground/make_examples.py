@@ -52,18 +52,21 @@ def write_examples(out_dir: str | Path = EXAMPLES_DIR, seed: int = 0) -> list[di
     return entries
 
 
-def write_record_examples(records: Sequence[dict[str, Any]], image_folder: str | Path, out_dir: str | Path
-                          ) -> list[dict[str, Any]]:
+def write_record_examples(records: Sequence[dict[str, Any]], image_folder: str | Path, out_dir: str | Path,
+                          queries: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Examples from SCOUT records (LLaVA conversation JSON with ``answer_boxes_xyxy_px``), their images copied
-    into ``out_dir`` beside ``examples.json``."""
+    into ``out_dir`` beside ``examples.json``; each asked with its record's prompt, or with ``queries``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if queries is not None and len(queries) != len(records):
+        raise ValueError(f"{len(queries)} queries for {len(records)} records")
     entries = []
-    for r in records:
+    for i, r in enumerate(records):
         name = Path(r["image"]).name
         shutil.copyfile(Path(image_folder) / r["image"], out / name)
         human, gpt = (t["value"] for t in r["conversations"][:2])
-        entries.append({"image": name, "query": human.replace("<image>", "").strip(), "kind": r.get("kind"),
+        query = queries[i] if queries is not None else human.replace("<image>", "").strip()
+        entries.append({"image": name, "query": query, "kind": r.get("kind"),
                         "reference": gpt, "answer_boxes_xyxy_px": r["answer_boxes_xyxy_px"]})
     (out / EXAMPLES_FILE).write_text(json.dumps(entries, indent=2) + "\n")
     return entries

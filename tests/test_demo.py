@@ -5,6 +5,7 @@ base's (the property that holds at any budget). Plus the stage cache and failure
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,10 +25,10 @@ from llava_twist.eval.answer_loss import MASS_KINDS
 
 RECIPE = get_recipe("ci")
 STAGES = [s.name for s in build_stages(RECIPE)]
-TWIST = [v.stage for v in RECIPE.twist_variants]
+TWIST = ["twist", *(f"twist-{v.name}" for v in RECIPE.twist_variants[1:])]
 MODELS = ["base", "full-ft", "lora", *TWIST]
-ROW_LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA",
-              **{t: f"TWIST ({t.removeprefix('twist-')})" for t in TWIST}}
+ROW_LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA", "twist": "TWIST",
+              **{t: f"TWIST ({t.removeprefix('twist-')})" for t in TWIST[1:]}}
 
 
 def run_demo_cli(out: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -53,8 +54,8 @@ def stage_lines(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"^\[([\w-]+)\] (.+)$", stdout, flags=re.M))
 
 
-def answers(out: Path, model: str) -> dict[str, dict[str, Any]]:
-    path = out / "work" / "eval" / "models" / model / "answers.jsonl"
+def answers(out: Path, model: str, prompt: str) -> dict[str, dict[str, Any]]:
+    path = out / "work" / "eval" / "models" / model / prompt / "answers.jsonl"
     return {a["question_id"]: a for a in map(json.loads, path.read_text().splitlines())}
 
 
@@ -99,18 +100,25 @@ def test_second_run_is_all_cached_and_fast(demo: dict[str, Any]) -> None:
     print(f"\nci demo: first run {demo['first_s']:.1f} s, cached rerun {demo['second_s']:.1f} s")
 
 
-def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) -> None:
+def test_report_has_the_tables_the_checks_and_the_settings(demo: dict[str, Any]) -> None:
     report = (demo["out"] / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model | Acc@0.5 | simple | hard | mean IoU |")
+    grounding = report.split("## Grounding (test split)", 1)[1].split("##", 1)[0]
+    table = [line for line in grounding.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| model | prompt (chosen on dev) | Acc@0.5 | REC prompt | step-by-step prompt | attribute | "
+                        "relation | superlative | vs base: points (95% CI), McNemar p |")
+    understanding = report.split("## Understanding (what the models keep)", 1)[1].split("##", 1)[0]
+    head = "| model | accuracy | identical to base | vs base: points (95% CI), McNemar p | router right |"
+    assert head in understanding
     for model in MODELS:
-        assert any(line.startswith(f"| {ROW_LABELS[model]} |") for line in table), model
+        assert sum(line.startswith(f"| {ROW_LABELS[model]} |") for line in table) == 1, model
+        assert f"\n| {ROW_LABELS[model]} |" in understanding, model
     checks = report.split("## What it must show", 1)[1].split("##", 1)[0]
     for twist in TWIST:
         marks = re.findall(rf"^- \*\*(PASS|FAIL|n/a)\*\* {re.escape(ROW_LABELS[twist])}: (.+)$", checks, flags=re.M)
-        assert len(marks) == 4, checks
-    assert "identical to the base" in checks and "router" in checks and "Forgetting" in checks
-    for section in ("## Held-out scenes", "## Settings", "## Time per stage"):
+        assert len(marks) == 5, checks
+    assert "identical to the base" in checks and "router" in checks and "McNemar p" in checks
+    assert "Forgetting (understanding against the base, paired): full FT " in understanding
+    for section in ("## Test scenes", "## Files", "## Settings", "## Time per stage"):
         assert section in report
     assert "![grid](grid.png)" in report
     tower = json.loads((demo["out"] / "work" / "models" / "tiny" / "clip-vision-tower" / "dense_pretraining.json")
@@ -120,6 +128,7 @@ def test_report_has_the_table_the_checks_and_the_settings(demo: dict[str, Any]) 
     assert "| base warm-up: look | 4 steps x batch 8, lr 0.002, projector lr 0.01" in report
     assert "from the warmed-up model |" in report
     assert "| base warm-up: boxes | 4 steps x batch 8" in report and "(region:1; refexp attribute:1)" in report
+    assert "| held-out test | 16 records (refexp:1; refexp attribute:1,relation:4,superlative:1)" in report
 
 
 def test_grid_is_a_png(demo: dict[str, Any]) -> None:
@@ -131,51 +140,101 @@ def test_grid_is_a_png(demo: dict[str, Any]) -> None:
         assert im.size[0] > 400 and im.size[1] > 200
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_question_files_hold_fresh_scenes_of_every_expression_type(demo: dict[str, Any]) -> None:
+    qdir, data = demo["out"] / "work" / "eval" / "questions", demo["out"] / "work" / "data"
+    sets = {name: read_jsonl(qdir / f"{name}.jsonl") for name in ("refexp-dev", "refexp-test", "understanding")}
+    held = RECIPE.heldout
+    assert [len(sets["refexp-dev"]), len(sets["refexp-test"]), len(sets["understanding"])] == [
+        held.dev.num, held.test.num, held.understanding.num]
+    for q in sets["refexp-dev"] + sets["refexp-test"]:
+        assert {"question_id", "text", "expression", "bbox_xyxy_px", "width", "height", "box_frame",
+                "expression_type"} <= set(q)
+        assert (data / q["image"]).is_file()
+    for q in sets["understanding"]:
+        assert {"question_id", "text", "answer", "question_type"} <= set(q)
+    assert {q["expression_type"] for q in sets["refexp-test"]} == {"attribute", "relation", "superlative"}
+    # no held-out scene is a training scene: every image differs from every image the grounding runs read
+    trained = {(data / "grounding" / "images" / r["image"]).read_bytes()
+               for r in json.loads((data / "grounding" / "train.json").read_text())}
+    assert not any((data / q["image"]).read_bytes() in trained for q in sets["refexp-test"])
+    assert read_jsonl(qdir / "refexp.jsonl") == sets["refexp-dev"] + sets["refexp-test"]
+
+
+def test_every_model_answered_every_question_under_each_prompt(demo: dict[str, Any]) -> None:
+    qdir = demo["out"] / "work" / "eval" / "questions"
+    refexp = [q["question_id"] for q in read_jsonl(qdir / "refexp.jsonl")]
+    understanding = [q["question_id"] for q in read_jsonl(qdir / "understanding.jsonl")]
+    for model in MODELS:
+        for prompt, ids in (("rec", refexp), ("scout", refexp), ("understanding", understanding)):
+            got = answers(demo["out"], model, prompt)
+            assert sorted(got) == sorted(ids), (model, prompt)
+        rec = answers(demo["out"], model, "rec")
+        assert all(a["prompt"].startswith("Please provide the bounding box coordinate") for a in rec.values())
+        assert all(a["prompt"].endswith("Answer step by step.") for a in answers(demo["out"], model, "scout").values())
+
+
 def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     results = demo["results"]
+    counts = results["questions"]
     assert results["profile"] == "ci" and set(results["models"]) == set(MODELS)
     assert results["best_twist"] in TWIST
-    assert results["questions"]["refexp"] > 0 and results["questions"]["vqa"] > 0
+    assert sum(counts["test_by_type"].values()) == counts["test"] == RECIPE.heldout.test.num
     for name, m in results["models"].items():
-        for level in ("simple", "hard"):
-            assert m["refexp"][level]["n"] >= 0
-        assert 0.0 <= m["refexp"]["acc@0.5"] <= 1.0 and 0.0 <= m["refexp"]["mean_iou"] <= 1.0
-        assert 0.0 <= m["understanding"]["accuracy"] <= 1.0
-        by_type = m["understanding"]["by_type"]
-        assert "other" not in by_type and sum(t["n"] for t in by_type.values()) == m["understanding"]["n"]
+        for prompt in ("rec", "scout"):
+            for split in ("dev", "test"):
+                scores = m["refexp"][prompt][split]
+                assert scores["n"] == counts[split] and 0.0 <= scores["acc@0.5"] <= 1.0
+                assert sum(t["n"] for t in scores["by_type"].values()) == scores["n"]
+        dev = {p: m["refexp"][p]["dev"]["acc@0.5"] for p in ("rec", "scout")}
+        assert m["prompt"] == ("scout" if dev["scout"] > dev["rec"] else "rec")
+        assert m["headline"] == m["refexp"][m["prompt"]]["test"]
+        u = m["understanding"]
+        by_type = u["by_type"]
+        assert "other" not in by_type and sum(t["n"] for t in by_type.values()) == u["n"] == counts["understanding"]
         right = sum(t["accuracy"] * t["n"] for t in by_type.values())
-        assert right == pytest.approx(m["understanding"]["accuracy"] * m["understanding"]["n"])
+        assert right == pytest.approx(u["accuracy"] * u["n"])
         assert m["trainable_params"] > 0
-        assert (name == "base") == ("retention" not in m)
-        assert (name in TWIST) == ("router" in m)
+        assert (name == "base") == ("retention" not in m) == ("vs_base" not in m)
+        assert (name in TWIST) == ("router" in m) == ("vs_full_ft" in m)
+        if name != "base":
+            base = results["models"]["base"]
+            assert m["vs_base"]["n"] == counts["test"]
+            assert m["vs_base"]["difference"] == pytest.approx(m["headline"]["acc@0.5"] - base["headline"]["acc@0.5"])
+            assert m["retention"]["vs_base"]["n"] == counts["understanding"]
+            assert m["retention"]["vs_base"]["difference"] == pytest.approx(u["accuracy"] - base["understanding"][
+                "accuracy"])
     for twist in TWIST:
         router = results["models"][twist]["router"]
-        assert router["n"] == sum(results["questions"].values()) and 0.0 <= router["accuracy"] <= 1.0
-    assert len(results["checks"]) == 4 * len(TWIST)
-    reliance = results["image_reliance"]
-    assert reliance["records"] >= 2 and reliance["loss_own_images"] > 0 and reliance["loss_shuffled_images"] > 0
-    assert "Does the base use the image?" in (demo["out"] / "report.md").read_text()
-    base_types = results["models"]["base"]["understanding"]["by_type"]
-    assert "Understanding by question type (held-out):" in (demo["out"] / "report.md").read_text()
-    assert f"| {' | '.join(sorted(base_types))} |" in (demo["out"] / "report.md").read_text()
-    region, one_shot = results["base_one_shot"]["region"], results["base_one_shot"]["refexp"]
-    assert region["n"] > 0 and 0.0 <= region["acc@0.5"] <= 1.0 and 0.0 <= region["parse_failure_rate"] <= 1.0
-    report = (demo["out"] / "report.md").read_text()
-    assert f"Does the base ground? On {region['n']} held-out one-shot box prompts" in report
-    # the base is asked the grounding runs' own held-out expressions one-shot too, and the table shows both
-    assert one_shot["n"] == results["models"]["base"]["refexp"]["n"] and "predictions" not in one_shot
-    assert results["models"]["base"]["one_shot"]["acc@0.5"] == one_shot["acc@0.5"]
-    assert "| base (LLaVA-1.5), one-shot prompt |" in report and "| base (LLaVA-1.5), step-by-step prompt |" in report
+        assert router["n"] == 2 * (counts["dev"] + counts["test"]) + counts["understanding"]
+    assert len(results["checks"]) == 5 * len(TWIST)
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 
-def test_misses_account_for_every_held_out_expression_as_the_scorer_does(demo: dict[str, Any]) -> None:
-    results = demo["results"]
-    base = results["models"]["base"]
-    for misses, refexp in [(m["misses"], m["refexp"]) for m in results["models"].values()] + [
-            (base["one_shot"]["misses"], base["one_shot"])]:
-        assert misses["n"] == refexp["n"] == sum(misses["answer"].values())
-        assert misses["answer"]["right"] == round(refexp["acc@0.5"] * refexp["n"])  # the scorer's own count
+def test_paired_figures_agree_with_the_answers_counted_by_hand(demo: dict[str, Any]) -> None:
+    """McNemar's exact p from the discordant pairs, counted from each model's scored right/wrong lists."""
+    metrics = json.loads((demo["out"] / "work" / "eval" / "metrics.json").read_text())["models"]
+    base = metrics["base"]["headline"]["correct"]
+    for name in MODELS[1:]:
+        mine = metrics[name]["headline"]["correct"]
+        only_mine = sum(mine[q] and not base[q] for q in base)
+        only_base = sum(base[q] and not mine[q] for q in base)
+        n, k = only_mine + only_base, min(only_mine, only_base)
+        p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+        found = metrics[name]["vs_base"]
+        assert (found["only_a"], found["only_b"]) == (only_mine, only_base)
+        assert found["mcnemar_p"] == pytest.approx(p)
+        assert found["ci"][0] <= found["difference"] <= found["ci"][1]
+
+
+def test_misses_account_for_every_test_expression_as_the_scorer_does(demo: dict[str, Any]) -> None:
+    for m in demo["results"]["models"].values():
+        misses, scores = m["misses"], m["headline"]
+        assert misses["n"] == scores["n"] == sum(misses["answer"].values())
+        assert misses["answer"]["right"] == round(scores["acc@0.5"] * scores["n"])  # the scorer's own count
         steps = misses["steps"]
         assert steps["boxes"] >= steps["on_an_object"] >= steps["on_the_named_object"] >= 0
     assert "## How the chains miss" in (demo["out"] / "report.md").read_text()
@@ -209,31 +268,30 @@ def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(dem
 def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[str, Any]) -> None:
     """On the frozen route TWIST runs the base's computation: same text, at any training budget."""
     out = demo["out"]
-    base = answers(out, "base")
-    vqa = [json.loads(line)["question_id"] for line in
-           (out / "work" / "eval" / "questions" / "vqa.jsonl").read_text().splitlines()]
+    base = answers(out, "base", "understanding")
+    questions = [q["question_id"] for q in read_jsonl(out / "work" / "eval" / "questions" / "understanding.jsonl")]
     for twist in TWIST:
-        got = answers(out, twist)
-        frozen = [q for q in vqa if got[q]["metadata"]["route"] == "frozen"]
+        got = answers(out, twist, "understanding")
+        frozen = [q for q in questions if got[q]["metadata"]["route"] == "frozen"]
         assert frozen, f"{twist}: the router sent every understanding question down the grounding route"
         assert [got[q]["text"] for q in frozen] == [base[q]["text"] for q in frozen]
-        retention = demo["results"]["models"][twist]["retention"]
-        assert retention["identical_rate_frozen_route"] == 1.0
-        if len(frozen) == len(vqa):
-            assert retention["identical_rate"] == 1.0
+        identical = sum(got[q]["text"].strip() == base[q]["text"].strip() for q in questions) / len(questions)
+        assert demo["results"]["models"][twist]["retention"]["identical_rate"] == pytest.approx(identical)
 
 
 def test_router_output_is_recorded(demo: dict[str, Any]) -> None:
     for twist in TWIST:
-        for a in answers(demo["out"], twist).values():
-            meta = a["metadata"]
-            assert meta["route"] in ("frozen", "grounding") and meta["route_forced"] is False
-            assert 0.0 <= meta["router_prob"] <= 1.0
+        for prompt in ("rec", "scout", "understanding"):
+            for a in answers(demo["out"], twist, prompt).values():
+                meta = a["metadata"]
+                assert meta["route"] in ("frozen", "grounding") and meta["route_forced"] is False
+                assert 0.0 <= meta["router_prob"] <= 1.0
     for model in ("base", "full-ft", "lora"):
-        assert all(a["metadata"]["route"] is None for a in answers(demo["out"], model).values())
+        assert all(a["metadata"]["route"] is None for a in answers(demo["out"], model, "rec").values())
 
 
 def test_playground_json_points_at_a_loadable_twist_delta(demo: dict[str, Any]) -> None:
+    from llava_twist.eval.prompts import question_prompt
     from llava_twist.model.builder import DELTA_WEIGHTS, load_pretrained_model
     from playground.models import find_demo_model
 
@@ -241,15 +299,20 @@ def test_playground_json_points_at_a_loadable_twist_delta(demo: dict[str, Any]) 
     assert source is not None and not Path(json.loads((demo["out"] / "playground.json").read_text())[
         "model_path"]).is_absolute()
     assert Path(source.model_path, DELTA_WEIGHTS).is_file() and Path(source.model_base, "config.json").is_file()
-    assert Path(source.model_path).name == demo["results"]["best_twist"]
-    # the playground's examples: the first held-out referring expressions of the model's own world, in order
+    best = demo["results"]["best_twist"]
+    stage = dict(zip(TWIST, (v.stage for v in RECIPE.twist_variants), strict=True))[best]
+    assert Path(source.model_path).name == stage
+    # the playground's examples: the first test expressions, in order, asked with the model's chosen prompt
     examples = json.loads((Path(source.examples) / "examples.json").read_text())
-    held_out = [r for r in json.loads((demo["out"] / "work" / "data" / "grounding" / "test.json").read_text())
-                if r["kind"] == "refexp"]
-    assert [e["image"] for e in examples] == [Path(r["image"]).name for r in held_out[:len(examples)]]
+    test = read_jsonl(demo["out"] / "work" / "eval" / "questions" / "refexp-test.jsonl")[:len(examples)]
+    assert [e["image"] for e in examples] == [Path(q["image"]).name for q in test]
+    style = {"rec": "llava", "scout": "scout"}[demo["results"]["models"][best]["prompt"]]
+    assert [e["query"] for e in examples] == [question_prompt(q, style) for q in test]
     assert all((Path(source.examples) / e["image"]).is_file() for e in examples) and examples
-    assert f"its examples are the first {len(examples)} held-out referring expressions" in (
-        demo["out"] / "report.md").read_text()
+    metrics = json.loads((demo["out"] / "work" / "eval" / "metrics.json").read_text())["models"][best]
+    right = sum(metrics["headline"]["correct"][q["question_id"]] for q in test)
+    assert demo["results"]["playground"]["correct"] == right
+    assert f"its examples are the first {len(examples)} test expressions" in (demo["out"] / "report.md").read_text()
     _, model, _, _ = load_pretrained_model(source.model_path, source.model_base, device="cpu")
     assert model.config.model_type == "llava_twist"
 
@@ -320,6 +383,41 @@ def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
     assert replace(full, base_data=replace(full.base_data, num=1)).base_hash() != full.base_hash()
 
 
+def test_a_training_seed_redoes_the_grounding_runs_on_the_same_data_and_questions(tmp_path: Path) -> None:
+    from llava_twist.demo.cli import DEFAULT_OUT, default_out
+    from llava_twist.demo.stages import twist_launch
+
+    full = get_recipe("full")
+    seeded = replace(full, train_seed=1)
+    assert seeded.base_hash() == full.base_hash()  # the released base still fits
+    for stage in ("data", "base", "eval"):
+        assert seeded.stage_config(stage) == full.stage_config(stage), stage
+    for stage in ("full-ft", "lora", *(v.stage for v in full.twist_variants)):
+        assert seeded.stage_config(stage) != full.stage_config(stage), stage
+    _, _, extra = twist_launch(seeded, Layout(tmp_path), seeded.twist_variants[0], tmp_path / "o", sys.executable)
+    assert extra[len(extra) - 1 - extra[::-1].index("--seed") + 1] == "1"  # the last --seed wins
+    assert default_out(0) == DEFAULT_OUT and default_out(1) == DEFAULT_OUT.with_name("demo-seed1")
+
+
+def test_grounding_records_are_one_shot_expressions_and_chains_of_every_type(demo: dict[str, Any]) -> None:
+    data = demo["out"] / "work" / "data"
+    records = json.loads((data / "grounding" / "train.json").read_text())
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"region", "refexp", "find_all"}
+    one_shot = [r for r in records if r["kind"] == "region"]
+    assert all(r["conversations"][0]["value"].startswith("<image>\nPlease provide the bounding box coordinate")
+               for r in one_shot)
+    assert {r["source_ids"]["expression_type"] for r in one_shot} == {"attribute", "relation", "superlative"}
+    # the rec variant trains on the one-shot records alone, with the same replay share
+    mixed, rec = (json.loads((data / name).read_text()) for name in ("mixed.json", "mixed-rec.json"))
+    assert {r["kind"] for r in rec} == {"region", "qa"}
+    assert sum(r["kind"] == "region" for r in rec) == len(one_shot)
+    share = [sum(r["task"] == "understanding" for r in m) / len(m) for m in (mixed, rec)]
+    assert share[0] == pytest.approx(share[1], abs=0.05)
+    log = (demo["out"] / "logs" / "twist-rec.log").read_text()
+    assert "mixed-rec.json" in log
+
+
 def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> None:
     def body(ctx: Context) -> None:
         ctx.run([sys.executable, "-c", "print('\\n'.join(f'line {i}' for i in range(50))); raise SystemExit(3)"])
@@ -385,8 +483,10 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
         assert args.per_device_train_batch_size * recipe.twist_nproc == recipe.twist.batch
         assert args.twist_router_lr == 5e-2 and args.gradient_checkpointing is False  # the recipe's, not the script's
         assert args.model_name_or_path == str(layout.model("base")) and args.report_to == ["none"]
+        assert args.group_by_modality_length is True and args.seed == recipe.train_seed
         ctx = Context(recipe, layout, "full-ft", work, {})
-        llava = llava_train_args(ctx, layout.model("base"), work / "d.json", work, work / "o", recipe.full_ft)
+        llava = llava_train_args(ctx, layout.model("base"), work / "d.json", work, work / "o", recipe.full_ft,
+                                 seed=recipe.train_seed)
         if bf16:  # LLaVA's trainer under DeepSpeed (fp32 master weights), the script path its launcher runs
             assert Path(llava[0]).name == "deepspeed" and Path(llava[3]) == TRAIN_LLAVA and TRAIN_LLAVA.is_file()
             trainer_argv = llava[4:]
@@ -395,5 +495,6 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
             trainer_argv = llava[3:]
         args, unknown = llava_parser.parse_known_args(trainer_argv)
         assert unknown == [] and args.bf16 is bf16 and args.max_steps == recipe.full_ft.steps
+        assert args.group_by_modality_length is True
         assert args.deepspeed == (str(LLAVA_DS_CONFIG) if bf16 else None)
         assert ctx.env().get("CUDA_VISIBLE_DEVICES") == (None if bf16 else "")  # a CPU profile never takes a GPU

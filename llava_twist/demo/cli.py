@@ -66,6 +66,11 @@ def run_guarded(body: Callable[[], T]) -> tuple[T | None, int]:
         return None, 130
 
 
+def default_out(seed: int) -> Path:
+    """Where a run goes without ``--out``: the folder ``make playground`` opens, another for another seed."""
+    return DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-seed{seed}") if seed else DEFAULT_OUT
+
+
 def playground_hint(out: Path) -> str:
     """How to open the trained model: ``make playground`` for the default folder, else the explicit command."""
     if out.resolve() == DEFAULT_OUT.resolve():
@@ -82,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="full: make demo on CPU (from the released base); gpu: a larger model in bf16 with more "
                         "steps, training its own base; ci: the same pipeline in minutes (tests). Default: gpu "
                         "where CUDA is present, else full")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="everything goes here (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"everything goes here (default: {DEFAULT_OUT}; {DEFAULT_OUT}-seedN with --seed N)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the grounding runs' training seed (data order, LoRA's adapters); the base, the data and the "
+                        "held-out questions stay the same, so runs of two seeds are scored on the same questions")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE (and everything downstream) even if cached; repeatable; 'all' redoes all")
     p.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS), metavar="NAME",
@@ -97,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = dataclasses.replace(recipe, twist_variants=recipe.twist_variants + extra)
     if args.threads is not None:
         recipe = dataclasses.replace(recipe, threads=max(1, args.threads))
-    out = Path(args.out)
+    if args.seed:
+        recipe = dataclasses.replace(recipe, train_seed=args.seed)
+    out = Path(args.out) if args.out else default_out(args.seed)
     start = time.perf_counter()
     results, status = run_guarded(lambda: run_demo(recipe, out, args.force,
                                                    progress=False if args.no_progress else None))

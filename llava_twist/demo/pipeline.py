@@ -26,7 +26,6 @@ from typing import Any
 from llava_twist.demo.recipe import Recipe, config_hash
 from scout_data.output import atomic_write_text
 
-GROUNDING_PREFIX, UNDERSTANDING_PREFIX = "g/", "u/"  # held-out question ids: grounding or base data, then record id
 STAMP = ".done.json"
 STAMP_VERSION = 1
 LOG_TAIL_LINES = 30

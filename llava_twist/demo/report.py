@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -12,15 +11,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_twist.demo.pipeline import GROUNDING_PREFIX, Context, Layout, read_json, write_json
+from llava_twist.demo.evaluation import (
+    HEADLINE_SET,
+    PROMPTS,
+    answers_file,
+    evaluated_models,
+    heldout_folder,
+    heldout_records,
+    question_dir,
+    twist_names,
+)
+from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
 from llava_twist.demo.pointer import write_pointer
 from llava_twist.demo.recipe import Recipe, Warmup
+from llava_twist.eval.common import read_jsonl
+from llava_twist.eval.paired import describe, format_p
 from llava_twist.tiny import COORDINATES
 from scout_data.output import atomic_write_text
 from scout_data.sources.synthetic import KINDS, parse_weights
 from scout_data.writer import REGION_PROMPT
 
-LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA"}
+LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA", "twist": "TWIST"}
+PROMPT_LABELS = {"rec": "REC prompt", "scout": "step-by-step prompt"}
+REC_SHOWN = REGION_PROMPT.removesuffix(".").format(query="...")
 MAX_CELL_CHARS = 400
 PLAYGROUND_EXAMPLES = 8
 
@@ -63,44 +76,40 @@ class Check:
 
 
 def twist_checks(recipe: Recipe, name: str, models: dict[str, dict[str, Any]]) -> list[Check]:
-    """Issue 7's "what it must show", for one TWIST variant, against the measured numbers."""
+    """What the demo must show, for one TWIST variant, against the measured numbers (test split, each model's
+    prompt chosen on dev)."""
     c = recipe.checks
-    m, full = models[name], models["full-ft"]
+    m = models[name]
     identical = get(m, "retention", "identical_rate")
     router = get(m, "router", "accuracy")
-    acc, acc_full = (get(x, "refexp", "acc@0.5") for x in (m, full))
-    acc_base = base_refexp_acc(models)
-    gain = None if acc is None or acc_base is None else acc - acc_base
+    vs_base, vs_full = m.get("vs_base"), m.get("vs_full_ft")
+    gain = get(vs_base, "difference")
+    acc, acc_full = get(m, "headline", "acc@0.5"), get(models, "full-ft", "headline", "acc@0.5")
     ratio = None if acc is None or not acc_full else acc / acc_full
+    significant = None if vs_base is None else vs_base["ci"][0] > 0 and vs_base["mcnemar_p"] < c.max_p_value
     return [
-        Check(name, "answers to held-out understanding questions identical to the base's",
+        Check(name, "understanding answers identical to the base's",
               None if identical is None else identical >= c.identical_rate, pct(identical), pct(c.identical_rate)),
         Check(name, "router right on held-out prompts", None if router is None else router >= c.router_accuracy,
               f"{pct(router)} (grounding prompts {pct(get(m, 'router', 'by_task', 'grounding', 'accuracy'))}, "
               f"understanding {pct(get(m, 'router', 'by_task', 'understanding', 'accuracy'))})",
               f">= {pct(c.router_accuracy)}"),
-        Check(name, "refexp Acc@0.5 above the base's (the better of its step-by-step and one-shot prompts)",
-              None if gain is None else gain >= c.gain_over_base,
-              f"{pct(acc)} vs {pct(acc_base)} ({'–' if gain is None else f'{100 * gain:+.1f}'} points)",
-              f"+{100 * c.gain_over_base:.0f} points or more"),
-        Check(name, "refexp Acc@0.5 relative to full fine-tuning at the same budget",
-              None if acc is None or not acc_full else acc >= c.ratio_to_full_ft * acc_full,
-              f"{pct(acc)} vs {pct(acc_full)} ({'–' if ratio is None else f'{ratio:.2f}x'})",
-              f">= {c.ratio_to_full_ft:g}x"),
+        Check(name, "Acc@0.5 gain over the base", None if gain is None else gain >= c.gain_over_base,
+              f"{pct(acc)} vs {pct(get(models, 'base', 'headline', 'acc@0.5'))} "
+              f"({'–' if gain is None else f'{100 * gain:+.1f}'} points)", f"+{100 * c.gain_over_base:.0f} points"),
+        Check(name, "that gain, paired", significant, "–" if vs_base is None else describe(vs_base),
+              f"95% interval above 0 and McNemar p < {c.max_p_value:g}"),
+        Check(name, "Acc@0.5 relative to full fine-tuning at the same budget",
+              None if ratio is None else ratio >= c.ratio_to_full_ft,
+              f"{pct(acc)} vs {pct(acc_full)} ({'–' if ratio is None else f'{ratio:.2f}x'}"
+              + ("" if vs_full is None else f"; paired {describe(vs_full)}") + ")", f">= {c.ratio_to_full_ft:g}x"),
     ]
 
 
-def base_refexp_acc(models: dict[str, dict[str, Any]]) -> float | None:
-    """The base's refexp Acc@0.5 under the better of SCOUT's step-by-step prompt and LLaVA's one-shot REC prompt."""
-    found = [v for v in (get(models["base"], "refexp", "acc@0.5"), get(models["base"], "one_shot", "acc@0.5"))
-             if v is not None]
-    return max(found) if found else None
-
-
-def best_twist(recipe: Recipe, models: dict[str, dict[str, Any]]) -> str:
-    """The TWIST variant with the highest refexp Acc@0.5 (the first in the recipe on ties)."""
-    names = [v.stage for v in recipe.twist_variants]
-    return max(names, key=lambda n: (get(models[n], "refexp", "acc@0.5") or 0.0, -names.index(n)))
+def best_twist(names: list[str], models: dict[str, dict[str, Any]]) -> str:
+    """The TWIST model with the highest test Acc@0.5 (the first on ties)."""
+    twists = [n for n in names if n.startswith("twist")]
+    return max(twists, key=lambda n: (get(models[n], "headline", "acc@0.5") or 0.0, -twists.index(n)))
 
 
 def understanding_by_type_table(names: list[str], models: dict[str, Any]) -> str:
@@ -117,33 +126,45 @@ def understanding_by_type_table(names: list[str], models: dict[str, Any]) -> str
     return "\n".join(rows)
 
 
-def results_table(names: list[str], models: dict[str, dict[str, Any]], stamps: dict[str, dict[str, Any]]) -> str:
-    head = ["model", "Acc@0.5", "simple", "hard", "mean IoU", "find-all recall@0.5", "understanding acc",
-            "identical to base", "router acc", "trainable params"]
+def paired_cell(result: dict[str, Any] | None) -> str:
+    """``+7.7 (+4.6..+11.0), p 2e-06``."""
+    if not result:
+        return "–"
+    low, high = (100 * v for v in result["ci"])
+    return f"{100 * result['difference']:+.1f} ({low:+.1f}..{high:+.1f}), p {format_p(result['mcnemar_p'])}"
+
+
+def grounding_table(names: list[str], models: dict[str, dict[str, Any]], types: list[str]) -> str:
+    """Test-split Acc@0.5 per model: under its dev-chosen prompt, under each prompt, by expression type, and the
+    paired difference from the base."""
+    head = ["model", "prompt (chosen on dev)", "Acc@0.5", "REC prompt", "step-by-step prompt", *types,
+            "vs base: points (95% CI), McNemar p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in names:
-        m = models[name]
-        ref = m.get("refexp") or {}
-        params = get(stamps.get(name, {}), "info", "trainable_params")
-        if name == "base" and m.get("one_shot"):
-            one = m["one_shot"]
-            cells = [f"{label(name)}, one-shot prompt", pct(one.get("acc@0.5")),
-                     *(f"{pct(get(one, lv, 'acc@0.5'))} (n={get(one, lv, 'n') or 0})" for lv in ("simple", "hard")),
-                     num(one.get("mean_iou"))]
-            lines.append("| " + " | ".join(cells + ["–"] * (len(head) - len(cells))) + " |")
-        row = [
-            label(name) + (", step-by-step prompt" if name == "base" and m.get("one_shot") else ""),
-            pct(ref.get("acc@0.5")),
-            f"{pct(get(ref, 'simple', 'acc@0.5'))} (n={get(ref, 'simple', 'n') or 0})",
-            f"{pct(get(ref, 'hard', 'acc@0.5'))} (n={get(ref, 'hard', 'n') or 0})",
-            num(ref.get("mean_iou")),
-            pct(get(m, "localization", "recall@0.5")),
-            pct(get(m, "understanding", "accuracy")),
-            "(reference)" if name == "base" else pct(get(m, "retention", "identical_rate")),
+    for n in names:
+        m = models[n]
+        by_type = get(m, "headline", "by_type") or {}
+        lines.append("| " + " | ".join([
+            label(n), PROMPT_LABELS[m["prompt"]], f"**{pct(get(m, 'headline', 'acc@0.5'))}**",
+            *(pct(get(m, "refexp", p, "test", "acc@0.5")) for p in PROMPT_LABELS),
+            *(pct(get(by_type, t, "acc@0.5")) for t in types),
+            "(reference)" if n == "base" else paired_cell(m.get("vs_base")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def understanding_table(names: list[str], models: dict[str, dict[str, Any]]) -> str:
+    """Held-out understanding per model: accuracy, answers identical to the base's, the paired difference from the
+    base (the forgetting TWIST avoids) and, for TWIST, the router."""
+    head = ["model", "accuracy", "identical to base", "vs base: points (95% CI), McNemar p", "router right"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        m = models[n]
+        lines.append("| " + " | ".join([
+            label(n), pct(get(m, "understanding", "accuracy")),
+            "(reference)" if n == "base" else pct(get(m, "retention", "identical_rate")),
+            "(reference)" if n == "base" else paired_cell(get(m, "retention", "vs_base")),
             pct(get(m, "router", "accuracy")) if "router" in m else "–",
-            "–" if params is None else f"{params:,}",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -193,8 +214,7 @@ def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[
     """Where each model's answer boxes land among its scene's objects, and whether its steps' boxes land on the
     objects the steps name (``llava_twist.demo.chain_misses``): choosing wrong among found objects, or not
     finding them."""
-    rows = [(label(n) + (", step-by-step prompt" if n == "base" else ""), models[n].get("misses")) for n in names]
-    rows.insert(1, ("base, one-shot REC prompt", get(models.get("base", {}), "one_shot", "misses")))
+    rows = [(f"{label(n)}, {PROMPT_LABELS[models[n]['prompt']]}", models[n].get("misses")) for n in names]
     rows = [(name, m) for name, m in rows if m and m["n"]]
     if not rows:
         return []
@@ -210,7 +230,7 @@ def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[
                      f"{share(a['no_object'], m['n'])} | {s['boxes']} | {share(s['on_an_object'], s['boxes'])} | "
                      f"{share(s['on_the_named_object'], s['boxes'])} |")
     return ["## How the chains miss", "",
-            f"Each first answer box of the {rows[0][1]['n']} held-out referring expressions against every object of "
+            f"Each first answer box of the {rows[0][1]['n']} test expressions against every object of "
             "its scene (IoU >= 0.5; an answer without a box counts as on no object), and the box of each step that "
             "has one against the object the step's words name (every attribute it names is the object's).", "",
             *lines, ""]
@@ -222,6 +242,7 @@ def settings_table(recipe: Recipe) -> str:
         ("vision tower", _vision(recipe)),
         ("base data", _scene(recipe.base_data)),
         ("grounding data", _scene(recipe.grounding_data) + f"; replay ratio {recipe.replay_ratio:g}"),
+        *((f"held-out {name}", _scene(spec)) for name, spec in recipe.heldout.sets().items()),
         *((f"base warm-up: {w.name}", _warmup(w)) for w in recipe.warmups),
         ("base", _train(recipe.base) + (", from the warmed-up model" if recipe.warmups else ", from the tiny model")),
         ("full FT", _train(recipe.full_ft)),
@@ -229,10 +250,11 @@ def settings_table(recipe: Recipe) -> str:
                                        f"projector lr {recipe.lora_mm_projector_lr:g}"),
         ("TWIST", _train(recipe.twist) + f", {recipe.twist_nproc} processes (ZeRO-3), "
                                          f"flags `{' '.join(recipe.twist_flags)}`"),
-        *((label(v.stage), f"`{' '.join(v.flags)}`") for v in recipe.twist_variants),
-        ("evaluation", f"up to {recipe.eval.limit} held-out questions per benchmark, greedy, "
-                       f"max_new_tokens={recipe.eval.max_new_tokens}"),
-        ("seed", str(recipe.seed)),
+        *((label(n), f"`{' '.join(v.flags)}`, training set `{v.data}`")
+          for n, v in zip(twist_names(recipe), recipe.twist_variants, strict=True)),
+        ("evaluation", f"greedy, max_new_tokens={recipe.eval.max_new_tokens}, batch {recipe.eval.batch_size}; "
+                       f"teacher-forced loss on {recipe.eval.limit} test chains"),
+        ("seed", f"{recipe.seed} (base and data), {recipe.train_seed} (grounding runs)"),
     ]
     return "\n".join(["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
@@ -331,7 +353,8 @@ def cell_image(image: Any, text: str, gt_box_px: list[float] | None, size: int, 
 
 
 def draw_grid(layout: Layout, names: list[str], metrics: dict[str, Any], scenes: int, size: int, out: Path) -> int:
-    """Rows: held-out scenes; columns: ground truth, then each model. Returns the number of rows drawn."""
+    """Rows: test scenes; columns: ground truth, then each model under its chosen prompt. Returns the number of
+    rows drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,27 +363,25 @@ def draw_grid(layout: Layout, names: list[str], metrics: dict[str, Any], scenes:
 
     from llava_twist.eval.common import answers_by_id, read_jsonl
 
-    questions = read_jsonl(str(layout.eval / "questions" / "refexp.jsonl"), "questions")
+    questions = read_jsonl(str(question_dir(layout) / f"refexp-{HEADLINE_SET}.jsonl"), "questions")
     picked = grid_questions(questions, scenes)
-    records = {}
-    test = layout.data / "grounding" / "test.json"
-    if test.is_file():
-        records = {str(r["id"]): r for r in json.loads(test.read_text(encoding="utf-8"))}
-    answers = {n: answers_by_id(read_jsonl(str(layout.eval / "models" / n / "answers.jsonl"), "answers"))
+    records = {f"{HEADLINE_SET}/{r['id']}": r for r in heldout_records(layout, HEADLINE_SET)}
+    answers = {n: answers_by_id(read_jsonl(str(answers_file(layout, n, metrics[n]["prompt"])), "answers"))
                for n in names}
     grid: list[list[tuple[str, Any]]] = []
     for q in picked:
         with Image.open(layout.data / q["image"]) as im:
             image = im.convert("RGB")
-        rec = records.get(q["question_id"].split("/", 1)[-1], {})
+        rec = records.get(q["question_id"], {})
         gt_text = (rec.get("conversations") or [{}, {}])[1].get("value", "")
         frame = q.get("box_frame", "padded")
         gt_title = f"ground truth ({q.get('difficulty', '?')})\n" + "\n".join(textwrap.wrap(q["text"], 32))
         row = [(gt_title, cell_image(image, gt_text, q.get("bbox_xyxy_px"), size, frame))]
         for n in names:
             text = str(answers[n].get(q["question_id"], {}).get("text", ""))
-            pred = get(metrics, n, "refexp", "predictions", q["question_id"])
-            title = label(n) + ("" if pred is None else f"\nIoU {pred['iou']:.2f}")
+            right = get(metrics, n, "headline", "correct", q["question_id"])
+            verdict = "" if right is None else f"\n{'right' if right else 'wrong'}"
+            title = f"{label(n)}, {metrics[n]['prompt']}{verdict}"
             row.append((title, cell_image(image, text, q.get("bbox_xyxy_px"), size, frame)))
         grid.append(row)
     height = max((cell.size[1] for row in grid for _, cell in row), default=size)
@@ -393,48 +414,21 @@ def where(recipe: Recipe) -> str:
     return "one GPU in bf16" if recipe.device == "cuda" else "CPU in fp32"
 
 
-def image_reliance_line(r: dict[str, Any] | None) -> str:
-    """Whether the base looks at the image: without that, no model can learn to localise on top of it."""
-    if not r:
-        return "Does the base use the image? Not measured."
-    own, shuffled = r["loss_own_images"], r["loss_shuffled_images"]
-    verdict = ("it does not look at the image yet, so no model built on it can localise; a longer base "
-               "training is needed" if shuffled - own < 0.01 * max(own, 1e-6) else "it uses the image")
-    return (f"Does the base use the image? Its loss on {r['records']} of its training records is {own:.4f} with "
-            f"their own images and {shuffled:.4f} with the images shuffled among them: {verdict}.")
-
-
-def base_region_line(r: dict[str, Any] | None) -> str:
-    """Whether the base grounds a little on its own prompt format, as LLaVA-1.5 does on RefCOCO."""
-    if not r:
-        return "Does the base ground? Not measured (no held-out one-shot box prompts in its data)."
-    prompt = REGION_PROMPT.removesuffix(".").format(query="...")
-    return (f"Does the base ground? On {r['n']} held-out one-shot box prompts of its own data (\"{prompt}\") its "
-            f"Acc@0.5 is {pct(r['acc@0.5'])} (simple {pct(get(r, 'simple', 'acc@0.5'))}, hard "
-            f"{pct(get(r, 'hard', 'acc@0.5'))}; mean IoU {r['mean_iou']:.3f}, unparseable answers "
-            f"{pct(r['parse_failure_rate'])}). The results table's one-shot row asks the same prompt about the "
-            "grounding runs' held-out referring expressions.")
-
-
-def playground_examples(layout: Layout, predictions: dict[str, dict[str, Any]], out: Path, n: int
-                        ) -> dict[str, Any]:
-    """The first ``n`` held-out referring expressions (not picked by outcome) as the playground's examples, scenes
-    of the model's own world; with how many of them the model got right in the evaluation."""
+def playground_examples(layout: Layout, model: str, metrics: dict[str, Any], out: Path, n: int) -> dict[str, Any]:
+    """The first ``n`` test expressions (not picked by outcome), asked with ``model``'s chosen prompt, as the
+    playground's examples; with how many of them the model got right in the evaluation."""
+    from llava_twist.eval.prompts import question_prompt
     from playground.make_examples import write_record_examples
 
-    records = [r for r in read_json(layout.data / "grounding" / "test.json")
-               if GROUNDING_PREFIX + str(r["id"]) in predictions][:n]
-    write_record_examples(records, layout.data / "grounding" / "images", out)
-    right = sum(bool(predictions[GROUNDING_PREFIX + str(r["id"])]["correct"]) for r in records)
-    return {"folder": out, "n": len(records), "correct": right}
-
-
-def model_dirs(recipe: Recipe, layout: Layout) -> dict[str, Path]:
-    """Evaluated models in report order: base, full FT, LoRA (merged), each TWIST variant (a delta)."""
-    dirs = {"base": layout.model("base"), "full-ft": layout.model("full-ft"),
-            "lora": layout.model("lora") / "merged"}
-    dirs.update({v.stage: layout.model(v.stage) for v in recipe.twist_variants})
-    return dirs
+    style = PROMPTS[metrics["prompt"]]
+    correct = metrics["headline"]["correct"]
+    questions = {q["question_id"]: q for q in
+                 read_jsonl(str(question_dir(layout) / f"refexp-{HEADLINE_SET}.jsonl"), "questions")}
+    records = [r for r in heldout_records(layout, HEADLINE_SET) if f"{HEADLINE_SET}/{r['id']}" in correct][:n]
+    ids = [f"{HEADLINE_SET}/{r['id']}" for r in records]
+    write_record_examples(records, heldout_folder(layout, HEADLINE_SET) / "images", out,
+                          queries=[question_prompt(questions[i], style) for i in ids])
+    return {"folder": out, "n": len(records), "correct": sum(correct[i] for i in ids), "prompt": metrics["prompt"]}
 
 
 def write_report(ctx: Context) -> dict[str, Any]:
@@ -443,65 +437,73 @@ def write_report(ctx: Context) -> dict[str, Any]:
     out = layout.out
     metrics = read_json(layout.eval / "metrics.json")
     models: dict[str, dict[str, Any]] = metrics["models"]
-    dirs = model_dirs(recipe, layout)
-    names = list(dirs)
-    stamps = ctx.stamps
-    best = best_twist(recipe, models)
-    checks = {v.stage: twist_checks(recipe, v.stage, models) for v in recipe.twist_variants}
-    order = [name for name in stamps if name != ctx.stage]  # the stages before this one, in run order
+    evaluated = {m.name: m for m in evaluated_models(recipe, layout)}
+    names = list(evaluated)
+    stamps = {n: ctx.stamps.get(m.stage, {}) for n, m in evaluated.items()}
+    best = best_twist(names, models)
+    checks = {n: twist_checks(recipe, n, models) for n in names if n.startswith("twist")}
+    order = [name for name in ctx.stamps if name != ctx.stage]  # the stages before this one, in run order
+    qcount = metrics["questions"]
+    types = sorted(qcount["test_by_type"])
 
     rows = draw_grid(layout, names, models, recipe.eval.grid_scenes, recipe.eval.grid_cell_px, out / "grid.png")
-
-    examples = playground_examples(layout, get(models[best], "refexp", "predictions") or {}, out / "examples",
-                                   PLAYGROUND_EXAMPLES)
-    pointer = write_pointer(out, dirs[best], dirs["base"],
+    examples = playground_examples(layout, best, models[best], out / "examples", PLAYGROUND_EXAMPLES)
+    pointer = write_pointer(out, evaluated[best].folder, evaluated["base"].folder,
                             f"the demo's {label(best)} on its tiny LLaVA-1.5 base ({recipe.profile} profile)",
                             examples["folder"])
-
-    forgetting = ", ".join(
-        f"{label(n)} {pct(get(models[n], 'understanding', 'accuracy'))}" for n in ("base", "full-ft", "lora"))
-    qcount = metrics["questions"]
+    forgetting = "; ".join(f"{label(n)} {paired_cell(get(models[n], 'retention', 'vs_base'))}"
+                           for n in ("full-ft", "lora"))
+    by_type_n = ", ".join(f"{t} {qcount['test_by_type'][t]}" for t in types)
     md = [
-        f"# TWIST & SCOUT demo ({recipe.profile} profile)",
+        f"# TWIST & SCOUT demo ({recipe.profile} profile, training seed {recipe.train_seed})",
         "",
-        "A tiny LLaVA-1.5 instruction-tuned with LLaVA's own trainer (the base), then taught step-by-step grounding "
-        f"on the same data and step budget by full fine-tuning, LoRA and TWIST, all on {where(recipe)}. "
-        "Held-out questions: "
-        f"{qcount.get('refexp', 0)} referring expressions, {qcount.get('localization', 0)} find-all queries, "
-        f"{qcount.get('vqa', 0)} understanding questions.",
+        "A tiny LLaVA-1.5 (the released base), taught grounding on the same records (one-shot referring "
+        "expressions in LLaVA-1.5's REC form, SCOUT step-by-step chains, find-all, understanding replay) and the "
+        f"same step budget by full fine-tuning, LoRA and TWIST, all on {where(recipe)}. Fresh held-out scenes: "
+        f"{qcount['test']} test expressions ({by_type_n}), {qcount['dev']} dev expressions (they choose each "
+        f"model's prompt), {qcount['understanding']} understanding questions.",
         "",
-        "## Results (held-out scenes)",
+        "## Grounding (test split)",
         "",
-        results_table(names, models, stamps),
+        grounding_table(names, models, types),
         "",
-        "Acc@0.5 and mean IoU: referring expressions (simple / hard queries); find-all recall@0.5: localisation of "
-        "every matching object; understanding acc: exact match on held-out questions; identical to base: "
-        "answers to those questions with exactly the base's text; router acc: TWIST's route (auto) on every "
-        "held-out prompt against its task (grounding prompts -> grounding route, understanding -> frozen).",
+        f"Acc@0.5 under the prompt each model does better with on dev (REC: LLaVA-1.5's \"{REC_SHOWN}\"; "
+        "step-by-step: SCOUT's prompt); both prompts' columns on test; by expression type under the chosen prompt. "
+        "vs base: the paired difference on the same expressions, a 95% bootstrap interval over expressions and the "
+        "exact McNemar test (`llava_twist.eval.paired`).",
         "",
-        "## What it must show",
+        "## Understanding (what the models keep)",
         "",
-        f"Best TWIST variant: **{label(best)}** (the playground opens it; its examples are the first "
-        f"{examples['n']} held-out referring expressions, of which it got {examples['correct']} right).",
+        understanding_table(names, models),
         "",
-        *(c.line() for v in recipe.twist_variants for c in checks[v.stage]),
-        "",
-        f"Forgetting (understanding accuracy after grounding training): {forgetting}.",
+        f"Forgetting (understanding against the base, paired): {forgetting}. The router's figure is TWIST's route "
+        "(auto) on every held-out prompt (referring expressions under both prompts -> grounding, understanding "
+        "questions -> frozen).",
         "",
         understanding_by_type_table(names, models),
         "",
-        vision_line(stamps.get("model") or stamps.get("base")),
+        "## What it must show",
         "",
-        image_reliance_line(metrics.get("image_reliance")),
+        f"Best TWIST: **{label(best)}** (the playground opens it; its examples are the first {examples['n']} test "
+        f"expressions with its {PROMPT_LABELS[examples['prompt']]}, of which it got {examples['correct']} right).",
         "",
-        base_region_line(get(metrics, "base_one_shot", "region")),
+        *(c.line() for cs in checks.values() for c in cs),
+        "",
+        vision_line(ctx.stamps.get("model") or ctx.stamps.get("base")),
         "",
         *chain_loss_section(recipe, names, models),
         *misses_section(names, models),
-        "## Held-out scenes",
+        "## Test scenes",
         "",
         f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "
         "that model wrote)",
+        "",
+        "## Files",
+        "",
+        f"Questions in `{os.path.relpath(question_dir(layout), out)}/` (`refexp-dev.jsonl`, `refexp-test.jsonl`, "
+        f"`understanding.jsonl`; images relative to `{os.path.relpath(layout.data, out)}`), each model's answers "
+        f"in `{os.path.relpath(layout.eval / 'models', out)}/<model>/<prompt>/answers.jsonl` (LLaVA's answer "
+        "JSONL), every score in `results.json`.",
         "",
         "## Settings",
         "",
@@ -509,7 +511,7 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "",
         "## Time per stage",
         "",
-        times_table(stamps, order),
+        times_table(ctx.stamps, order),
         "",
         f"Logs: `{os.path.relpath(layout.logs, out)}/<stage>.log`; models: `{os.path.relpath(layout.models, out)}`.",
         "",
@@ -520,21 +522,26 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "profile": recipe.profile,
         "recipe": recipe.to_json(),
         "questions": qcount,
-        "image_reliance": metrics.get("image_reliance"),
-        "base_one_shot": metrics.get("base_one_shot"),
-        "models": {n: {**models[n], "path": os.path.relpath(dirs[n], out),
-                       "trainable_params": get(stamps.get(n, {}), "info", "trainable_params"),
-                       "train": {k: get(stamps.get(n, {}), "info", k) for k in ("steps", "first_loss", "last_loss")}}
+        "models": {n: {**{k: v for k, v in models[n].items() if k != "refexp"},
+                       "refexp": {p: {s: _summary(r) for s, r in sets.items()}
+                                  for p, sets in models[n]["refexp"].items()},
+                       "headline": _summary(models[n]["headline"]),
+                       "understanding": _summary(models[n]["understanding"]),
+                       "path": os.path.relpath(evaluated[n].folder, out),
+                       "trainable_params": get(stamps[n], "info", "trainable_params"),
+                       "train": {k: get(stamps[n], "info", k) for k in ("steps", "first_loss", "last_loss")}}
                    for n in names},
         "best_twist": best,
-        "checks": [c.to_json() for v in recipe.twist_variants for c in checks[v.stage]],
-        "stages": {n: {"seconds": stamps[n].get("seconds"), "finished": stamps[n].get("finished")}
-                   for n in order if n in stamps},
-        "playground": pointer,
+        "checks": [c.to_json() for cs in checks.values() for c in cs],
+        "stages": {n: {"seconds": ctx.stamps[n].get("seconds"), "finished": ctx.stamps[n].get("finished")}
+                   for n in order if n in ctx.stamps},
+        "playground": {**pointer, "correct": examples["correct"], "n": examples["n"]},
     }
-    for m in results["models"].values():
-        if isinstance(m.get("refexp"), dict):
-            m["refexp"] = {k: v for k, v in m["refexp"].items() if k != "predictions"}
     write_json(out / "results.json", results)
     return {"best_twist": best, "grid_rows": rows,
             "checks_passed": sum(bool(c.passed) for cs in checks.values() for c in cs)}
+
+
+def _summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """Scores without the per-question right/wrong (which ``work/eval`` keeps)."""
+    return {k: v for k, v in scores.items() if k != "correct"}
