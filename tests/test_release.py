@@ -4,8 +4,10 @@ LLaVA-1.5 checkpoint and answers; and the release path itself, on the ci profile
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,38 @@ def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
     assert not list(RELEASE.glob("*.bin"))  # safetensors only
     figures = card["figures"]
     assert figures["understanding"]["n"] > 0 and figures["one_shot"]["refexp"]["hard"]["n"] > 0
+
+
+def test_the_committed_weights_are_the_ones_the_card_lists() -> None:
+    """sha256 computed here with hashlib over each file, against the card's list (both weight files, no other)."""
+    card = read_card(RELEASE)
+    found = {p.relative_to(RELEASE).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in RELEASE.rglob("*.safetensors")}
+    assert set(found) == {WEIGHTS, f"{TOWER}/{WEIGHTS}"}
+    assert card["weights_sha256"] == found, "the committed weights differ from the ones the card was made with"
+    for name, digest in found.items():
+        assert f"`{name}`: `{digest}`" in (RELEASE / CARD_MD).read_text()
+
+
+def test_swapped_or_missing_weights_are_refused_before_anything_is_copied(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    shutil.copytree(RELEASE, release)
+    card = read_card(release)
+    data = bytearray((release / TOWER / WEIGHTS).read_bytes())
+    data[-1] ^= 1  # one bit of the tower's last weight
+    (release / TOWER / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match=rf"{TOWER}/{WEIGHTS}: weight file changed"):
+        install_release(release, tmp_path / "a", card["recipe_hash"])
+    assert not (tmp_path / "a").exists()
+    shutil.copy2(RELEASE / TOWER / WEIGHTS, release / TOWER / WEIGHTS)
+    (release / "extra.safetensors").write_bytes(b"{}")
+    with pytest.raises(ReleaseError, match="extra.safetensors: weight file not in the card"):
+        install_release(release, tmp_path / "b", card["recipe_hash"])
+    (release / "extra.safetensors").unlink()
+    card.pop("weights_sha256")
+    (release / CARD_JSON).write_text(json.dumps(card))
+    with pytest.raises(ReleaseError, match="no weights_sha256 in the card"):
+        install_release(release, tmp_path / "c", card["recipe_hash"])
 
 
 def test_the_committed_tokenizer_is_the_one_the_code_trains(tmp_path: Path) -> None:
@@ -115,6 +149,7 @@ def test_a_release_holds_a_llava_checkpoint_its_tower_and_its_card(ci_release: t
     tower = card["vision_pretraining"]["held_out"]  # the tower's read-outs travel with the weights
     assert 0.0 <= tower["shape_acc"] <= 1.0 and "vision tower (frozen)" in card_md
     assert not list(release.parent.glob(".release.*"))  # no temporary folder left
+    assert set(card["weights_sha256"]) == {WEIGHTS, f"{TOWER}/{WEIGHTS}"}
 
 
 def test_a_release_made_by_another_recipe_is_refused_and_a_matching_one_installs(

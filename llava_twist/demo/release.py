@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +42,30 @@ class ReleaseError(ValueError):
 
 def release_weights(folder: Path) -> Path:
     return folder / WEIGHTS
+
+
+def weight_checksums(folder: Path) -> dict[str, str]:
+    """The sha256 of every weight file of a release (``*.safetensors``, the tower's too), by relative path."""
+    sums = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        sums[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return sums
+
+
+def check_weights(release: Path, card: dict[str, Any]) -> None:
+    """Refuse a release whose weight files are not the ones its card lists (swapped, retrained, truncated)."""
+    listed = card.get("weights_sha256")
+    if not isinstance(listed, dict) or not listed:
+        raise ReleaseError(f"{release / CARD_JSON}: no weights_sha256 in the card; run `make base` to release it")
+    found = weight_checksums(release)
+    for name in sorted(set(listed) | set(found)):
+        if listed.get(name) != found.get(name):
+            what = "missing" if name not in found else "not in the card" if name not in listed else "changed"
+            raise ReleaseError(f"{release / name}: weight file {what} (its sha256 does not match {CARD_JSON})")
 
 
 def read_card(folder: Path) -> dict[str, Any]:
@@ -75,6 +100,7 @@ def install_release(release: Path, dest: Path, expected_hash: str) -> dict[str, 
     missing = [f for f in ("config.json", WEIGHTS, TOWER) if not (release / f).exists()]
     if missing:
         raise ReleaseError(f"{release}: incomplete release, missing {', '.join(missing)}")
+    check_weights(release, card)
     shutil.copytree(release, dest, dirs_exist_ok=True)
     _update_config(dest / "config.json", mm_vision_tower=str((dest / TOWER).resolve()), _name_or_path=str(release))
     return card
@@ -109,7 +135,7 @@ def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, 
         if size > MAX_RELEASE_BYTES:
             raise ReleaseError(f"the release would be {size / 2**20:.1f} MB, over the {MAX_RELEASE_BYTES >> 20} MB "
                                "a committed base may take")
-        card = {**card, "release_bytes": size}
+        card = {**card, "release_bytes": size, "weights_sha256": weight_checksums(tmp)}
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
         old = release.with_name(f".{release.name}.old-{os.getpid()}")
@@ -188,6 +214,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- recipe hash: `{card['recipe_hash']}` (the base part of `llava_twist.demo.recipe`; a test fails when "
         "the code's recipe no longer matches it)",
         f"- parameters: {card['params']:,}; release size {card.get('release_bytes', 0) / 2**20:.1f} MB",
+        *(f"- sha256 of `{name}`: `{digest}` (the demo refuses weights that differ)"
+          for name, digest in (card.get("weights_sha256") or {}).items()),
         "",
         "The recipe, as `card.json` holds it:",
         "",
