@@ -84,6 +84,8 @@ def test_a_small_image_is_drawn_at_least_320_px_wide_with_boxes_in_its_own_pixel
     im = final.image
     assert im.getpixel((52, 52)) == (255, 0, 0) and im.getpixel((54, 54)) == (255, 0, 0)  # pixels kept sharp
     assert im.getpixel((160, 200)) == ANSWER_COLOUR and im.getpixel((80, 100)) == STEP_COLOURS[0]
+    sliver = list(Backend(None, generate_fn=fake_generator(text)).stream("q", grey(2, 3000), GenerationSettings()))
+    assert sliver[-1].image.size == (2, 3000)  # enlarging would pass 4096 px on the long side: drawn as it is
 
 
 def test_steps_and_boxes_stream_in_order() -> None:

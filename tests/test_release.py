@@ -68,6 +68,9 @@ def test_swapped_or_missing_weights_are_refused_before_anything_is_copied(tmp_pa
     with pytest.raises(ReleaseError, match=rf"{TOWER}/{WEIGHTS}: weight file changed"):
         install_release(release, tmp_path / "a", card["recipe_hash"])
     assert not (tmp_path / "a").exists()
+    (release / TOWER / WEIGHTS).unlink()
+    with pytest.raises(ReleaseError, match=rf"{TOWER}/{WEIGHTS}: weight file missing"):
+        install_release(release, tmp_path / "m", card["recipe_hash"])
     shutil.copy2(RELEASE / TOWER / WEIGHTS, release / TOWER / WEIGHTS)
     (release / "extra.safetensors").write_bytes(b"{}")
     with pytest.raises(ReleaseError, match="extra.safetensors: weight file not in the card"):

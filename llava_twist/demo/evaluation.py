@@ -30,6 +30,7 @@ from scout_data.output import atomic_write_text
 
 PROMPTS = {"rec": "llava", "scout": "scout"}  # the demo's prompt names -> ``model_grounding --prompt``
 UNDERSTANDING = "understanding"
+UNTYPED = "untyped"  # a referring expression whose question carries no expression_type
 REFEXP_SETS = ("dev", "test")
 HEADLINE_SET = "test"
 HELDOUT = "heldout"  # data folders heldout-dev, heldout-test, heldout-understanding (``Recipe.heldout``)
@@ -195,13 +196,16 @@ def refexp_scores(questions: list[dict[str, Any]], answers: list[dict[str, Any]]
 
     result = score_refexp(questions, answers)
     correct = {str(r["question_id"]): bool(r["correct"]) for r in result["rows"]}
-    levels = {level: [correct[q["question_id"]] for q in questions
-                      if q["question_id"] in correct and (q.get("difficulty") or "simple") == level]
-              for level in ("simple", "hard")}
+    scored = [q for q in questions if q["question_id"] in correct]
+
+    def split(key: str, default: str) -> dict[str, dict[str, Any]]:
+        groups: dict[str, list[bool]] = {}
+        for q in scored:
+            groups.setdefault(q.get(key) or default, []).append(correct[q["question_id"]])
+        return {g: {"n": len(v), "acc@0.5": _mean(v)} for g, v in sorted(groups.items())}
+
     return {"n": result["n"], **{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")},
-            "by_type": {t: {"n": g["n"], "acc@0.5": g["acc@0.5"]} for t, g in result["by_group"].items()},
-            **{level: {"n": len(v), "acc@0.5": _mean(v)} for level, v in levels.items()},
-            "correct": correct}
+            "by_type": split("expression_type", UNTYPED), **split("difficulty", "simple"), "correct": correct}
 
 
 def understanding_scores(questions: list[dict[str, Any]], answers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -303,7 +307,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
         if m.twist:
             s["vs_full_ft"] = compare(s["headline"]["correct"], scores["full-ft"]["headline"]["correct"], seed)
     counts = {name: len(rows) for name, rows in questions.items()}
-    counts["test_by_type"] = dict(Counter(q.get("expression_type", "?") for q in questions[HEADLINE_SET]))
+    counts["test_by_type"] = dict(Counter(q.get("expression_type") or UNTYPED for q in questions[HEADLINE_SET]))
     write_json(layout.eval / "metrics.json", {"questions": counts, "models": scores})
     return {"questions": counts, "prompts": {m.name: scores[m.name]["prompt"] for m in models}}
 

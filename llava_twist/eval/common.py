@@ -121,8 +121,7 @@ def ratio(num: float, den: float) -> float | None:
     return float(num) / den if den else None
 
 
-def group_key(question: dict[str, Any],
-              keys: Sequence[str] = ("expression_type", "subset", "benchmark", "category")) -> str:
+def group_key(question: dict[str, Any], keys: Sequence[str] = ("subset", "benchmark", "category")) -> str:
     for key in keys:
         if question.get(key) not in (None, ""):
             return str(question[key])

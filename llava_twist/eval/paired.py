@@ -32,7 +32,7 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], *, seed: int = 0, re
 
     if len(a) != len(b):
         raise ValueError(f"paired answers must cover the same questions: {len(a)} against {len(b)}")
-    if not a:
+    if len(a) == 0:
         raise ValueError("no questions to compare")
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     diff = x.astype(float) - y.astype(float)

@@ -9,12 +9,14 @@ from PIL import Image, ImageDraw, ImageFont
 from llava_twist.serve.result import InferenceResult
 from scout_data.palette import ANSWER_COLOUR, step_colour
 
+MAX_DRAWN_SIDE = 4096  # an enlarged copy stays this small on its longer side (a 1 x 20000 px upload is not enlarged)
+
 
 def draw_boxes(image: Image.Image, result: InferenceResult, width: int = 3, min_width: int = 0) -> Image.Image:
     """A copy of ``image`` with every box drawn, one colour per step (answer boxes thicker), labelled. An image
     narrower than ``min_width`` is drawn on a copy enlarged by a whole factor (pixels kept sharp), so that small
     images show their boxes and labels readably; the boxes stay in the image's own pixels in ``result``."""
-    scale = max(1, math.ceil(min_width / max(1, image.width)))
+    scale = max(1, min(math.ceil(min_width / max(1, image.width)), MAX_DRAWN_SIDE // max(image.size)))
     out = image.convert("RGB")
     out = out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out.copy()
     draw = ImageDraw.Draw(out)
