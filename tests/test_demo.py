@@ -456,7 +456,13 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
     from llava.train import train as llava_train
     from transformers import HfArgumentParser
 
-    from llava_twist.demo.stages import LLAVA_DS_CONFIG, TRAIN_LLAVA, llava_train_args, twist_launch
+    from llava_twist.demo.stages import (
+        LLAVA_DS_CONFIG,
+        TRAIN_LLAVA,
+        grounding_train_args,
+        llava_train_args,
+        twist_launch,
+    )
     from llava_twist.train.arguments import DataArguments, ModelArguments, TrainingArguments, TwistArguments
 
     full, gpu = get_recipe("full"), get_recipe("gpu")
@@ -486,8 +492,7 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
         assert args.model_name_or_path == str(layout.model("base")) and args.report_to == ["none"]
         assert args.group_by_modality_length is True and args.seed == recipe.train_seed
         ctx = Context(recipe, layout, "full-ft", work, {})
-        llava = llava_train_args(ctx, layout.model("base"), work / "d.json", work, work / "o", recipe.full_ft,
-                                 seed=recipe.train_seed)
+        llava = grounding_train_args(ctx, work / "o", recipe.full_ft)
         if bf16:  # LLaVA's trainer under DeepSpeed (fp32 master weights), the script path its launcher runs
             assert Path(llava[0]).name == "deepspeed" and Path(llava[3]) == TRAIN_LLAVA and TRAIN_LLAVA.is_file()
             trainer_argv = llava[4:]
@@ -497,5 +502,7 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
         args, unknown = llava_parser.parse_known_args(trainer_argv)
         assert unknown == [] and args.bf16 is bf16 and args.max_steps == recipe.full_ft.steps
         assert args.group_by_modality_length is True
+        base_argv = llava_train_args(ctx, layout.model("base"), work / "d.json", work, work / "o", recipe.base)
+        assert "--group_by_modality_length False" in " ".join(base_argv)  # the base trains as it was released
         assert args.deepspeed == (str(LLAVA_DS_CONFIG) if bf16 else None)
         assert ctx.env().get("CUDA_VISIBLE_DEVICES") == (None if bf16 else "")  # a CPU profile never takes a GPU

@@ -96,11 +96,11 @@ def loader_workers(recipe: Recipe) -> str:
 
 
 def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, out: Path, spec: TrainSpec,
-                     extra: list[str] | None = None, seed: int | None = None) -> list[str]:
+                     extra: list[str] | None = None, seed: int | None = None, grouped: bool = False) -> list[str]:
     """LLaVA-1.5's own trainer (``llava.train.train``), as its ``finetune.sh`` calls it (fp32 on CPU; bf16 under
-    DeepSpeed ZeRO-2 on CUDA; batches grouped by length), seeded before the model is built
-    (``llava_twist.train.train_llava``: LoRA's adapters start the same in every run); ``seed`` defaults to the
-    recipe's."""
+    DeepSpeed ZeRO-2 on CUDA), seeded before the model is built (``llava_twist.train.train_llava``: LoRA's adapters
+    start the same in every run); ``seed`` defaults to the recipe's; ``grouped``: batches grouped by length (the
+    base's stages keep ungrouped batches, as the released base was trained)."""
     recipe = ctx.recipe
     if recipe.device == "cuda":  # under DeepSpeed, as LLaVA's scripts: bf16 weights keep an fp32 master copy
         launch = [deepspeed_command(ctx.python), "--num_gpus", "1", str(TRAIN_LLAVA),
@@ -119,7 +119,7 @@ def llava_train_args(ctx: Context, model_dir: Path, data: Path, images: Path, ou
         "--mm_use_im_start_end", "False",
         "--mm_use_im_patch_token", "False",
         "--image_aspect_ratio", "pad",
-        "--group_by_modality_length", "True",
+        "--group_by_modality_length", str(grouped),
         "--output_dir", str(out),
         "--max_steps", str(spec.steps),
         "--per_device_train_batch_size", str(spec.batch),
@@ -252,11 +252,17 @@ def import_base(ctx: Context) -> dict[str, Any]:
             "vision_pretraining": card.get("vision_pretraining"), "trainable_params": language_model_params(ctx.folder)}
 
 
+def grounding_train_args(ctx: Context, out: Path, spec: TrainSpec, extra: list[str] | None = None) -> list[str]:
+    """LLaVA's trainer for a grounding baseline: from the base, on the grounding records, with the grounding runs'
+    seed and batches grouped by length, as LLaVA's ``finetune.sh``."""
+    layout = ctx.layout
+    return llava_train_args(ctx, layout.model("base"), training_set(layout, "mixed"), layout.data, out, spec, extra,
+                            seed=ctx.recipe.train_seed, grouped=True)
+
+
 def train_full_ft(ctx: Context) -> dict[str, Any]:
     """LLaVA's full fine-tuning of the base on the grounding mix (the forgetting baseline)."""
-    layout = ctx.layout
-    ctx.run(llava_train_args(ctx, layout.model("base"), training_set(layout, "mixed"), layout.data, ctx.folder,
-                             ctx.recipe.full_ft, seed=ctx.recipe.train_seed))
+    ctx.run(grounding_train_args(ctx, ctx.folder, ctx.recipe.full_ft))
     return {**trainer_summary(ctx.folder), "trainable_params": language_model_params(ctx.folder)}
 
 
@@ -266,8 +272,7 @@ def train_lora(ctx: Context) -> dict[str, Any]:
     adapter, merged = ctx.folder / "adapter", ctx.folder / "merged"
     extra = ["--lora_enable", "True", "--lora_r", str(recipe.lora_r), "--lora_alpha", str(recipe.lora_alpha),
              "--mm_projector_lr", f"{recipe.lora_mm_projector_lr:g}"]
-    ctx.run(llava_train_args(ctx, layout.model("base"), training_set(layout, "mixed"), layout.data, adapter,
-                             recipe.lora, extra, seed=recipe.train_seed))
+    ctx.run(grounding_train_args(ctx, adapter, recipe.lora, extra))
     ctx.python_module("llava_twist.demo.merge_lora", "--lora-dir", str(adapter), "--base", str(layout.model("base")),
                       "--out", str(merged))
     trainable = sum(tensor_numel(p) for p in adapter.glob("adapter_model.*"))
