@@ -332,19 +332,19 @@ def evaluate_base(ctx: Context) -> dict[str, Any]:
         out = ctx.folder / name / "answers.jsonl"
         answer(ctx, base, file, out, style)
         answers[name] = read_jsonl(str(out), "answers")
-    drop = ("correct",)
     figures = {
-        UNDERSTANDING: _without(understanding_scores(questions[UNDERSTANDING], answers[UNDERSTANDING]), drop),
-        "one_shot": {"refexp": _without(refexp_scores(questions[HEADLINE_SET], answers["refexp"]), drop),
-                     "region": _without(refexp_scores(read_jsonl(str(region), "questions"), answers["region"]), drop)},
+        UNDERSTANDING: summary(understanding_scores(questions[UNDERSTANDING], answers[UNDERSTANDING])),
+        "one_shot": {"refexp": summary(refexp_scores(questions[HEADLINE_SET], answers["refexp"])),
+                     "region": summary(refexp_scores(read_jsonl(str(region), "questions"), answers["region"]))},
         "image_reliance": image_reliance(ctx, base.folder, ctx.folder / "image_reliance.json"),
     }
     write_json(ctx.folder / "figures.json", figures)
     return figures
 
 
-def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in keys}
+def summary(scores: dict[str, Any]) -> dict[str, Any]:
+    """Scores without the per-question right/wrong (which ``metrics.json`` keeps)."""
+    return {k: v for k, v in scores.items() if k != "correct"}
 
 
 def region_questions(layout: Layout, limit: int) -> Path:

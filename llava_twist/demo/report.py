@@ -19,6 +19,7 @@ from llava_twist.demo.evaluation import (
     heldout_folder,
     heldout_records,
     question_dir,
+    summary,
     twist_names,
 )
 from llava_twist.demo.pipeline import Context, Layout, read_json, write_json
@@ -523,10 +524,10 @@ def write_report(ctx: Context) -> dict[str, Any]:
         "recipe": recipe.to_json(),
         "questions": qcount,
         "models": {n: {**{k: v for k, v in models[n].items() if k != "refexp"},
-                       "refexp": {p: {s: _summary(r) for s, r in sets.items()}
+                       "refexp": {p: {s: summary(r) for s, r in sets.items()}
                                   for p, sets in models[n]["refexp"].items()},
-                       "headline": _summary(models[n]["headline"]),
-                       "understanding": _summary(models[n]["understanding"]),
+                       "headline": summary(models[n]["headline"]),
+                       "understanding": summary(models[n]["understanding"]),
                        "path": os.path.relpath(evaluated[n].folder, out),
                        "trainable_params": get(stamps[n], "info", "trainable_params"),
                        "train": {k: get(stamps[n], "info", k) for k in ("steps", "first_loss", "last_loss")}}
@@ -541,7 +542,3 @@ def write_report(ctx: Context) -> dict[str, Any]:
     return {"best_twist": best, "grid_rows": rows,
             "checks_passed": sum(bool(c.passed) for cs in checks.values() for c in cs)}
 
-
-def _summary(scores: dict[str, Any]) -> dict[str, Any]:
-    """Scores without the per-question right/wrong (which ``work/eval`` keeps)."""
-    return {k: v for k, v in scores.items() if k != "correct"}
