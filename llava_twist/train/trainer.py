@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from llava.train.llava_trainer import LLaVATrainer
+from llava.train.llava_trainer import LengthGroupedSampler, LLaVATrainer
 from torch import nn
+from torch.utils.data import RandomSampler, Sampler
 from transformers import Trainer
+from transformers.trainer_utils import has_length
 
 from llava_twist.model.builder import apply_twist_delta, is_twist_delta, save_twist_delta, twist_state_dict
 from llava_twist.train.steps import MAX_LOGGED_STEPS, SPAN_ANSWER, SPAN_OTHER, span_name
@@ -123,6 +125,24 @@ class TwistTrainer(LLaVATrainer):
                     logs[name] = round(total / count, 6)
             self._metric_sums = None
         super().log(logs)
+
+    # ----- data order -----
+    def _get_train_sampler(self) -> Sampler | None:
+        """LLaVA's samplers (length-grouped with ``--group_by_modality_length``, else random), their order drawn
+        from a generator seeded with ``--seed``. Without one, accelerate gives a sampler under several processes a
+        fresh generator of a fixed seed, and every ``--seed`` trains on the same order."""
+        if self.train_dataset is None or not has_length(self.train_dataset):
+            return None
+        generator = torch.Generator().manual_seed(self.args.seed)
+        if self.args.group_by_modality_length:
+            return LengthGroupedSampler(
+                self.args.train_batch_size,
+                world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+                lengths=self.train_dataset.modality_lengths,
+                generator=generator,
+                group_by_modality=True,
+            )
+        return RandomSampler(self.train_dataset, generator=generator)
 
     # ----- optimizer -----
     def create_optimizer(self) -> torch.optim.Optimizer:
