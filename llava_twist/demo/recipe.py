@@ -298,9 +298,9 @@ def full_recipe() -> Recipe:
         replay_ratio=0.25,
         warmups=(LOOK_LESSON, BOX_LESSON),
         base=TrainSpec(steps=6000, batch=32, lr=1e-3),
-        full_ft=TrainSpec(steps=1200, batch=32, lr=1e-3),
-        lora=TrainSpec(steps=1200, batch=32, lr=2e-3),
-        twist=TrainSpec(steps=1200, batch=32, lr=2e-3),
+        full_ft=TrainSpec(steps=1000, batch=32, lr=1e-3),
+        lora=TrainSpec(steps=1000, batch=32, lr=2e-3),
+        twist=TrainSpec(steps=1000, batch=32, lr=2e-3),
         # Twins of every layer, on the expert alone (a fixed mix of 0: the grounding route never reads the
         # frozen expert, so each expert trains on its own samples only): 14.1% Acc@0.5 against 7.8% for every
         # other layer (600 steps on the 4-head base), and of the output layer: the base's frozen rows cap the
