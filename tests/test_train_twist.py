@@ -401,7 +401,7 @@ def _first_batches(seed: int, grouped: bool) -> list[list[int]]:
     sampler = TwistTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=data))
     loader = prepare_data_loader(DataLoader(data, batch_size=4, sampler=sampler), num_processes=2, process_index=0,
                                  put_on_device=False, rng_types=["generator"])
-    return [batch.tolist() for batch, _ in zip(loader, range(4))]
+    return [batch.tolist() for batch, _ in zip(loader, range(4), strict=False)]
 
 
 @pytest.mark.parametrize("grouped", [True, False])
