@@ -29,8 +29,8 @@ import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
+from llava_twist.serve.images import to_rgb  # noqa: E402
 from llava_twist.serve.inference import (  # noqa: E402
-    MAX_IMAGE_PIXELS,
     GenerationSettings,
     InferenceError,
     InferenceResult,
@@ -74,7 +74,7 @@ def check_image(image: Image.Image | None) -> Image.Image:
     problem = image_size_problem(*image.size)
     if problem:
         raise PlaygroundError(f"The image cannot be used: {problem}.")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def check_query(query: str | None) -> str:
@@ -239,8 +239,9 @@ def check_upload(payload: Any) -> None:
             w, h = im.size
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP).") from exc
-    if w * h > MAX_IMAGE_PIXELS:
-        raise gr.Error(f"{name} is {w}x{h} pixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
+    problem = image_size_problem(w, h)
+    if problem:
+        raise gr.Error(f"{name} cannot be used: {problem}.")
 
 
 def checked_image(**kwargs: Any) -> gr.Image:
@@ -302,7 +303,7 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
         with gr.Row():
             with gr.Column(scale=1):
                 image = checked_image(
-                    type="pil", image_mode="RGB", format="png", label="Image", sources=["upload", "clipboard"],
+                    type="pil", image_mode=None, format="png", label="Image", sources=["upload", "clipboard"],
                     elem_id="input-image", height=320,
                 )
                 query = gr.Textbox(label="Question", placeholder="Where is the red circle? Answer step by step.",

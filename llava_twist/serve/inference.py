@@ -21,11 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from llava_twist.model.routes import ROUTES
 from llava_twist.serve.drawing import draw_boxes
+from llava_twist.serve.images import (  # noqa: F401 - the limits' names, kept importable from here
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    image_size_problem,
+    read_image,
+)
 from llava_twist.serve.result import (
     GroundedBox,
     InferenceError,
@@ -45,8 +52,6 @@ __all__ = [  # the result and drawing names live in their own modules; callers m
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
 DEFAULT_CONV_MODE = "vicuna_v1"
 MODEL_CLASSES = ("twist", "llava")
-MIN_IMAGE_SIDE = 8  # smaller images make CLIP's preprocessing guess the channel axis wrong
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass
@@ -164,28 +169,13 @@ def _load_plain_llava(
     return tokenizer, model, vision_tower.image_processor, getattr(model.config, "max_sequence_length", 2048)
 
 
-def image_size_problem(width: int, height: int) -> str | None:
-    """Why an image of this size cannot be asked about (LLaVA's preprocessing, memory), or None."""
-    if min(width, height) < MIN_IMAGE_SIDE:
-        return f"it is {width}x{height} pixels; both sides must be at least {MIN_IMAGE_SIDE}"
-    if width * height > MAX_IMAGE_PIXELS:
-        megapixels, limit = width * height / 1e6, MAX_IMAGE_PIXELS / 1e6
-        return f"it is {width}x{height} = {megapixels:.0f} megapixels; the limit is {limit:.0f}"
-    return None
-
-
 def load_image(path: str) -> Image.Image:
-    """An RGB image, or an :class:`InferenceError` naming the file."""
-    if not os.path.isfile(path):
-        raise InferenceError(f"image file {path}: not found")
+    """The RGB picture in an image file (:func:`llava_twist.serve.images.read_image`), or an
+    :class:`InferenceError` naming the file."""
     try:
-        with Image.open(path) as im:
-            problem = image_size_problem(*im.size)
-            if problem:
-                raise InferenceError(f"image file {path}: {problem}")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InferenceError(f"image file {path}: cannot be read as an image ({exc})") from exc
+        return read_image(path, f"image file {path}")
+    except ImageError as exc:
+        raise InferenceError(str(exc)) from None
 
 
 def build_prompt(query: str, conv_mode: str = DEFAULT_CONV_MODE, mm_use_im_start_end: bool = False) -> str:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import io
 import queue
 import sys
 import threading
@@ -30,14 +29,14 @@ import requests
 import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoints' annotations here
 from fastapi.responses import StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from llava_twist.serve.images import ImageError, read_image
 from llava_twist.serve.inference import (
     GenerationSettings,
     InferenceError,
     InferenceResult,
     LoadedModel,
-    image_size_problem,
     last_route,
     load_model,
     result_from_text,
@@ -56,20 +55,16 @@ STOPPING = "the worker is shutting down; ask again (the controller will send you
 
 
 def decode_image(data: str, index: int) -> Image.Image:
-    """An RGB image from a request's base64 string, or a :class:`RequestError` naming which one is bad."""
+    """The RGB picture in a request's base64 string (:func:`llava_twist.serve.images.read_image`), or a
+    :class:`RequestError` naming which image is bad."""
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            problem = image_size_problem(*im.size)
-            if problem:
-                raise RequestError(f"image {index}: {problem}")
-            return im.convert("RGB")
     except (binascii.Error, ValueError) as exc:
-        if isinstance(exc, RequestError):
-            raise
         raise RequestError(f"image {index} is not valid base64 ({exc})") from exc
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise RequestError(f"image {index} cannot be decoded as an image ({type(exc).__name__})") from exc
+    try:
+        return read_image(raw, f"image {index}")
+    except ImageError as exc:
+        raise RequestError(str(exc).replace("cannot be read as an image", "cannot be decoded as an image")) from None
 
 
 class TwistModelWorker:
