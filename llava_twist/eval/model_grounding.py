@@ -274,9 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What the command line asks that cannot be right, as an :class:`EvalError`, before any model loads."""
+    from scout_data.output import OutputError, check_output
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise EvalError(f"--temperature {args.temperature}: expected a number of at least 0 (0: greedy)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise EvalError(f"--top_p {args.top_p}: expected a number in (0, 1]")
+    try:  # resuming and --overwrite are the answers file's own rules; here only what it must never be
+        check_output(args.answers_file, [args.question_file], overwrite=True, flag="--answers-file",
+                     inside=[args.model_path, args.model_base, args.image_folder or None])
+    except OutputError as exc:
+        raise EvalError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         stats = eval_model(args)
     except (EvalError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
