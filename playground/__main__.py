@@ -50,7 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(backend.description.replace("**", "").replace("  \n", "\n"))
-    launch(build_demo(backend), args.host, args.port, args.max_file_size, examples_dir=backend.examples_dir)
+    try:
+        demo = build_demo(backend)
+    except PlaygroundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    launch(demo, args.host, args.port, args.max_file_size, examples_dir=backend.examples_dir)
     return 0
 
 

@@ -63,6 +63,7 @@ class RemoteModels:
             if text.startswith(answer) and len(text) > len(answer):
                 yield text[len(answer):]
             answer, last = text, chunk
-        yield result_from_text(answer.strip(), image.size, settings.box_frame or DEFAULT_FRAME,
+        frame = last.get("box_frame") or settings.box_frame or DEFAULT_FRAME  # the frame the worker's model answers in
+        yield result_from_text(answer.strip(), image.size, frame,
                                last.get("twist_route"), last.get("router_prob"), bool(last.get("route_forced")),
                                None, query)

@@ -207,6 +207,38 @@ def test_chunks_carry_steps_and_boxes_in_pixels(tiny_llava: Path) -> None:
     assert [b["label"] for b in chunk["boxes"]] == ["Step 1", "Answer"]
 
 
+def test_a_client_gone_before_its_answer_frees_its_place(tiny_llava: Path) -> None:
+    """LLaVA's web UI gives up after 10 s: a request whose client left before the first chunk must not keep
+    its place (after ``limit`` of them the worker would admit no one)."""
+    from llava_twist.serve.model_worker import build_app
+
+    worker = TwistModelWorker(load_model(str(tiny_llava), device="cpu"), "m", "http://w", "http://c",
+                              limit_model_concurrency=2)
+    app = build_app(worker)
+    body = json.dumps(image_payload("What is it?", max_new_tokens=4)).encode()
+    scope = {"type": "http", "method": "POST", "path": "/worker_generate_stream", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("client", 1), "root_path": ""}
+
+    async def gone_client() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await app(scope, receive, send)
+
+    async def three() -> None:
+        for _ in range(3):
+            await asyncio.wait_for(gone_client(), timeout=60)
+
+    asyncio.run(three())
+    assert worker.queue_length() == 0
+
+
 # ----- the stack -----
 def test_controller_lists_both_workers(stack: dict[str, str]) -> None:
     assert set(list_models(stack["controller"])) >= {TWIST_NAME, PLAIN_NAME}

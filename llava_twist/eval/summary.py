@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_output(prefix + ".md", [], args.overwrite, "--out", made_here=is_summary)
-        check_output(prefix + ".png", [], True, "--out")
+        check_output(prefix + ".png", [], args.overwrite, "--out", made_here=lambda _: is_summary(prefix + ".md"))
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,16 +47,21 @@ def _grey_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The RGB picture a person sees in ``image`` (a new image; ``image`` is left as it is)."""
-    image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, orient: bool = True) -> Image.Image:
+    """The RGB picture a person sees in ``image`` (a new image; ``image`` is left as it is); ``orient``: EXIF
+    orientation applied (LLaVA's training and eval scripts ignore it)."""
+    if orient:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _grey_to_8bit(image)
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "La", "PA", "RGBa"):
+        rgba = "transparency" in image.info or (image.palette is not None and image.palette.mode == "RGBA")
+        image = image.convert("RGBA" if rgba else "RGB")
+    if image.mode == "La":
+        image = image.convert("RGBa").convert("RGBA")
+    if image.mode in ("LA", "PA", "RGBa"):
         image = image.convert("RGBA")
-    if image.mode == "L" and "transparency" in image.info:
+    if image.mode in ("L", "RGB") and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         flat = Image.new("RGB", image.size, BACKGROUND)
@@ -65,9 +70,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """The RGB picture in a file (or in ``bytes``), checked against the limits; :class:`ImageError` names
-    ``name`` (default: the path) and the problem."""
+def read_image(source: str | os.PathLike | bytes, name: str | None = None, orient: bool = True) -> Image.Image:
+    """The RGB picture in a file (or in ``bytes``), checked against the limits (:func:`to_rgb`);
+    :class:`ImageError` names ``name`` (default: the path) and the problem."""
     name = name or (str(source) if not isinstance(source, bytes) else "the image")
     if not isinstance(source, bytes) and not os.path.isfile(source):
         raise ImageError(f"{name}: not found")
@@ -77,6 +82,8 @@ def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
             if problem:
                 raise ImageError(f"{name}: {problem}")
             im.load()
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+            return to_rgb(im, orient)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError, TypeError) as exc:
+        if isinstance(exc, ImageError):
+            raise
         raise ImageError(f"{name}: cannot be read as an image ({type(exc).__name__})") from exc

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from llava_twist.model.routes import ROUTES
 from llava_twist.serve.drawing import draw_boxes
@@ -164,16 +170,16 @@ def _load_plain_llava(
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model()
-    vision_tower.to(device=device, dtype=dtype)
+    vision_tower.to(device=device)  # float32, as LLaVA's and our builder leave it under device_map "auto"
     model.eval()
     return tokenizer, model, vision_tower.image_processor, getattr(model.config, "max_sequence_length", 2048)
 
 
-def load_image(path: str) -> Image.Image:
-    """The RGB picture in an image file (:func:`llava_twist.serve.images.read_image`), or an
-    :class:`InferenceError` naming the file."""
+def load_image(path: str, orient: bool = True) -> Image.Image:
+    """The RGB picture in an image file (:func:`llava_twist.serve.images.read_image`; ``orient``: EXIF
+    orientation applied, as a viewer shows it), or an :class:`InferenceError` naming the file."""
     try:
-        return read_image(path, f"image file {path}")
+        return read_image(path, f"image file {path}", orient=orient)
     except ImageError as exc:
         raise InferenceError(str(exc)) from None
 
@@ -425,6 +431,14 @@ def stream_generate(
         yield item
 
 
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
 def stream_prompt(
     loaded: LoadedModel,
     prompt: str,
@@ -433,15 +447,18 @@ def stream_prompt(
     stop: str | None = None,
 ) -> Iterator[str | InferenceResult]:
     """:func:`stream_generate` for a whole prompt (template applied, an ``<image>`` token when ``image`` is given),
-    ending early when the text reaches ``stop`` (LLaVA's ``stop`` string, not part of the text)."""
+    ending early when the text reaches ``stop`` (LLaVA's ``stop`` string, not part of the text). Closing the
+    iterator stops the generation at its next token and waits for it to end."""
     from llava.mm_utils import KeywordsStoppingCriteria
 
     settings = settings or GenerationSettings()
     frame = settings.frame(loaded)
     inputs = prepare_prompts(loaded, [prompt], [image] if image is not None else [])
     kwargs = _generation_kwargs(loaded, settings)
+    cancel = threading.Event()
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
     if stop:
-        kwargs["stopping_criteria"] = [KeywordsStoppingCriteria([stop], loaded.tokenizer, inputs["input_ids"])]
+        kwargs["stopping_criteria"].append(KeywordsStoppingCriteria([stop], loaded.tokenizer, inputs["input_ids"]))
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
     failure: list[BaseException] = []
 
@@ -463,18 +480,23 @@ def stream_prompt(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        if not piece:
-            continue
-        if stop and (text + piece).find(stop) >= 0:
-            piece = (text + piece)[: (text + piece).find(stop)][len(text):]
-            if piece:
-                text += piece
-                yield piece
-            break
-        text += piece
-        yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            if not piece:
+                continue
+            if stop and (text + piece).find(stop) >= 0:
+                piece = (text + piece)[: (text + piece).find(stop)][len(text):]
+                if piece:
+                    text += piece
+                    yield piece
+                break
+            text += piece
+            yield piece
+    finally:  # closed early (a client gone, a worker stopping): no generation goes on without a reader
+        cancel.set()
+        for _ in streamer:
+            pass
+        thread.join()
     if failure:
         raise failure[0]
     route, prob, forced = _route_rows(_last_route(loaded), 1, settings.num_beams)[0]

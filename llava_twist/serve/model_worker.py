@@ -22,7 +22,7 @@ import binascii
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import requests
@@ -30,6 +30,7 @@ import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoints' annotations here
 from fastapi.responses import StreamingResponse
 from PIL import Image
+from starlette.background import BackgroundTask
 
 from llava_twist.serve.images import ImageError, read_image
 from llava_twist.serve.inference import (
@@ -43,6 +44,7 @@ from llava_twist.serve.inference import (
     stream_prompt,
 )
 from llava_twist.serve.worker_protocol import (
+    CHUNK_END,
     RequestError,
     WorkerRequest,
     encode_chunk,
@@ -51,6 +53,7 @@ from llava_twist.serve.worker_protocol import (
 )
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KEEP_ALIVE_S = 2.0
 STOPPING = "the worker is shutting down; ask again (the controller will send you to another worker)"
 
 
@@ -58,7 +61,7 @@ def decode_image(data: str, index: int) -> Image.Image:
     """The RGB picture in a request's base64 string (:func:`llava_twist.serve.images.read_image`), or a
     :class:`RequestError` naming which image is bad."""
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode("".join(data.split()), validate=True)  # line-wrapped base64 too, as LLaVA's
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"image {index} is not valid base64 ({exc})") from exc
     try:
@@ -125,12 +128,18 @@ class TwistModelWorker:
 
     # ----- requests -----
     async def admit(self) -> None:
-        """Wait for one of ``limit_model_concurrency`` places (counted in the queue length meanwhile)."""
+        """Wait for one of ``limit_model_concurrency`` places (counted in the queue length meanwhile); every
+        admission is followed by one :meth:`release`."""
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.limit)
         with self._count_lock:
             self._requests += 1
-        await self._semaphore.acquire()
+        try:
+            await self._semaphore.acquire()
+        except BaseException:  # the client went away while waiting
+            with self._count_lock:
+                self._requests -= 1
+            raise
 
     def release(self) -> None:
         with self._count_lock:
@@ -156,7 +165,7 @@ class TwistModelWorker:
         body = parsed.to_json()
         return {
             "text": prompt + text, "error_code": 0, "done": done,
-            "twist_route": route, "router_prob": prob, "route_forced": forced,
+            "twist_route": route, "router_prob": prob, "route_forced": forced, "box_frame": body["box_frame"],
             "steps": body["steps"], "answer": body["answer"], "boxes": body["boxes"] if image is not None else [],
         }
 
@@ -177,24 +186,44 @@ class TwistModelWorker:
             prompt = prompt.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN
                                     + DEFAULT_IM_END_TOKEN)
         chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        gone = threading.Event()  # the reader went away: skip the generation, or stop it at its next token
 
         def produce() -> None:
             try:
                 with self._model_lock:
-                    for chunk in self._chunks(request, prompt, image):
-                        chunks.put(chunk)
+                    if gone.is_set() or self.stopping.is_set():
+                        chunks.put(error_chunk(STOPPING) if self.stopping.is_set() else None)
+                        return
+                    stream = self._chunks(request, prompt, image)
+                    try:
+                        for chunk in stream:
+                            chunks.put(chunk)
+                            if gone.is_set():
+                                break
+                    finally:
+                        stream.close()  # stops and joins the generation before the model is free
             except Exception as exc:  # noqa: BLE001 - handed to the reader
                 chunks.put(exc)
             finally:
                 chunks.put(None)
 
         threading.Thread(target=produce, name="worker-generation", daemon=True).start()
-        while (item := chunks.get()) is not None:
-            if isinstance(item, InferenceError):
-                raise RequestError(str(item)) from item
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        try:
+            while True:
+                try:
+                    item = chunks.get(timeout=KEEP_ALIVE_S)
+                except queue.Empty:
+                    yield {}  # waiting for the model: an empty chunk keeps the client's read alive
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, InferenceError):
+                    raise RequestError(str(item)) from item
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            gone.set()
 
     def _chunks(self, request: WorkerRequest, prompt: str, image: Image.Image | None) -> Iterator[dict[str, Any]]:
         text, pieces = "", 0
@@ -210,19 +239,16 @@ class TwistModelWorker:
             if pieces % self.stream_interval == 0:
                 yield self.chunk(request.prompt, text, image, False)
 
-    def stream_bytes(self, params: Any, on_end: Callable[[], None] = lambda: None) -> Iterator[bytes]:
-        """The response body: chunks, or one error chunk naming the problem (the worker goes on serving);
-        ``on_end`` runs when the body ends or is dropped."""
+    def stream_bytes(self, params: Any) -> Iterator[bytes]:
+        """The response body: chunks, or one error chunk naming the problem (the worker goes on serving)."""
         try:
             for chunk in self.generate_stream(parse_request(params)):
-                yield encode_chunk(chunk)
+                yield encode_chunk(chunk) if chunk else CHUNK_END
         except RequestError as exc:
             yield encode_chunk(error_chunk(f"bad request: {exc}"))
         except Exception as exc:  # noqa: BLE001 - a failed generation must reach the client as a chunk
             print(f"generation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             yield encode_chunk(error_chunk(f"generation failed on the worker: {type(exc).__name__}: {exc}"))
-        finally:
-            on_end()
 
 
 def build_app(worker: TwistModelWorker) -> FastAPI:
@@ -236,8 +262,8 @@ def build_app(worker: TwistModelWorker) -> FastAPI:
         except ValueError:
             params = "not JSON"
         await worker.admit()
-        loop = asyncio.get_running_loop()
-        return StreamingResponse(worker.stream_bytes(params, lambda: loop.call_soon_threadsafe(worker.release)))
+        # released once the response ends, a client gone before its first chunk included (as LLaVA's worker)
+        return StreamingResponse(worker.stream_bytes(params), background=BackgroundTask(worker.release))
 
     @app.post("/worker_get_status")
     async def get_status() -> dict[str, Any]:

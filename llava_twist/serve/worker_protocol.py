@@ -50,6 +50,8 @@ def _number(params: dict[str, Any], key: str, default: float, kind: type, low: f
     if value is None:
         return default
     wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not wrong_type and abs(value) > 1e300:
+        raise RequestError(f"{key} is out of range; expected a value from {low:g} to {high:g}")
     if wrong_type or (kind is int and not float(value).is_integer()):
         raise RequestError(f"{key} is {value!r}; expected {'an integer' if kind is int else 'a number'}")
     if not math.isfinite(value) or not low <= value <= high:
