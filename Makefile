@@ -31,7 +31,7 @@ browser:
 	bash scripts/install_browser.sh
 
 test: install browser
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=20
 
 # The demo's base model, trained with the recipe in llava_twist/demo/recipe.py, measured, and released with its
 # card to playground/models/tiny-llava-v1.5 (replacing the committed one); stages cached in playground/data/base-build.

@@ -29,8 +29,8 @@ import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
+from llava_twist.serve.images import to_rgb  # noqa: E402
 from llava_twist.serve.inference import (  # noqa: E402
-    MAX_IMAGE_PIXELS,
     GenerationSettings,
     InferenceError,
     InferenceResult,
@@ -49,6 +49,7 @@ from playground.models import (  # noqa: E402
     resolve_model_source,
 )
 from playground.panels import PanelUpdate  # noqa: E402
+from playground.remote import RemoteModels  # noqa: E402
 from playground.worker import GenerationJob  # noqa: E402
 from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
 
@@ -73,7 +74,7 @@ def check_image(image: Image.Image | None) -> Image.Image:
     problem = image_size_problem(*image.size)
     if problem:
         raise PlaygroundError(f"The image cannot be used: {problem}.")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def check_query(query: str | None) -> str:
@@ -86,7 +87,8 @@ def check_query(query: str | None) -> str:
 
 
 class Backend:
-    """The loaded model behind the UI; one generation at a time (a lock, besides Gradio's queue)."""
+    """The model behind the UI (loaded here, or the models of a LLaVA controller: ``remote``); one generation at a
+    time (a lock, besides Gradio's queue)."""
 
     def __init__(
         self,
@@ -95,10 +97,12 @@ class Backend:
         generate_fn: TextGenerator | None = None,
         box_frame: str | None = None,
         examples_dir: str | Path | None = None,
+        remote: RemoteModels | None = None,
     ) -> None:
-        if loaded is None and generate_fn is None:
-            raise ValueError("Backend needs a loaded model or a generate_fn")
+        if loaded is None and generate_fn is None and remote is None:
+            raise ValueError("Backend needs a loaded model, a generate_fn or a controller's models")
         self.loaded = loaded
+        self.remote = remote
         self.description = description
         self.examples_dir = Path(examples_dir) if examples_dir else EXAMPLES_DIR  # the model's world, else bundled
         self.generate_fn = generate_fn
@@ -115,9 +119,15 @@ class Backend:
 
         return real
 
-    def start(self, query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str | InferenceResult]:
-        """Start generating: text pieces, then (from the real model) the :class:`InferenceResult`."""
+    def start(self, query: str, image: Image.Image, settings: GenerationSettings,
+              model: str | None = None) -> Iterator[str | InferenceResult]:
+        """Start generating: text pieces, then (from a real model) the :class:`InferenceResult`; ``model`` names
+        the controller's model in remote mode."""
         settings.box_frame = settings.box_frame or self.box_frame
+        if self.remote is not None and self.generate_fn is None:
+            if not model:
+                raise PlaygroundError("Pick a model: the controller's models are listed above.")
+            return iter(self.remote.stream(model, query, image, settings))
         return iter(self._generator()(query, image, settings))
 
     def stream(self, query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[PanelUpdate]:
@@ -160,8 +170,11 @@ class Backend:
         compare: bool,
         temperature: float,
         max_new_tokens: float,
+        model: str | None = None,
+        other: str | None = None,
     ) -> Iterator[tuple[Any, ...]]:
-        """The Gradio handler: yields (image, steps, info, data) for TWIST, then the same for original LLaVA.
+        """The Gradio handler: yields (image, steps, info, data) for TWIST, then the same for original LLaVA (in
+        remote mode: for ``model``, then ``other`` on the frozen route, e.g. a plain LLaVA worker of the same base).
 
         The generations run on a :class:`GenerationJob`, which holds the lock until they end: a request closed
         early (cancelled, disconnected) frees the model when its generation ends, however late Python finalises
@@ -175,9 +188,13 @@ class Backend:
             settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
         except PlaygroundError as exc:
             raise gr.Error(str(exc)) from exc
-        routes = [route] + ([FROZEN] if compare and route != FROZEN else [])
-        runs = [GenerationSettings(route=r, **settings) for r in routes]
-        job = GenerationJob(self.lock, [functools.partial(self.start, query, image, s) for s in runs])
+        other = other or model
+        second = compare and (route != FROZEN or other != model)
+        runs = [GenerationSettings(route=route, **settings)] + (
+            [GenerationSettings(route=FROZEN, **settings)] if second else [])
+        models = [model, other][: len(runs)]
+        job = GenerationJob(self.lock, [functools.partial(self.start, query, image, s, m)
+                                        for s, m in zip(runs, models, strict=True)])
         try:
             yield from self._panels(job, runs, query, image, compare)
         except (InferenceError, PlaygroundError) as exc:
@@ -222,8 +239,9 @@ def check_upload(payload: Any) -> None:
             w, h = im.size
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP).") from exc
-    if w * h > MAX_IMAGE_PIXELS:
-        raise gr.Error(f"{name} is {w}x{h} pixels; the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels.")
+    problem = image_size_problem(w, h)
+    if problem:
+        raise gr.Error(f"{name} cannot be used: {problem}.")
 
 
 def checked_image(**kwargs: Any) -> gr.Image:
@@ -285,15 +303,17 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
         with gr.Row():
             with gr.Column(scale=1):
                 image = checked_image(
-                    type="pil", image_mode="RGB", format="png", label="Image", sources=["upload", "clipboard"],
+                    type="pil", image_mode=None, format="png", label="Image", sources=["upload", "clipboard"],
                     elem_id="input-image", height=320,
                 )
                 query = gr.Textbox(label="Question", placeholder="Where is the red circle? Answer step by step.",
                                    lines=2, max_length=MAX_QUERY_CHARS, elem_id="query")
+                models = remote_model_pickers(backend)
                 route = gr.Radio(list(ROUTE_CHOICES), value=next(iter(ROUTE_CHOICES)), label="Route",
                                  elem_id="route")
-                compare = gr.Checkbox(False, label="Side by side: original LLaVA (frozen route) vs TWIST",
-                                      elem_id="compare")
+                compare = gr.Checkbox(False, label=(
+                    "Side by side: the model, and the other one on the frozen route" if backend.remote else
+                    "Side by side: original LLaVA (frozen route) vs TWIST"), elem_id="compare")
                 with gr.Accordion("Sampling", open=False):
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)")
                     max_new_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max new tokens")
@@ -308,13 +328,13 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
             with gr.Column(scale=2):
                 with gr.Row():
                     with gr.Column():
-                        gr.Markdown("### TWIST")
+                        gr.Markdown("### Model" if backend.remote else "### TWIST")
                         out_image = gr.Image(type="pil", format="png", label="TWIST boxes", interactive=False,
                                              elem_id="twist-image")
                         out_info = gr.Markdown(elem_id="twist-info")
                         out_steps = gr.HTML(elem_id="twist-steps")
                     with gr.Column(visible=False) as base_col:
-                        gr.Markdown("### Original LLaVA (frozen route)")
+                        gr.Markdown("### Compared with" if backend.remote else "### Original LLaVA (frozen route)")
                         base_image = gr.Image(type="pil", format="png", label="Original LLaVA boxes",
                                               interactive=False, elem_id="base-image")
                         base_info = gr.Markdown(elem_id="base-info")
@@ -323,12 +343,35 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
                     out_data = gr.JSON(label="TWIST", elem_id="twist-data")
                     base_data = gr.JSON(label="Original LLaVA", elem_id="base-data")
         compare.change(lambda on: gr.update(visible=bool(on)), compare, base_col, api_visibility="private")
-        inputs = [image, query, route, compare, temperature, max_new_tokens]
+        inputs = [image, query, route, compare, temperature, max_new_tokens, *models]
         outputs = [out_image, out_steps, out_info, out_data, base_image, base_steps, base_info, base_data]
         ask.click(backend.run, inputs, outputs, api_name="ask")
         query.submit(backend.run, inputs, outputs, api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
+
+
+def remote_model_pickers(backend: Backend) -> list[gr.Dropdown]:
+    """In remote mode: the model to ask and the one to compare it with (the controller's list, refreshable)."""
+    if backend.remote is None:
+        return []
+    names = backend.remote.names()
+    twist_first = sorted(names, key=lambda n: "twist" not in n.lower())
+    model = gr.Dropdown(names, value=twist_first[0] if names else None, label="Model", elem_id="model")
+    other = gr.Dropdown(names, value=next((n for n in names if n != model.value), model.value),
+                        label="Compare with", elem_id="other-model")
+    refresh = gr.Button("Refresh the controller's models", size="sm", elem_id="refresh-models")
+
+    def refreshed(current: str | None, current_other: str | None) -> tuple[Any, Any]:
+        try:
+            fresh = backend.remote.names()
+        except PlaygroundError as exc:
+            raise gr.Error(str(exc)) from exc
+        keep = [c if c in fresh else (fresh[0] if fresh else None) for c in (current, current_other)]
+        return gr.update(choices=fresh, value=keep[0]), gr.update(choices=fresh, value=keep[1])
+
+    refresh.click(refreshed, [model, other], [model, other], api_visibility="private")
+    return [model, other]
 
 
 THEME_FONTS = dict(
@@ -360,6 +403,17 @@ def launch(
         css=CSS,
     )
     return demo
+
+
+def create_remote_backend(controller_url: str) -> Backend:
+    """A :class:`Backend` over the models a LLaVA controller lists (:mod:`playground.remote`)."""
+    remote = RemoteModels(controller_url)
+    names = remote.names()
+    if not names:
+        raise PlaygroundError(f"the controller at {controller_url} lists no models: start a worker first")
+    description = (f"**Models** served through the LLaVA controller at {controller_url}: "
+                   + ", ".join(f"`{n}`" for n in names))
+    return Backend(None, description, remote=remote)
 
 
 def create_backend(

@@ -48,16 +48,24 @@ class OutputError(Exception):
 
 def check_output(
     path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
-    flag: str = "--out",
+    flag: str = "--out", made_here: Callable[[str], bool] | None = None,
+    inside: Iterable[str | os.PathLike | None] = (),
 ) -> None:
-    """The one rule for every command that writes: never over one of its own inputs; never over an existing
-    file, or into a non-empty folder, unless ``overwrite``. Raises :class:`OutputError` naming the flag."""
+    """The one rule for every command that writes: never over one of its own inputs (symlinks followed); never
+    over an existing file, or into a non-empty folder, unless ``overwrite`` or ``made_here(path)`` says this
+    command wrote it (a rerun replaces its own output); never inside one of the folders ``inside`` (a model it
+    reads). Raises :class:`OutputError` naming the flag."""
     target = os.path.realpath(path)
     for given in inputs:
         if given is not None and os.path.realpath(given) == target:
             raise OutputError(f"{flag} {path} is one of this command's inputs ({given}); inputs are never overwritten")
+    for folder in inside:
+        if folder is not None and os.path.isdir(folder):
+            root = os.path.realpath(folder)
+            if os.path.commonpath([root, target]) == root:
+                raise OutputError(f"{flag} {path} is inside {folder}, which this command reads; write elsewhere")
     taken = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))
-    if taken and not overwrite:
+    if taken and not overwrite and not (made_here is not None and made_here(str(path))):
         raise OutputError(f"{flag} {path} exists and this command did not make it; pass --overwrite to replace it")
 
 

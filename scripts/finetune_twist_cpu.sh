@@ -24,6 +24,7 @@ PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("1
 remove_shm_buffers() { rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$PORT"_[0-9]*; }
 trap remove_shm_buffers EXIT
 
+export CUDA_VISIBLE_DEVICES=""  # the CPU launcher: on a GPU host its cards stay out of it
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 

@@ -7,12 +7,21 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
+# The environment the suite needs, set here so that `pytest`, `pytest tests/x.py::t` from any folder and
+# `make test` run alike: a CPU suite (a GPU host's cards stay hidden), no hub, and DeepSpeed's CPU op loaded from
+# the build `make install` made in the venv (the venv's tools first on PATH, as the launcher's children find them),
+# never compiled again into ~/.cache.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")

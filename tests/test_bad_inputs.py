@@ -78,6 +78,27 @@ PROBES = [
     Probe("JSON nested too deeply", "scout_data validate {deep_json} --image-folder {images}", "nested too deeply"),
     Probe("mix with an infinite ratio", "scout_data mix --scout {synth_train} --replay {synth_train} --out "
           "{out}/m.json --ratio inf", "must be a finite number"),
+    # the output guard (scout_data.output.check_output) in the eval commands
+    Probe("answers file is the question file", "llava_twist.eval.model_grounding --model-path {model} "
+          "--question-file {questions} --image-folder {images} --answers-file {questions} --overwrite --device cpu",
+          "is one of this command's inputs", ("questions",)),
+    Probe("answers file inside the model folder", "llava_twist.eval.model_grounding --model-path {model} "
+          "--question-file {questions} --image-folder {images} --answers-file {model}/answers.jsonl --device cpu",
+          "which this command reads", ("model_config",)),
+    Probe("temperature not a number", "llava_twist.eval.model_grounding --model-path {model} --question-file "
+          "{questions} --image-folder {images} --answers-file {out}/nan.jsonl --temperature nan --device cpu",
+          "--temperature nan"),
+    Probe("scorer's result file is its question file", "llava_twist.eval.eval_refexp --question-file {questions} "
+          "--answers-file {answers} --result-file {questions}", "is one of this command's inputs", ("questions",)),
+    Probe("scorer's result file is someone's notes", "llava_twist.eval.eval_refexp --question-file {questions} "
+          "--answers-file {answers} --result-file {notes}", "did not make it", ("notes",)),
+    Probe("retention result file is the base's answers", "llava_twist.eval.eval_retention --question-file "
+          "{questions} --base-answers {answers} --twist-answers {answers} --result-file {answers}",
+          "is one of this command's inputs", ("answers",)),
+    Probe("question files over the user's", "llava_twist.eval.scout_questions --scout-json {synth_train} "
+          "--out-dir {user_questions}", "did not make it", ("user_question_file",)),
+    Probe("summary over the user's summary.md", "llava_twist.eval.summary {user_summary}", "did not make it",
+          ("user_summary_md",)),
 ]
 
 
@@ -128,6 +149,20 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
 
     assert scout(["synth", "--out", str(f["synth_dir"]), "--num", "4", "--quiet"]) == 0
     f["synth_train"] = f["synth_dir"] / "train.json"
+    f["answers"] = root / "answers.jsonl"
+    f["answers"].write_text(json.dumps({"question_id": "q0", "text": "[0.1, 0.2, 0.3, 0.4]"}) + "\n")
+    from llava_twist.eval.scout_questions import convert
+
+    benches = convert(str(f["synth_train"]), str(root / "own-questions"))
+    f["user_questions"] = root / "my-questions"
+    f["user_questions"].mkdir()
+    for bench in benches:  # the user's own files under every name the converter writes
+        (f["user_questions"] / f"{bench}.jsonl").write_text('{"mine": 1}\n')
+    f["user_question_file"] = f["user_questions"] / f"{sorted(benches)[0]}.jsonl"
+    f["user_summary"] = root / "my-results"
+    f["user_summary"].mkdir()
+    f["user_summary_md"] = f["user_summary"] / "summary.md"
+    f["user_summary_md"].write_text("my summary of last week\n")
     for name, image, box in [("train_json", "0.png", "[0.10, 0.20, 0.30, 0.40]"),
                              ("bad_box_json", "0.png", "[0.30, 0.20, 0.30, 0.40]"),
                              ("escape_json", "../images/0.png", "[0.10, 0.20, 0.30, 0.40]")]:

@@ -212,8 +212,10 @@ def test_checked_image_rejects_unreadable_and_huge_uploads(tmp_path: Path, monke
     good = tmp_path / "ok.png"
     grey(300, 200).save(good)
     assert comp.preprocess(ImageData(path=str(good), orig_name="ok.png")).size == (300, 200)
-    monkeypatch.setattr(app, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
-    with pytest.raises(gr.Error, match="ok.png is 300x200 pixels"):
+    from llava_twist.serve import images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(gr.Error, match="ok.png cannot be used: it is 300x200 = 0 megapixels"):
         comp.preprocess(ImageData(path=str(good), orig_name="ok.png"))
 
 

@@ -197,6 +197,7 @@ def test_concurrent_users_run_one_at_a_time(client: Client, served: tuple[str, a
             Image.open(EXAMPLES[i]["path"]).size)
 
 
+@pytest.mark.browser
 def test_browser_picks_an_example_and_sees_the_boxes(served: tuple[str, app.Backend], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -252,7 +253,7 @@ def test_a_cancelled_request_does_not_block_the_server(client: Client, served: t
         state["now"] += 1
         state["max"] = max(state["max"], state["now"])
         try:
-            for i in range(150 if query == "slow" else 3):
+            for i in range(400 if query == "slow" else 3):
                 started.set()
                 state["pieces"] += 1
                 time.sleep(0.02)
@@ -264,12 +265,12 @@ def test_a_cancelled_request_does_not_block_the_server(client: Client, served: t
         job = ask(client, EXAMPLES[0]["path"], "slow")
         assert started.wait(30)
         job.cancel()
-        t0 = time.monotonic()
         with urllib.request.urlopen(f"{served[0]}gradio_api/info", timeout=10) as r:
             assert r.status == 200
-        assert time.monotonic() - t0 < 2.0  # the event loop is not busy finishing the cancelled generation
+            answered_while_running = state["now"] == 1  # the server answers beside the cancelled generation
         final = ask(client, EXAMPLES[0]["path"], "next").result(timeout=60)
+    assert answered_while_running
     assert final[3]["done"] and len(final[3]["steps"]) == 3
-    assert state["max"] == 1 and state["pieces"] == 153  # the cancelled one ran to its end, alone
+    assert state["max"] == 1  # the cancelled generation and the next never shared the model
     assert served[1].lock.acquire(timeout=10)
     served[1].lock.release()

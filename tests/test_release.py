@@ -27,6 +27,8 @@ from llava_twist.demo.release import (
 )
 from llava_twist.demo.stages import build_stages
 
+pytestmark = [pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / SHIPPED_BASE
 
@@ -110,16 +112,22 @@ def test_the_demo_imports_the_release_instead_of_training_a_base() -> None:
 
 
 def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
     from llava_twist.serve.inference import generate, load_model
+    from scout_data.sources import synthetic
     from scout_data.sources.synthetic import config_from_args, make_scene, render_scene
-    from tests.test_scout_synthetic import synth_args
 
     monkeypatch.chdir(REPO)
     loaded = load_model(SHIPPED_BASE, device="cpu")
     world = get_recipe("full").base_data
     flags = world.synth_args(0)
     seed_at = flags.index("--seed")
-    cfg = config_from_args(synth_args(*flags[:seed_at], *flags[seed_at + 2:]))
+    parser = argparse.ArgumentParser()
+    synthetic.add_arguments(parser)
+    args = parser.parse_args([*flags[:seed_at], *flags[seed_at + 2:]])
+    args.seed, args.out = 0, None
+    cfg = config_from_args(args)
     rng = random.Random(5)
     image = render_scene(make_scene(rng, cfg), rng, cfg)
     out = generate(loaded, ["Please provide the bounding box coordinate of the region this sentence describes: "

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deepspeed_shm import free_port, shm_buffers  # noqa: E402
 from twist_train_data import write_dataset  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_STEPS = 8, 4
 EXTRA = ["--twist_save_full", "True", "--twist_router_lr", "1.0", "--twist_step_weights", "answer:2"]

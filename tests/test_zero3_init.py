@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from deepspeed_shm import free_port, shm_buffers  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
 
 HELPER = Path(__file__).parent / "helpers" / "zero3_init_check.py"
 

@@ -154,6 +154,30 @@ def add_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers-file", required=True)
     parser.add_argument("--result-file", default=None, help="default: <answers-file stem>.result.json")
     parser.add_argument("--name", default=None, help="name of this result in summaries (default: the answers file)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a --result-file that is not a scorer's result (a scorer's own is replaced)")
+
+
+def is_result_file(path: str) -> bool:
+    """Whether ``path`` is a result JSON a scorer wrote (one a rerun may replace)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "metrics" in data and "question_file" in data
+
+
+def result_target(path: str, inputs: Sequence[str], overwrite: bool) -> str:
+    """``path`` once it is safe to write: never an input, never a file a scorer did not write (without
+    ``overwrite``); :class:`EvalError` otherwise."""
+    from scout_data.output import OutputError, check_output
+
+    try:
+        check_output(path, inputs, overwrite, "--result-file", made_here=is_result_file)
+    except OutputError as exc:
+        raise EvalError(str(exc)) from None
+    return path
 
 
 def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argparse.ArgumentParser,
@@ -161,6 +185,8 @@ def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argpars
     """Parse, score, write the result JSON, print the metrics; input problems exit 2 with a message."""
     args = parser.parse_args(argv)
     try:
+        path = result_target(args.result_file or default_result_file(args.answers_file),
+                             [args.question_file, args.answers_file], args.overwrite)
         result = fn(args)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -168,7 +194,6 @@ def run_main(fn: Callable[[argparse.Namespace], dict[str, Any]], parser: argpars
     result.setdefault("name", args.name or os.path.basename(args.answers_file))
     result["answers_file"] = os.path.abspath(args.answers_file)
     result["question_file"] = os.path.abspath(args.question_file)
-    path = args.result_file or default_result_file(args.answers_file)
     write_result(path, result)
     print(format_metrics(result))
     print(f"wrote {path}")

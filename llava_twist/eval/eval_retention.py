@@ -31,6 +31,7 @@ from llava_twist.eval.common import (
     group_key,
     ratio,
     read_jsonl,
+    result_target,
     write_result,
 )
 
@@ -130,12 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--twist-answers", required=True, help="answers of TWIST (auto route)")
     p.add_argument("--result-file", default=None, help="default: <twist-answers stem>.retention.result.json")
     p.add_argument("--name", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --result-file that is not a scorer's result (a scorer's own is replaced)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    path = args.result_file or default_result_file(args.twist_answers).replace(".result.json", ".retention.result.json")
     try:
+        result_target(path, [args.question_file, args.base_answers, args.twist_answers], args.overwrite)
         result = score_retention(
             read_jsonl(args.question_file, "question file"),
             read_jsonl(args.base_answers, "base answers file"),
@@ -150,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_answers=os.path.abspath(args.base_answers),
         twist_answers=os.path.abspath(args.twist_answers),
     )
-    path = args.result_file or default_result_file(args.twist_answers).replace(".result.json", ".retention.result.json")
     write_result(path, result)
     print(format_metrics(result))
     print(f"  routes: {result['routes']}; router probability histogram: {result['router_prob_histogram']}")

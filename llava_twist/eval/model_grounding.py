@@ -184,7 +184,8 @@ def answer_questions(
     with its ``prompt`` style (:mod:`llava_twist.eval.prompts`)."""
 
     def load(batch: list[dict[str, Any]]) -> list[Any]:
-        return [load_image(os.path.join(image_folder, q["image"])) for q in batch]
+        # as LLaVA's training and model_vqa read them: EXIF orientation not applied
+        return [load_image(os.path.join(image_folder, q["image"]), orient=False) for q in batch]
 
     batches = list(_batches(questions, max(1, batch_size)))
     out: list[dict[str, Any]] = []
@@ -274,9 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What the command line asks that cannot be right, as an :class:`EvalError`, before any model loads."""
+    from scout_data.output import OutputError, check_output
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise EvalError(f"--temperature {args.temperature}: expected a number of at least 0 (0: greedy)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise EvalError(f"--top_p {args.top_p}: expected a number in (0, 1]")
+    try:  # resuming and --overwrite are the answers file's own rules; here only what it must never be
+        check_output(os.path.expanduser(args.answers_file), [os.path.expanduser(args.question_file)],
+                     overwrite=True, flag="--answers-file", inside=[
+                         os.path.expanduser(p) for p in (args.model_path, args.model_base) if p])
+    except OutputError as exc:
+        raise EvalError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         stats = eval_model(args)
     except (EvalError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -115,8 +115,20 @@ def question_for(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     return bench, q
 
 
-def convert(scout_json: str, out_dir: str, limit: int | None = None) -> dict[str, int]:
-    """Write ``out_dir/<benchmark>.jsonl`` from a SCOUT JSON list; returns lines per benchmark."""
+WRITTEN = ".scout-questions.json"  # the question files this command wrote into a folder (a rerun may replace them)
+
+
+def written_here(out_dir: str) -> set[str]:
+    try:
+        with open(os.path.join(out_dir, WRITTEN), encoding="utf-8") as f:
+            return set(json.load(f).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def convert(scout_json: str, out_dir: str, limit: int | None = None, overwrite: bool = False) -> dict[str, int]:
+    """Write ``out_dir/<benchmark>.jsonl`` from a SCOUT JSON list; returns lines per benchmark. A question file
+    already there that this command did not write is refused unless ``overwrite``."""
     if not os.path.isfile(scout_json):
         raise EvalError(f"--scout-json {scout_json}: not found")
     try:
@@ -137,8 +149,20 @@ def convert(scout_json: str, out_dir: str, limit: int | None = None) -> dict[str
             continue
         counts[got[0]] += 1
         lines.setdefault(got[0], []).append(json.dumps(got[1], ensure_ascii=False) + "\n")
+    from scout_data.output import OutputError, check_output
+
+    ours = written_here(out_dir)
+    try:
+        for bench in lines:
+            check_output(os.path.join(out_dir, f"{bench}.jsonl"), [scout_json], overwrite, "--out-dir",
+                         made_here=lambda path: os.path.basename(path) in ours)
+    except OutputError as exc:
+        raise EvalError(str(exc)) from None
     for bench, rows in lines.items():
         atomic_write_text(os.path.join(out_dir, f"{bench}.jsonl"), "".join(rows))
+    if lines:
+        atomic_write_text(os.path.join(out_dir, WRITTEN),
+                          json.dumps({"files": sorted(ours | {f"{b}.jsonl" for b in lines})}) + "\n")
     return dict(counts)
 
 
@@ -150,9 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scout-json", required=True, help="a SCOUT split file, e.g. DIR/test.json")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per benchmark")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace question files in --out-dir that this command did not write")
     args = p.parse_args(argv)
     try:
-        counts = convert(args.scout_json, args.out_dir, args.limit)
+        counts = convert(args.scout_json, args.out_dir, args.limit, args.overwrite)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -100,10 +100,22 @@ def write_chart(results: Sequence[dict[str, Any]], path: str) -> bool:
     return True
 
 
+HEADER = "# Evaluation summary\n\n"
+
+
+def is_summary(path: str) -> bool:
+    """Whether ``path`` is a summary this command wrote (one a rerun may replace)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(len(HEADER)) == HEADER
+    except (OSError, ValueError):
+        return False
+
+
 def summarize(folder: str, out_prefix: str) -> tuple[str, str | None, int]:
     """Write ``<out_prefix>.md`` and ``<out_prefix>.png``; returns their paths (png None if empty) and the count."""
     results = find_results(folder)
-    md = "# Evaluation summary\n\n" + (markdown_table(results) if results else f"No result files under {folder}.\n")
+    md = HEADER + (markdown_table(results) if results else f"No result files under {folder}.\n")
     md_path = out_prefix + ".md"
     atomic_write_text(md_path, md)
     png_path = out_prefix + ".png"
@@ -117,11 +129,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("folder", help="folder searched (recursively) for result JSON files")
     p.add_argument("--out", default=None, help="output prefix (default: <folder>/summary)")
+    p.add_argument("--overwrite", action="store_true", help="replace a <prefix>.md that is not a summary")
     args = p.parse_args(argv)
     if not os.path.isdir(args.folder):
         print(f"error: {args.folder}: not a folder", file=sys.stderr)
         return 2
-    md_path, png_path, n = summarize(args.folder, args.out or os.path.join(args.folder, "summary"))
+    prefix = args.out or os.path.join(args.folder, "summary")
+    from scout_data.output import OutputError, check_output
+
+    try:
+        check_output(prefix + ".md", [], args.overwrite, "--out", made_here=is_summary)
+        check_output(prefix + ".png", [], args.overwrite, "--out", made_here=lambda _: is_summary(prefix + ".md"))
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md_path, png_path, n = summarize(args.folder, prefix)
     with open(md_path, encoding="utf-8") as f:
         print(f.read())
     print(f"{n} results; wrote {md_path}" + (f" and {png_path}" if png_path else ""))

@@ -386,7 +386,9 @@ def load_pretrained_model(
     if not vision_tower.is_loaded:
         vision_tower.load_model(device_map=load_kwargs["device_map"])
     if not (load_8bit or load_4bit):
-        vision_tower.to(device=device, dtype=dtype)
+        # As LLaVA's loader: under its default device_map "auto" the tower keeps the float32 it loads in (so an
+        # understanding answer matches LLaVA's own worker and eval scripts token for token); else the model's dtype.
+        vision_tower.to(device=device, dtype=None if device_map == "auto" else dtype)
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, vision_tower.image_processor, context_len

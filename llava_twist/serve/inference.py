@@ -21,11 +21,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from transformers import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
+from PIL import Image
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from llava_twist.model.routes import ROUTES
 from llava_twist.serve.drawing import draw_boxes
+from llava_twist.serve.images import (  # noqa: F401 - the limits' names, kept importable from here
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    image_size_problem,
+    read_image,
+)
 from llava_twist.serve.result import (
     GroundedBox,
     InferenceError,
@@ -38,15 +51,13 @@ from scout_data.boxes import model_frame
 __all__ = [  # the result and drawing names live in their own modules; callers may keep importing them here
     "DEFAULT_CONV_MODE", "MODEL_CLASSES", "ROUTES", "GenerationSettings", "GroundedBox", "InferenceError",
     "InferenceResult", "LoadedModel", "answer_box_spans", "draw_boxes", "generate", "load_image", "load_model",
-    "prepare_inputs", "result_from_text", "stream_generate",
+    "prepare_inputs", "prepare_prompts", "result_from_text", "stream_generate", "stream_prompt",
 ]
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
 DEFAULT_CONV_MODE = "vicuna_v1"
 MODEL_CLASSES = ("twist", "llava")
-MIN_IMAGE_SIDE = 8  # smaller images make CLIP's preprocessing guess the channel axis wrong
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass
@@ -159,33 +170,18 @@ def _load_plain_llava(
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model()
-    vision_tower.to(device=device, dtype=dtype)
+    vision_tower.to(device=device)  # float32, as LLaVA's and our builder leave it under device_map "auto"
     model.eval()
     return tokenizer, model, vision_tower.image_processor, getattr(model.config, "max_sequence_length", 2048)
 
 
-def image_size_problem(width: int, height: int) -> str | None:
-    """Why an image of this size cannot be asked about (LLaVA's preprocessing, memory), or None."""
-    if min(width, height) < MIN_IMAGE_SIDE:
-        return f"it is {width}x{height} pixels; both sides must be at least {MIN_IMAGE_SIDE}"
-    if width * height > MAX_IMAGE_PIXELS:
-        megapixels, limit = width * height / 1e6, MAX_IMAGE_PIXELS / 1e6
-        return f"it is {width}x{height} = {megapixels:.0f} megapixels; the limit is {limit:.0f}"
-    return None
-
-
-def load_image(path: str) -> Image.Image:
-    """An RGB image, or an :class:`InferenceError` naming the file."""
-    if not os.path.isfile(path):
-        raise InferenceError(f"image file {path}: not found")
+def load_image(path: str, orient: bool = True) -> Image.Image:
+    """The RGB picture in an image file (:func:`llava_twist.serve.images.read_image`; ``orient``: EXIF
+    orientation applied, as a viewer shows it), or an :class:`InferenceError` naming the file."""
     try:
-        with Image.open(path) as im:
-            problem = image_size_problem(*im.size)
-            if problem:
-                raise InferenceError(f"image file {path}: {problem}")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InferenceError(f"image file {path}: cannot be read as an image ({exc})") from exc
+        return read_image(path, f"image file {path}", orient=orient)
+    except ImageError as exc:
+        raise InferenceError(str(exc)) from None
 
 
 def build_prompt(query: str, conv_mode: str = DEFAULT_CONV_MODE, mm_use_im_start_end: bool = False) -> str:
@@ -230,17 +226,19 @@ def prepare_inputs(
     loaded: LoadedModel, queries: Sequence[str], images: Sequence[Image.Image], conv_mode: str = DEFAULT_CONV_MODE
 ) -> dict[str, Any]:
     """Left-padded ``input_ids`` and ``attention_mask``, the image tensor and sizes for a batch."""
-    from llava.constants import IMAGE_TOKEN_INDEX
-    from llava.mm_utils import process_images, tokenizer_image_token
-
     if len(queries) != len(images):
         raise ValueError(f"{len(queries)} queries but {len(images)} images")
     mm_start_end = bool(getattr(loaded.model.config, "mm_use_im_start_end", False))
-    ids = [
-        tokenizer_image_token(build_prompt(q, conv_mode, mm_start_end), loaded.tokenizer, IMAGE_TOKEN_INDEX,
-                              return_tensors="pt")
-        for q in queries
-    ]
+    return prepare_prompts(loaded, [build_prompt(q, conv_mode, mm_start_end) for q in queries], images)
+
+
+def prepare_prompts(loaded: LoadedModel, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, Any]:
+    """:func:`prepare_inputs` for whole prompts (a conversation template already applied, one ``<image>`` token
+    per image); no images: a text-only batch (``images`` is None)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    ids = [tokenizer_image_token(p, loaded.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts]
     check_prompt_length(loaded, ids)
     width = max(len(x) for x in ids)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -249,16 +247,18 @@ def prepare_inputs(
     for i, x in enumerate(ids):
         input_ids[i, width - len(x):] = x
         attention_mask[i, width - len(x):] = 1
-    pixels = process_images(list(images), loaded.image_processor, loaded.model.config)
-    if isinstance(pixels, list):
-        pixels = [p.to(loaded.device, dtype=loaded.dtype) for p in pixels]
-    else:
-        pixels = pixels.to(loaded.device, dtype=loaded.dtype)
+    pixels = None
+    if images:
+        pixels = process_images(list(images), loaded.image_processor, loaded.model.config)
+        if isinstance(pixels, list):
+            pixels = [p.to(loaded.device, dtype=loaded.dtype) for p in pixels]
+        else:
+            pixels = pixels.to(loaded.device, dtype=loaded.dtype)
     return {
         "input_ids": input_ids.to(loaded.device),
         "attention_mask": attention_mask.to(loaded.device),
         "images": pixels,
-        "image_sizes": [im.size for im in images],
+        "image_sizes": [im.size for im in images] if images else None,
     }
 
 
@@ -423,9 +423,42 @@ def stream_generate(
 ) -> Iterator[str | InferenceResult]:
     """Yield text increments as they are generated, then the :class:`InferenceResult` (with the route)."""
     settings = settings or GenerationSettings()
+    mm_start_end = bool(getattr(loaded.model.config, "mm_use_im_start_end", False))
+    prompt = build_prompt(query, settings.conv_mode, mm_start_end)
+    for item in stream_prompt(loaded, prompt, image, settings):
+        if isinstance(item, InferenceResult):
+            item.prompt = query
+        yield item
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+def stream_prompt(
+    loaded: LoadedModel,
+    prompt: str,
+    image: Image.Image | None,
+    settings: GenerationSettings | None = None,
+    stop: str | None = None,
+) -> Iterator[str | InferenceResult]:
+    """:func:`stream_generate` for a whole prompt (template applied, an ``<image>`` token when ``image`` is given),
+    ending early when the text reaches ``stop`` (LLaVA's ``stop`` string, not part of the text). Closing the
+    iterator stops the generation at its next token and waits for it to end."""
+    from llava.mm_utils import KeywordsStoppingCriteria
+
+    settings = settings or GenerationSettings()
     frame = settings.frame(loaded)
-    inputs = prepare_inputs(loaded, [query], [image], settings.conv_mode)
+    inputs = prepare_prompts(loaded, [prompt], [image] if image is not None else [])
     kwargs = _generation_kwargs(loaded, settings)
+    cancel = threading.Event()
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+    if stop:
+        kwargs["stopping_criteria"].append(KeywordsStoppingCriteria([stop], loaded.tokenizer, inputs["input_ids"]))
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
     failure: list[BaseException] = []
 
@@ -446,14 +479,31 @@ def stream_generate(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    pieces: list[str] = []
-    for piece in streamer:
-        if piece:
-            pieces.append(piece)
+    text = ""
+    try:
+        for piece in streamer:
+            if not piece:
+                continue
+            if stop and (text + piece).find(stop) >= 0:
+                piece = (text + piece)[: (text + piece).find(stop)][len(text):]
+                if piece:
+                    text += piece
+                    yield piece
+                break
+            text += piece
             yield piece
-    thread.join()
+    finally:  # closed early (a client gone, a worker stopping): no generation goes on without a reader
+        cancel.set()
+        for _ in streamer:
+            pass
+        thread.join()
     if failure:
         raise failure[0]
-    text = "".join(pieces).strip()
     route, prob, forced = _route_rows(_last_route(loaded), 1, settings.num_beams)[0]
-    yield result_from_text(text, image.size, frame, route, prob, forced, None, query)
+    size = image.size if image is not None else (1, 1)
+    yield result_from_text(text.strip(), size, frame, route, prob, forced, None, prompt)
+
+
+def last_route(loaded: LoadedModel) -> tuple[str | None, float | None, bool]:
+    """Route, router probability and whether it was forced, of the last prefill (Nones for plain LLaVA)."""
+    return _route_rows(_last_route(loaded), 1, 1)[0]

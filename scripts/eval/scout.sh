@@ -3,6 +3,7 @@
 # files, answers them, scores them, retention on its qa questions, and writes the summary table + chart.
 #   SCOUT_JSON=./playground/data/scout/synthetic/test.json IMAGE_FOLDER=./playground/data/scout/synthetic/images \
 #   MODEL_PATH=./checkpoints/tiny-twist bash scripts/eval/scout.sh
+# OVERWRITE=1 replaces question files in EVAL that the converter did not write (a rerun replaces its own).
 set -e
 source "$(dirname "$0")/_chunks.sh"
 CKPT=${CKPT:-llava-v1.5-7b-twist}
@@ -11,7 +12,7 @@ SCOUT_JSON=${SCOUT_JSON:-./playground/data/scout/synthetic/test.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-$(dirname "$SCOUT_JSON")/images}
 EVAL=${EVAL:-./playground/data/eval/scout}
 
-$PYTHON -m llava_twist.eval.scout_questions --scout-json "$SCOUT_JSON" --out-dir "$EVAL" ${LIMIT:+--limit "$LIMIT"}
+$PYTHON -m llava_twist.eval.scout_questions --scout-json "$SCOUT_JSON" --out-dir "$EVAL" ${LIMIT:+--limit "$LIMIT"} ${OVERWRITE:+--overwrite}
 declare -A SCORER=([refexp]=eval_refexp [grounded_caption]=eval_grounded_caption [localization]=eval_localization)
 for BENCH in refexp grounded_caption localization; do
     [ -f "$EVAL/$BENCH.jsonl" ] || continue
