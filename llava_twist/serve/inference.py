@@ -479,7 +479,7 @@ def stream_prompt(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    text = ""
+    text, ended = "", False
     try:
         for piece in streamer:
             if not piece:
@@ -492,10 +492,13 @@ def stream_prompt(
                 break
             text += piece
             yield piece
-    finally:  # closed early (a client gone, a worker stopping): no generation goes on without a reader
-        cancel.set()
-        for _ in streamer:
-            pass
+        else:
+            ended = True
+    finally:  # left early (the stop string, a client gone, a worker stopping): no generation goes on unread
+        if not ended:
+            cancel.set()
+            for _ in streamer:  # to the streamer's end, which generate signals when it stops
+                pass
         thread.join()
     if failure:
         raise failure[0]
