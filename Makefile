@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,dev]"
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,serve,dev]"
 	$(PIP) install -q --no-deps $(LLAVA)
 	$(PY) -c "import llava_twist.model, scout_data, deepspeed, peft" >/dev/null
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null

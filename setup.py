@@ -34,6 +34,8 @@ setup(
     extras_require={
         "train": ["deepspeed==0.19.8", "peft==0.10.0"],
         "demo": ["gradio==6.17.3"],
+        # the model worker in LLaVA's serving stack (llava_twist.serve.model_worker) and LLaVA's controller
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "requests>=2.31"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "playwright>=1.50"],
     },
     entry_points={
