@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,17 +36,14 @@ from llava_twist.serve.worker_protocol import (
     worker_status,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from deepspeed_shm import free_port  # noqa: E402
+
 TWIST_NAME = "llava-v1.5-tiny-twist"
 PLAIN_NAME = "llava-v1.5-tiny"
 LIMIT = 2
 STARTUP_S = 120
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path) -> None:
