@@ -33,14 +33,14 @@ browser:
 test: install browser
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=20
 
-# The demo's base model, trained with the recipe in llava_twist/demo/recipe.py, measured, and released with its
+# The demo's base model, trained with the recipe in playground/miniature/recipe.py, measured, and released with its
 # card to playground/models/tiny-llava-v1.5 (replacing the committed one); stages cached in playground/data/base-build.
 base: install
-	$(PY) -m llava_twist.demo.release --overwrite $(BASE_ARGS)
+	$(PY) -m playground.miniature.make_base --overwrite $(BASE_ARGS)
 
 # The paper's claim in miniature on CPU; stages are cached in playground/data/demo (demo-clean resets).
 demo: install
-	$(PY) -m llava_twist.demo $(DEMO_ARGS)
+	$(PY) -m playground.miniature $(DEMO_ARGS)
 
 demo-clean:
 	rm -rf playground/data/demo

@@ -7,8 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_twist.demo.pointer import PointerError, read_pointer
 from llava_twist.serve.inference import LoadedModel
+from playground.pointer import PointerError, read_pointer
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent
 DATA_DIR = PLAYGROUND_DIR / "data"
@@ -42,7 +42,7 @@ def ensure_tiny_model(out_dir: str | Path = TINY_DIR) -> Path:
 
 
 def find_demo_model(demo_dir: str | Path = DEMO_DIR) -> ModelSource | None:
-    """The model ``make demo`` trained, named by its pointer (:mod:`llava_twist.demo.pointer`); None when there
+    """The model ``make demo`` trained, named by its pointer (:mod:`playground.pointer`); None when there
     is none."""
     try:
         pointer = read_pointer(demo_dir)

@@ -7,7 +7,7 @@ optimizer step, median), each with its ratio to full fine-tuning measured in the
     python scripts/bench_train.py [--hidden 256 --layers 4 --batch 4 --steps 8 --threads 2]
     python scripts/bench_train.py --demo-step [--steps 40]
 
-``--demo-step``: the demo's own steps. The demo's own stages (``llava_twist.demo``: its data, the released base,
+``--demo-step``: the demo's own steps. The demo's own stages (``playground.miniature``: its data, the released base,
 its TWIST run through the ZeRO-3 launcher and its full fine-tuning through LLaVA's trainer, ``--steps`` steps
 each) give the trainer step (``train_runtime / steps``); the bare step (forward + backward + AdamW of the same
 model, one process, on batches of the demo's data collated in advance) is measured in the same run, and the
@@ -169,13 +169,13 @@ def demo_step(args: argparse.Namespace) -> None:
     import transformers
     from llava.train.train import DataArguments
 
-    from llava_twist.demo.pipeline import Layout, read_json, run_stage
-    from llava_twist.demo.recipe import get_recipe
-    from llava_twist.demo.stages import build_stages
     from llava_twist.train.arguments import TwistArguments
     from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset
     from llava_twist.train.records import validated_records
     from llava_twist.train.train_twist import set_conversation_template
+    from playground.miniature.recipe import get_recipe
+    from playground.miniature.runner import Layout, read_json, run_stage
+    from playground.miniature.stages import build_stages
 
     recipe = get_recipe("full")
     recipe = dataclasses.replace(recipe, threads=args.threads,

@@ -63,8 +63,8 @@ Draw = Callable[[random.Random], Scene]
 
 
 def world_config() -> SynthConfig:
-    """The demo's world (``llava_twist.demo.recipe.WORLD``) with 2-4 objects a scene."""
-    from llava_twist.demo.recipe import WORLD, SceneSpec
+    """The demo's world (``playground.miniature.recipe.WORLD``) with 2-4 objects a scene."""
+    from playground.miniature.recipe import WORLD, SceneSpec
     from scout_data.sources.synthetic import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
@@ -101,7 +101,7 @@ class WorldScenes:
     def __init__(self, tower: str | Path | None, train: int, held_out: int, seed: int, select_layer: int = -2) -> None:
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
-        from llava_twist.demo.vision_pretrain import patch_features, preprocess
+        from playground.miniature.vision_pretrain import patch_features, preprocess
 
         cfg = world_config()
         if (cfg.grid, len(cfg.shapes), len(cfg.colours)) != (GRID, SHAPES, COLOURS):

@@ -1,8 +1,8 @@
-"""``llava_twist.demo.chain_misses``: where answer and step boxes land among a scene's objects."""
+"""``playground.miniature.chain_misses``: where answer and step boxes land among a scene's objects."""
 
 from __future__ import annotations
 
-from llava_twist.demo.chain_misses import chain_misses
+from playground.miniature.chain_misses import chain_misses
 
 OBJECTS = [  # 64 px scene, pixel boxes
     {"shape": "circle", "colour": "red", "size": "large", "box_xyxy_px": [1.0, 1.0, 15.0, 15.0]},

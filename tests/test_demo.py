@@ -1,4 +1,4 @@
-"""``make demo`` (``python -m llava_twist.demo``) end to end at the ``ci`` budget: every stage runs and is
+"""``make demo`` (``python -m playground.miniature``) end to end at the ``ci`` budget: every stage runs and is
 cached on a rerun, the report has its structure, and TWIST's answers to understanding questions are the
 base's (the property that holds at any budget). Plus the stage cache and failure reports on toy stages."""
 
@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from llava_twist.demo.pipeline import STAMP, Context, Layout, Stage, StageError, run_stage
-from llava_twist.demo.recipe import BOX_LESSON, get_recipe
-from llava_twist.demo.stages import build_stages
 from llava_twist.eval.answer_loss import MASS_KINDS
+from playground.miniature.recipe import BOX_LESSON, get_recipe
+from playground.miniature.runner import STAMP, Context, Layout, Stage, StageError, run_stage
+from playground.miniature.stages import build_stages, stage_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -36,7 +36,7 @@ ROW_LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA", 
 def run_demo_cli(out: Path) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "llava_twist.demo", "--profile", "ci", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "playground.miniature", "--profile", "ci", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -328,8 +328,10 @@ class ToyRecipe:
     def __init__(self, **settings: int) -> None:
         self.settings = settings
 
-    def stage_config(self, stage: str) -> dict[str, Any]:
-        return {"value": self.settings.get(stage, 0)}
+
+
+def toy_config(stage: str) -> Any:
+    return lambda recipe: {"value": recipe.settings.get(stage, 0)}
 
 
 def toy_stages(calls: list[str]) -> list[Stage]:
@@ -338,8 +340,8 @@ def toy_stages(calls: list[str]) -> list[Stage]:
         (ctx.folder / "out.txt").write_text(ctx.stage)
         return {}
 
-    return [Stage("a", lambda lay: lay.work / "a", (), body), Stage("b", lambda lay: lay.work / "b", ("a",), body),
-            Stage("c", lambda lay: lay.work / "c", (), body)]
+    return [Stage(name, lambda lay, name=name: lay.work / name, deps, body, toy_config(name))
+            for name, deps in (("a", ()), ("b", ("a",)), ("c", ()))]
 
 
 def run_all(recipe: Any, layout: Layout, calls: list[str], force: str = "") -> list[str]:
@@ -366,11 +368,11 @@ def test_warmup_lessons_are_stages_in_order_and_optional() -> None:
     assert STAGES[2:5] == ["warmup-look", "warmup-boxes", "base"]
     assert deps["warmup-look"] == ("model", "data") and deps["warmup-boxes"] == ("warmup-look", "data")
     assert deps["base"] == ("warmup-boxes", "data")
-    assert RECIPE.stage_config("warmup-boxes")["train"] == asdict(RECIPE.warmups[1].train)
+    assert stage_config(RECIPE, "warmup-boxes")["train"] == asdict(RECIPE.warmups[1].train)
     bare = replace(RECIPE, warmups=())
     assert {s.name: s.deps for s in build_stages(bare)}["base"] == ("model", "data")
     assert "warmup-look" not in [s.name for s in build_stages(bare)]
-    assert replace(RECIPE, warmups=RECIPE.warmups[:1]).stage_config("data") != RECIPE.stage_config("data")
+    assert stage_config(replace(RECIPE, warmups=RECIPE.warmups[:1]), "data") != stage_config(RECIPE, "data")
 
 
 def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
@@ -386,19 +388,20 @@ def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
 
 
 def test_a_training_seed_redoes_the_grounding_runs_on_the_same_data_and_questions(tmp_path: Path) -> None:
-    from llava_twist.demo.cli import DEFAULT_OUT, default_out
-    from llava_twist.demo.stages import twist_launch
+    from playground.miniature.checkout import DEMO_OUT
+    from playground.miniature.cli import default_out
+    from playground.miniature.launch import twist_launch
 
     full = get_recipe("full")
     seeded = replace(full, train_seed=1)
     assert seeded.base_hash() == full.base_hash()  # the released base still fits
     for stage in ("data", "base", "eval"):
-        assert seeded.stage_config(stage) == full.stage_config(stage), stage
+        assert stage_config(seeded, stage) == stage_config(full, stage), stage
     for stage in ("full-ft", "lora", *(v.stage for v in full.twist_variants)):
-        assert seeded.stage_config(stage) != full.stage_config(stage), stage
+        assert stage_config(seeded, stage) != stage_config(full, stage), stage
     _, _, extra = twist_launch(seeded, Layout(tmp_path), seeded.twist_variants[0], tmp_path / "o", sys.executable)
     assert extra[len(extra) - 1 - extra[::-1].index("--seed") + 1] == "1"  # the last --seed wins
-    assert default_out(0) == DEFAULT_OUT and default_out(1) == DEFAULT_OUT.with_name("demo-seed1")
+    assert default_out(0) == DEMO_OUT and default_out(1) == DEMO_OUT.with_name("demo-seed1")
 
 
 def test_grounding_records_are_one_shot_expressions_and_chains_of_every_type(demo: dict[str, Any]) -> None:
@@ -424,7 +427,7 @@ def test_a_failed_command_names_the_stage_and_quotes_its_log(tmp_path: Path) -> 
     def body(ctx: Context) -> None:
         ctx.run([sys.executable, "-c", "print('\\n'.join(f'line {i}' for i in range(50))); raise SystemExit(3)"])
 
-    stage = Stage("broken", lambda lay: lay.work / "broken", (), body)
+    stage = Stage("broken", lambda lay: lay.work / "broken", (), body, toy_config("broken"))
     with pytest.raises(StageError) as info:
         run_stage(stage, ToyRecipe(), Layout(tmp_path), {})
     message = str(info.value)
@@ -457,14 +460,9 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
     from llava.train import train as llava_train
     from transformers import HfArgumentParser
 
-    from llava_twist.demo.stages import (
-        LLAVA_DS_CONFIG,
-        TRAIN_LLAVA,
-        grounding_train_args,
-        llava_train_args,
-        twist_launch,
-    )
     from llava_twist.train.arguments import DataArguments, ModelArguments, TrainingArguments, TwistArguments
+    from playground.miniature.checkout import LLAVA_DS_CONFIG, TRAIN_LLAVA
+    from playground.miniature.launch import grounding_train_args, llava_train_args, twist_launch
 
     full, gpu = get_recipe("full"), get_recipe("gpu")
     assert (full.device, gpu.device) == ("cpu", "cuda") and gpu.shipped_base is None
@@ -472,7 +470,7 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
     assert gpu.grounding_data.grid == full.grounding_data.grid and gpu.base_hash() != full.base_hash()
     # where a run runs changes its results (a stage's stamp), not what the released base is made of
     assert replace(full, device="cuda").base_hash() == full.base_hash()
-    assert replace(full, device="cuda").stage_config("full-ft") != full.stage_config("full-ft")
+    assert stage_config(replace(full, device="cuda"), "full-ft") != stage_config(full, "full-ft")
 
     layout = Layout(tmp_path / "demo")
     layout.model("base").mkdir(parents=True)

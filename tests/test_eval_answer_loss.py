@@ -45,7 +45,7 @@ def test_split_losses_shift_labels_and_skip_ignored() -> None:
 def test_split_matches_llavas_own_loss_and_counts_every_digit_of_every_box(tiny_llava: Path,
                                                                            dataset: tuple[Path, Path],
                                                                            tmp_path: Path) -> None:
-    from llava_twist.demo.image_reliance import image_reliance
+    from playground.miniature.image_reliance import image_reliance
 
     data, images = dataset
     out = tmp_path / "loss.json"

@@ -14,10 +14,10 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from llava_twist.demo.pointer import POINTER_FILE
 from llava_twist.serve.inference import GenerationSettings, result_from_text
 from playground import app, models, panels
 from playground.app import Backend, PlaygroundError
+from playground.pointer import POINTER_FILE
 from scout_data.palette import ANSWER_COLOUR, STEP_COLOURS
 
 AUTO, FROZEN, GROUNDING = app.ROUTE_LABELS["auto"], app.ROUTE_LABELS["frozen"], app.ROUTE_LABELS["grounding"]
@@ -253,8 +253,8 @@ def test_model_source_resolution(tmp_path: Path, tiny_llava: Path) -> None:
 
 def test_the_demo_model_comes_with_held_out_scenes_of_its_own_world(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from llava_twist.demo.pointer import write_pointer
     from playground.make_examples import write_record_examples
+    from playground.pointer import write_pointer
 
     world = tmp_path / "world"
     (world / "images").mkdir(parents=True)

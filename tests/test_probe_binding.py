@@ -39,8 +39,8 @@ def test_a_one_hop_answer_is_learnt(probe) -> None:
 def test_tower_scenes_ask_about_rendered_objects_in_their_own_patches(probe, tmp_path) -> None:
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    from llava_twist.demo.vision_pretrain import patch_features, preprocess
     from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
+    from playground.miniature.vision_pretrain import patch_features, preprocess
 
     tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=2, image_size=64,
                                                        patch_size=16))

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from llava_twist.demo.recipe import SHIPPED_BASE, get_recipe
-from llava_twist.demo.release import (
+from playground.miniature.make_base import build_base, main
+from playground.miniature.recipe import SHIPPED_BASE, get_recipe
+from playground.miniature.release import (
     CARD_JSON,
     CARD_MD,
     MAX_RELEASE_BYTES,
     TOWER,
     WEIGHTS,
     ReleaseError,
-    build_base,
+    card_markdown,
     install_release,
-    main,
     read_card,
 )
-from llava_twist.demo.stages import build_stages
+from playground.miniature.stages import build_stages
 
 pytestmark = [pytest.mark.slow]
 
@@ -37,7 +37,7 @@ def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
     card = read_card(RELEASE)
     recipe = get_recipe("full")
     assert card["recipe_hash"] == recipe.base_hash(), (
-        "the base recipe in llava_twist/demo/recipe.py changed since the committed base was trained: run "
+        "the base recipe in playground/miniature/recipe.py changed since the committed base was trained: run "
         "`make base` and commit the new release")
     assert card["recipe"] == json.loads(json.dumps(recipe.base_recipe()))
     assert card["recipe_hash"] in (RELEASE / CARD_MD).read_text()
@@ -47,6 +47,10 @@ def test_the_committed_base_was_made_by_the_recipe_in_the_code() -> None:
     assert not list(RELEASE.glob("*.bin"))  # safetensors only
     figures = card["figures"]
     assert figures["understanding"]["n"] > 0 and figures["one_shot"]["refexp"]["hard"]["n"] > 0
+
+
+def test_the_committed_card_readme_is_written_from_its_card_json() -> None:
+    assert (RELEASE / CARD_MD).read_text(encoding="utf-8") == card_markdown(read_card(RELEASE))
 
 
 def test_the_committed_weights_are_the_ones_the_card_lists() -> None:

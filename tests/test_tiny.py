@@ -45,7 +45,7 @@ def test_demo_vocabulary_gives_each_word_of_the_world_one_token(tmp_path: Path) 
     """The full demo's vocabulary size is what keeps its records short: every word of its world is one piece."""
     from llava.conversation import conv_templates
 
-    from llava_twist.demo.recipe import WORLD, full_recipe
+    from playground.miniature.recipe import WORLD, full_recipe
 
     spec = full_recipe().model
     train_tokenizer(tmp_path, default_corpus(), spec.vocab_size, spec.coordinate_tokens)
@@ -87,8 +87,8 @@ def _answer_spans(tok, conversations: list[dict[str, str]]) -> list[str]:
 def test_llava_trains_on_every_round_of_a_multi_turn_conversation(tmp_path: Path, source: str) -> None:
     """LLaVA-1.5's data is multi-turn (several questions about one image); with a tokenizer whose rounds LLaVA
     miscounts, it masks the whole record and trains on nothing, warning once per record."""
-    from llava_twist.demo.recipe import full_recipe
-    from llava_twist.demo.release import RELEASE_DIR
+    from playground.miniature.recipe import full_recipe
+    from playground.miniature.release import RELEASE_DIR
 
     if source == "trained":
         spec = full_recipe().model

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llava_twist.demo.vision_pretrain import VisionPretrainSpec, main, patch_labels, pretrain_tower
 from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
+from playground.miniature.vision_pretrain import VisionPretrainSpec, main, patch_labels, pretrain_tower
 from scout_data.sources.synthetic import SynthConfig, make_scene, shape_mask
 
 WORLD = SynthConfig(width=32, height=32, shapes=("circle", "square"), colours=("red", "blue"),

@@ -58,6 +58,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _breakdown(questions: list[dict[str, Any]], rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for q, r in zip(questions, rows, strict=True):
+        groups[group_key(q, (key,))].append(r)
+    return {g: _summary(rs) for g, rs in sorted(groups.items())}
+
+
 def _iou(pred: Box | None, gt: Box) -> float:
     return 0.0 if pred is None else float(iou_matrix([pred], [gt])[0, 0])
 
@@ -67,14 +74,18 @@ def score_refexp(
     answers: Sequence[dict[str, Any]],
     box_frame: str | None = None,
     protocol: str = OURS.name,
+    breakdowns: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Metrics of ``answers`` on ``questions`` (see the module docstring); also the per-question rows."""
+    """Metrics of ``answers`` on ``questions`` (see the module docstring); also the per-question rows and, for each
+    question field in ``breakdowns`` (e.g. ``expression_type``, ``difficulty``), the metrics per value of it
+    (``by[field][value]``; questions without the field under ``all``)."""
     if protocol not in PROTOCOLS:
         raise EvalError(f"--protocol {protocol!r}: expected one of {sorted(PROTOCOLS)}")
     rule = PROTOCOLS[protocol]
     by_id = answers_by_id(answers)
     failures = Failures()
     rows = []
+    scored: list[dict[str, Any]] = []
     frames_used: set[str] = set()
     invalid_gt = 0
     for q in questions:
@@ -88,6 +99,7 @@ def score_refexp(
         frame = rule.frame or question_frame(q, box_frame)
         frames_used.add(frame)
         answer = by_id.get(str(qid))
+        scored.append(q)
         row = {"question_id": qid, "group": group_key(q), "iou": 0.0, "correct": False, "parse_failure": False,
                "correct_by_frame": dict.fromkeys(FRAMES, False)}
         if answer is None:
@@ -127,6 +139,7 @@ def score_refexp(
         "headline": HEADLINE,
         "metrics": metrics,
         "by_group": {g: _summary(rs) for g, rs in sorted(groups.items())} if len(groups) > 1 else {},
+        "by": {key: _breakdown(scored, rows, key) for key in breakdowns},
         "failures": failures.to_json(),
         "rows": rows,
     }

@@ -1,6 +1,6 @@
 """Merge a LoRA run of LLaVA's trainer into a plain LLaVA-1.5 checkpoint, with LLaVA's own loader.
 
-    python -m llava_twist.demo.merge_lora --lora-dir LORA --base BASE --out MERGED
+    python -m playground.miniature.merge_lora --lora-dir LORA --base BASE --out MERGED
 
 ``llava.model.builder.load_pretrained_model(LORA, BASE, name)`` (``name`` holding 'llava' and 'lora') loads the
 base, its ``non_lora_trainables.bin`` (the projector) and the adapter, and merges them. It always builds the
@@ -15,14 +15,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from llava.model.builder import load_pretrained_model
+
 MODEL_NAME = "llava-v1.5-demo-lora"
 
 
 def merge_lora(lora_dir: str | Path, base: str | Path, out: str | Path) -> Path:
     """Write the merged model and the base's tokenizer to ``out`` (replaced as a whole when done)."""
-    import torch
-    from llava.model.builder import load_pretrained_model
-
     tokenizer, model, _, _ = load_pretrained_model(str(lora_dir), str(base), MODEL_NAME, device="cpu")
     model = model.to(torch.float32)
     out = Path(out)
@@ -37,7 +37,7 @@ def merge_lora(lora_dir: str | Path, base: str | Path, out: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m llava_twist.demo.merge_lora", description=__doc__,
+        prog="python -m playground.miniature.merge_lora", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--lora-dir", required=True, help="output_dir of llava.train.train --lora_enable True")

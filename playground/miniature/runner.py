@@ -1,4 +1,4 @@
-"""The stage runner of ``make demo``: cache stamps, logs, subprocesses, progress.
+"""The stage runner of ``make demo`` and ``make base``: cache stamps, logs, subprocesses, progress.
 
 Every stage owns a folder under ``--out`` and, when it finishes, writes ``<folder>/.done.json``: the hash of
 the recipe part it reads plus the stamps of the stages it reads from, and its wall time. A rerun with the
@@ -21,10 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from llava_twist.demo.recipe import Recipe, config_hash
+from tqdm import tqdm
+
+from playground.miniature.checkout import REPO
+from playground.miniature.recipe import Recipe, config_hash
 from scout_data.output import atomic_write_text
+
+T = TypeVar("T")
 
 STAMP = ".done.json"
 STAMP_VERSION = 1
@@ -138,6 +143,7 @@ class Context:
             PYTHONUNBUFFERED="1",
             WANDB_DISABLED="true",
             PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+            PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),  # the miniature's tools
         )
         if self.recipe.device == "cpu":  # on a CUDA host, HF's Trainer and DeepSpeed would take the GPU
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -169,10 +175,14 @@ StageBody = Callable[[Context], dict[str, Any] | None]
 
 @dataclass
 class Stage:
+    """A step of the pipeline: its folder, the stages it reads from, its body, and the slice of the recipe it reads
+    (``config``: what its cache stamp hashes, so that a change elsewhere in the recipe keeps it cached)."""
+
     name: str
     folder: Callable[[Layout], Path]
     deps: tuple[str, ...]
     body: StageBody
+    config: Callable[[Recipe], dict[str, Any]]
     clean: bool = True  # empty the folder before a rerun (eval keeps its per-model answers cache)
     code: tuple[Path, ...] = ()  # files whose content is part of the stamp (sources of cheap stages, weights)
 
@@ -199,7 +209,7 @@ def file_digest(path: Path) -> str:
 def stage_hash(recipe: Recipe, stage: Stage, stamps: dict[str, dict[str, Any]]) -> str:
     return config_hash({
         "version": STAMP_VERSION,
-        "config": recipe.stage_config(stage.name),
+        "config": stage.config(recipe),
         "upstream": {d: stamps[d]["id"] for d in stage.deps},
         "code": [file_digest(p) for p in stage.code],
     })
@@ -243,7 +253,7 @@ def run_stage(stage: Stage, recipe: Recipe, layout: Layout, stamps: dict[str, di
         "stage": stage.name,
         "hash": digest,
         "id": config_hash([digest, finished, time.time_ns()]),
-        "config": recipe.stage_config(stage.name),
+        "config": stage.config(recipe),
         "upstream": {d: stamps[d]["id"] for d in stage.deps},
         "seconds": round(seconds, 3),
         "finished": finished,
@@ -253,3 +263,45 @@ def run_stage(stage: Stage, recipe: Recipe, layout: Layout, stamps: dict[str, di
     write_json(folder / STAMP, stamp)
     ctx.note(f"# done in {seconds:.1f} s")
     return StageResult(stage.name, False, seconds, stamp)
+
+
+def run_stages(stages: Sequence[Stage], recipe: Recipe, out: str | Path, force: Sequence[str] = (),
+               progress: bool | None = None, echo: bool = True) -> list[StageResult]:
+    """Run (or reuse) ``stages`` in order into ``out`` with a progress bar and one line per stage; ``force`` names
+    stages to redo (or ``all``)."""
+    layout = Layout(Path(out).resolve())
+    names = [s.name for s in stages]
+    unknown = sorted(set(force) - {*names, "all"})
+    if unknown:
+        raise ValueError(f"--force {', '.join(unknown)}: no such stage; stages are {', '.join(names)}")
+    layout.out.mkdir(parents=True, exist_ok=True)
+    stamps: dict[str, dict[str, Any]] = {}
+    results: list[StageResult] = []
+    bar = tqdm(total=len(stages), desc=f"demo ({recipe.profile})", unit="stage", file=sys.stderr,
+               disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+    try:
+        for stage in stages:
+            bar.set_postfix_str(stage.name)
+            result = run_stage(stage, recipe, layout, stamps, force="all" in force or stage.name in force)
+            stamps[stage.name] = result.stamp
+            results.append(result)
+            line = f"[{stage.name}] cached" if result.cached else f"[{stage.name}] done in {result.seconds:.1f} s"
+            if echo:
+                bar.write(line, file=sys.stdout)
+            bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def run_guarded(body: Callable[[], T]) -> tuple[T | None, int]:
+    """``body()`` and exit status 0; a failed stage or a bad setting is one line on stderr (status 1), an
+    interrupt says how to go on (130)."""
+    try:
+        return body(), 0
+    except (StageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 1
+    except KeyboardInterrupt:
+        print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
+        return None, 130

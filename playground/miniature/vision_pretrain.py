@@ -8,7 +8,7 @@ layer LLaVA reads (``mm_vision_select_layer``): for every patch, the shape, colo
 it (or background), the patch's row and column, and that object's box; the heads are thrown away and only the
 ``CLIPVisionModel`` is saved back, in place, in its usual format.
 
-    python -m llava_twist.demo.vision_pretrain --tower checkpoints/tiny-llava/clip-vision-tower \\
+    python -m playground.miniature.vision_pretrain --tower checkpoints/tiny-llava/clip-vision-tower \\
         --image-size 64 --shapes circle,square --colours red,blue
 """
 
@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
+from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
+from scout_data.output import atomic_write_text
 from scout_data.sources.synthetic import SynthConfig, add_arguments, config_from_args, make_scene, render_scene
 
 HEADS = ("shape", "colour", "size", "row", "col")
@@ -81,7 +84,6 @@ def patch_labels(scene, cfg: SynthConfig, grid: int, min_cover: float) -> dict[s
 def render_set(cfg: SynthConfig, processor, grid: int, n: int, seed: str, min_cover: float,
                desc: str) -> dict[str, torch.Tensor]:
     """``n`` scenes of the world ``cfg``, preprocessed as LLaVA does (square images), with their patch labels."""
-    from tqdm import tqdm
 
     images, rows = [], []
     for i in tqdm(range(n), desc=desc, unit="scene", file=sys.stderr, mininterval=2.0):
@@ -159,11 +161,6 @@ def patch_features(model, pixel_values: torch.Tensor, layer: int) -> torch.Tenso
 def pretrain_tower(tower: str | Path, cfg: SynthConfig, spec: VisionPretrainSpec, seed: int = 0,
                    select_layer: int = -2) -> dict[str, float]:
     """Train ``tower`` (a saved ``CLIPVisionModel`` folder) in place; return held-out metrics before and after."""
-    from tqdm import tqdm
-    from transformers import CLIPImageProcessor, CLIPVisionModel
-
-    from scout_data.output import atomic_write_text
-
     tower = Path(tower)
     if not (tower / "config.json").is_file():
         raise ValueError(f"{tower}: not a saved CLIPVisionModel folder (no config.json)")
@@ -205,7 +202,7 @@ def pretrain_tower(tower: str | Path, cfg: SynthConfig, spec: VisionPretrainSpec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_twist.demo.vision_pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m playground.miniature.vision_pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tower", required=True, help="a saved CLIPVisionModel folder (trained in place)")
     p.add_argument("--seed", type=int, default=0)

@@ -3,8 +3,8 @@
 Profiles: ``full`` (what ``make demo`` runs on CPU, from the base ``make base`` released), ``gpu`` (what it runs
 where CUDA is present: a larger model, bf16, more steps, its own base) and ``ci`` (the same pipeline at a budget
 of minutes, training its own base, what the tests run). Each stage hashes only the part of the
-recipe it reads (:meth:`Recipe.stage_config`), so a changed setting redoes that stage and everything downstream
-of it, and nothing else.
+recipe it reads (``playground.miniature.stages``), so a changed setting redoes that stage and everything
+downstream of it, and nothing else.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from llava_twist.demo.vision_pretrain import VisionPretrainSpec
+import torch
+
 from llava_twist.tiny import TinyLlavaSpec
+from playground.miniature.vision_pretrain import VisionPretrainSpec
 
 
 @dataclass(frozen=True)
@@ -181,44 +183,9 @@ class Recipe:
         """The hash a released base's card must carry for this recipe to use it."""
         return config_hash(self.base_recipe())
 
-    def stage_config(self, stage: str) -> dict[str, Any]:
-        """The part of the recipe ``stage`` reads (what its cache stamp hashes; ``threads`` is not part of it)."""
-        # where a run runs is part of its stamp; CPU runs keep the stamps they had before the gpu profile existed
-        where = {} if self.device == "cpu" else {"device": self.device}
-        common = {"model_max_length": self.model_max_length, "seed": self.seed, **where}
-        grounding_run = {**common, "train_seed": self.train_seed}
-        if stage == "model":
-            vision = asdict(self.vision) if self.vision else None
-            return {"model": asdict(self.model), "vision": vision, "world": asdict(self.base_data) if vision else None,
-                    "seed": self.seed}
-        if stage == "data":
-            return {"seed": self.seed, "base_data": asdict(self.base_data),
-                    "grounding_data": asdict(self.grounding_data), "replay_ratio": self.replay_ratio,
-                    "heldout": asdict(self.heldout),
-                    "warmup_data": {w.name: asdict(w.data) for w in self.warmups}}
-        for w in self.warmups:
-            if stage == w.stage:
-                return {**common, "train": asdict(w.train)}
-        if stage == "base":
-            if self.shipped_base:
-                return {"shipped_base": self.shipped_base, "base_hash": self.base_hash()}
-            return {**common, "train": asdict(self.base)}
-        if stage == "base-eval":
-            return {"eval": asdict(self.eval), "limit": self.base_eval_limit}
-        if stage == "full-ft":
-            return {**grounding_run, "train": asdict(self.full_ft)}
-        if stage == "lora":
-            return {**grounding_run, "train": asdict(self.lora), "r": self.lora_r, "alpha": self.lora_alpha,
-                    "mm_projector_lr": self.lora_mm_projector_lr}
-        for v in self.twist_variants:
-            if stage == v.stage:
-                return {**grounding_run, "train": asdict(self.twist), "flags": [*self.twist_flags, *v.flags],
-                        "data": v.data, "nproc": self.twist_nproc}
-        if stage == "eval":
-            return {"eval": asdict(self.eval), **where}
-        if stage == "report":
-            return {k: v for k, v in self.to_json().items() if k != "threads"}
-        raise KeyError(f"no stage {stage!r} in this recipe")
+    def where(self) -> dict[str, Any]:
+        """Where a run runs, part of its stamp; CPU runs keep the stamps they had before the gpu profile existed."""
+        return {} if self.device == "cpu" else {"device": self.device}
 
 
 def config_hash(obj: Any) -> str:
@@ -402,6 +369,4 @@ def get_recipe(profile: str) -> Recipe:
 
 def default_profile() -> str:
     """What ``make demo`` runs: ``gpu`` where torch sees a CUDA device, else ``full``."""
-    import torch
-
     return "gpu" if torch.cuda.is_available() else "full"

@@ -1,7 +1,7 @@
 """Does a LLaVA model use the image? Its loss on training records with their own images against the same
 records with the images shuffled among them (LLaVA's dataset and collator, ``--version v1``).
 
-    python -m llava_twist.demo.image_reliance --model-path DIR --data train.json --image-folder DIR --out r.json
+    python -m playground.miniature.image_reliance --model-path DIR --data train.json --image-folder DIR --out r.json
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from llava.model.builder import load_pretrained_model
+from llava.train.train import DataCollatorForSupervisedDataset
+
+from llava_twist.eval.answer_loss import llava_records
 from scout_data.output import atomic_write_text
 
 
 def image_reliance(model_path: str, data: str, image_folder: str, num: int = 64, seed: int = 0) -> dict[str, Any]:
     """Mean answer-token loss of ``num`` records of ``data`` with their own and with shuffled images."""
-    import torch
-    from llava.model.builder import load_pretrained_model
-    from llava.train.train import DataCollatorForSupervisedDataset
-
-    from llava_twist.eval.answer_loss import llava_records
-
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_path, None, "llava-demo", device="cpu", device_map="cpu", torch_dtype=torch.float32)
     model = model.float().eval()
@@ -41,7 +40,7 @@ def image_reliance(model_path: str, data: str, image_folder: str, num: int = 64,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_twist.demo.image_reliance", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m playground.miniature.image_reliance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--data", required=True, help="LLaVA conversation JSON")

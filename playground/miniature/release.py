@@ -1,33 +1,22 @@
-"""``make base``: train the demo's tiny "LLaVA-1.5" with its recipe and release it, as ``liuhaotian/llava-v1.5-7b``
-is released, so that ``make demo`` starts from it the way a LLaVA user starts from a downloaded LLaVA.
-
-The base is trained by the demo's own stages (the tiny tower's pretraining, the lessons, LLaVA's trainer on the
-base mix), measured on held-out scenes, and written to ``playground/models/tiny-llava-v1.5`` in LLaVA-1.5's on-disk
-layout (``config.json``, ``model.safetensors``, tokenizer, the vision tower in ``clip-vision-tower/``) with a model
-card: ``README.md`` for readers and ``card.json`` with the recipe, its hash, the training time and the figures.
-A recipe whose base part changed no longer matches the card's hash, and the demo refuses the release.
-
-    make base                                   # stages cached in playground/data/base-build
-    python -m llava_twist.demo.release --profile ci --out /tmp/base --release /tmp/base/release
+"""The release format of the demo's tiny "LLaVA-1.5" base, as ``liuhaotian/llava-v1.5-7b`` is released: LLaVA-1.5's
+on-disk layout (``config.json``, ``model.safetensors``, tokenizer, the vision tower in ``clip-vision-tower/``) with
+a model card, ``README.md`` for readers and ``card.json`` with the recipe, its hash, the training time, the figures
+and the sha256 of every weight file. ``make base`` writes one (``playground.miniature.make_base``); the demo installs
+it into a run, refusing a release made by another recipe or whose weights differ from its card.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-RELEASE_DIR = "playground/models/tiny-llava-v1.5"
-DEFAULT_BUILD = REPO / "playground" / "data" / "base-build"
+from playground.miniature.checkout import RELEASE_DIR, REPO
+from playground.miniature.formatting import pct
+
 CARD_JSON = "card.json"
 CARD_MD = "README.md"
 TOWER = "clip-vision-tower"
@@ -148,18 +137,14 @@ def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, 
     return card
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def _acc(figures: dict[str, Any], bench: str, level: str) -> str:
+def acc_cell(figures: dict[str, Any], bench: str, level: str) -> str:
     found = (figures.get("one_shot") or {}).get(bench) or {}
     part = found.get(level) or {}
-    return f"{_pct(part.get('acc@0.5'))} (n={part.get('n', 0)})"
+    return f"{pct(part.get('acc@0.5'))} (n={part.get('n', 0)})"
 
 
 def _by_type(understanding: dict[str, Any]) -> str:
-    return ", ".join(f"{t} {_pct(v['accuracy'])} ({v['n']})" for t, v in (understanding.get("by_type") or {}).items())
+    return ", ".join(f"{t} {pct(v['accuracy'])} ({v['n']})" for t, v in (understanding.get("by_type") or {}).items())
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -192,17 +177,17 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "| figure | value |",
         "|---|---|",
-        f"| understanding (short answers) | {_pct(u.get('accuracy'))} (n={u.get('n', 0)}) |",
+        f"| understanding (short answers) | {pct(u.get('accuracy'))} (n={u.get('n', 0)}) |",
         *([f"| understanding by question type | {by_type} |"] if (by_type := _by_type(u)) else []),
-        f"| one-shot box Acc@0.5, its own region prompts, simple | {_acc(f, 'region', 'simple')} |",
-        f"| one-shot box Acc@0.5, its own region prompts, hard (same shape twice) | {_acc(f, 'region', 'hard')} |",
-        f"| one-shot box Acc@0.5, the demo's referring expressions, simple | {_acc(f, 'refexp', 'simple')} |",
+        f"| one-shot box Acc@0.5, its own region prompts, simple | {acc_cell(f, 'region', 'simple')} |",
+        f"| one-shot box Acc@0.5, its own region prompts, hard (same shape twice) | {acc_cell(f, 'region', 'hard')} |",
+        f"| one-shot box Acc@0.5, the demo's referring expressions, simple | {acc_cell(f, 'refexp', 'simple')} |",
         f"| one-shot box Acc@0.5, the demo's referring expressions, hard (relations, superlatives, twins) | "
-        f"{_acc(f, 'refexp', 'hard')} |",
+        f"{acc_cell(f, 'refexp', 'hard')} |",
         f"| image reliance: answer loss with own / shuffled images | {rel.get('loss_own_images', float('nan')):.3f} / "
         f"{rel.get('loss_shuffled_images', float('nan')):.3f} |",
-        *([f"| vision tower (frozen): held-out patch read-outs shape / colour / size | {_pct(v['shape_acc'])} / "
-           f"{_pct(v['colour_acc'])} / {_pct(v['size_acc'])} |"] if v else []),
+        *([f"| vision tower (frozen): held-out patch read-outs shape / colour / size | {pct(v['shape_acc'])} / "
+           f"{pct(v['colour_acc'])} / {pct(v['size_acc'])} |"] if v else []),
         "",
         "One-shot prompt: LLaVA-1.5's REC prompt, \"Please provide the bounding box coordinate of the region this "
         "sentence describes: ...\".",
@@ -211,7 +196,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"- command: `{card['command']}` ({card['profile']} profile), finished {card['finished']}",
         f"- training time: {card['training_seconds'] / 60:.1f} min on {card['machine']} ({stages})",
-        f"- recipe hash: `{card['recipe_hash']}` (the base part of `llava_twist.demo.recipe`; a test fails when "
+        f"- recipe hash: `{card['recipe_hash']}` (the base part of `playground.miniature.recipe`; a test fails when "
         "the code's recipe no longer matches it)",
         f"- parameters: {card['params']:,}; release size {card.get('release_bytes', 0) / 2**20:.1f} MB",
         *(f"- sha256 of `{name}`: `{digest}` (the demo refuses weights that differ)"
@@ -224,75 +209,3 @@ def card_markdown(card: dict[str, Any]) -> str:
         "```",
         "",
     ])
-
-
-def _world(recipe: Any) -> str:
-    d = recipe.base_data
-    grid = f", in a {d.grid} x {d.grid} grid" if d.grid else ""
-    return (f"{d.image_size} px scenes of {d.min_objects}-{d.max_objects} objects{grid} "
-            f"(shapes {d.shapes or 'default'}; colours {d.colours or 'default'}; sizes {d.sizes or 'default'})")
-
-
-def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = (), progress: bool | None = None
-               ) -> dict[str, Any]:
-    """Train (or reuse the cached stages of) the base of ``profile``'s recipe into ``out``, measure it, and
-    release it to ``release``. Returns the card."""
-    from llava_twist.demo.cli import run_demo
-    from llava_twist.demo.pipeline import Layout, read_json
-    from llava_twist.demo.recipe import get_recipe
-    from llava_twist.demo.stages import checkpoint_weights, tensor_numel
-
-    recipe = dataclasses.replace(get_recipe(profile), shipped_base=None)
-    results = run_demo(recipe, out, force, progress=progress, base_only=True)
-    layout = Layout(Path(out).resolve())
-    seconds = {r.name: round(r.seconds, 1) for r in results if r.name not in ("data", "base-eval")}
-    model_info = next((r.stamp.get("info") or {} for r in results if r.name == "model"), {})
-    card = {
-        "name": "tiny-llava-v1.5",
-        "profile": recipe.profile,
-        "recipe_hash": recipe.base_hash(),
-        "recipe": recipe.base_recipe(),
-        "world": _world(recipe),
-        "figures": read_json(layout.eval / "figures.json"),
-        "vision_pretraining": model_info.get("vision_pretraining"),
-        "stage_seconds": seconds,
-        "training_seconds": round(sum(seconds.values()), 1),
-        "params": sum(tensor_numel(p) for p in checkpoint_weights(layout.model("base"))),
-        "command": "make base" if profile == "full" else f"python -m llava_twist.demo.release --profile {profile}",
-        "machine": f"{os.cpu_count()} CPU cores",
-        "finished": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    return write_release(layout.model("base"), release, card)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from llava_twist.demo.cli import run_guarded
-    from llava_twist.demo.recipe import PROFILES
-
-    p = argparse.ArgumentParser(prog="python -m llava_twist.demo.release", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="full", help="whose base (default %(default)s)")
-    p.add_argument("--out", default=str(DEFAULT_BUILD), help="the build's stages (default: %(default)s)")
-    p.add_argument("--release", default=str(REPO / RELEASE_DIR), help="where the release goes (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace a release already there (git keeps the old)")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if cached")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    release = Path(args.release)
-    if release.exists() and not args.overwrite:
-        print(f"error: {release}: a release is already there; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    card, status = run_guarded(lambda: build_base(args.profile, Path(args.out), release, args.force,
-                                                  progress=False if args.no_progress else None))
-    if card is None:
-        return status
-    f = card["figures"]
-    print(f"released {release} in {time.perf_counter() - start:.0f} s (training {card['training_seconds']:.0f} s): "
-          f"understanding {_pct(f['understanding']['accuracy'])}, one-shot refexp simple "
-          f"{_acc(f, 'refexp', 'simple')}, hard {_acc(f, 'refexp', 'hard')}; card: {release / CARD_MD}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

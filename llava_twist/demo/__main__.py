@@ -1,5 +1,0 @@
-import sys
-
-from llava_twist.demo.cli import main
-
-sys.exit(main())

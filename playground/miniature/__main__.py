@@ -1,0 +1,5 @@
+import sys
+
+from playground.miniature.cli import main
+
+sys.exit(main())
