@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from llava_twist.demo.pointer import POINTER_FILE
-from llava_twist.serve.inference import GenerationSettings, result_from_text
+from llava_twist.serve.inference import GenerationSettings
+from llava_twist.serve.result import result_from_text
 from playground import app, models, panels
 from playground.app import Backend, PlaygroundError
 from scout_data.palette import ANSWER_COLOUR, STEP_COLOURS
