@@ -29,7 +29,7 @@ from llava_twist.eval.common import read_jsonl
 from llava_twist.eval.paired import describe, format_p
 from llava_twist.tiny import COORDINATES
 from scout_data.output import atomic_write_text
-from scout_data.sources.synthetic import KINDS, parse_weights
+from scout_data.sources.synthetic.config import KINDS, parse_weights
 from scout_data.writer import REGION_PROMPT
 
 LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA", "twist": "TWIST"}

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
-from scout_data.sources.synthetic import SynthConfig, add_arguments, config_from_args, make_scene, render_scene
+from scout_data.sources.synthetic.config import SynthConfig, add_arguments, config_from_args
+from scout_data.sources.synthetic.scenes import make_scene, render_scene
 
 HEADS = ("shape", "colour", "size", "row", "col")
 
