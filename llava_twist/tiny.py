@@ -56,7 +56,7 @@ def default_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: LLaVA's template and every SCOUT phrasing."""
     lines = list(_BASE_CORPUS)
     try:
-        from scout_data.sources.synthetic import vocabulary_text
+        from scout_data.sources.synthetic.vocabulary import vocabulary_text
     except ImportError:  # pragma: no cover - scout_data ships with this package
         return lines
     return lines + list(vocabulary_text(seed=0, n=2000))

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from llava_twist.serve.inference import InferenceError
+    from llava_twist.serve.result import InferenceError
 
     if args.controller_url and (args.model_path or args.model_base):
         print("error: --controller-url asks the controller's workers; it takes no --model-path/--model-base",

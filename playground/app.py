@@ -7,7 +7,7 @@ each step's boxes appear on the image.
 
 The model writes boxes as normalised ``[x1, y1, x2, y2]`` in the padded square it sees
 (``image_aspect_ratio=pad``); every box is drawn and listed in pixels of the original image
-(``llava_twist.serve.inference.result_from_text``, the one frame module ``scout_data.boxes``).
+(``llava_twist.serve.result.result_from_text``, the one frame module ``scout_data.boxes``).
 """
 
 from __future__ import annotations
@@ -29,18 +29,10 @@ import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
-from llava_twist.serve.images import to_rgb  # noqa: E402
-from llava_twist.serve.inference import (  # noqa: E402
-    GenerationSettings,
-    InferenceError,
-    InferenceResult,
-    LoadedModel,
-    draw_boxes,
-    image_size_problem,
-    load_model,
-    result_from_text,
-    stream_generate,
-)
+from llava_twist.serve.drawing import draw_boxes  # noqa: E402
+from llava_twist.serve.images import image_size_problem, to_rgb  # noqa: E402
+from llava_twist.serve.inference import GenerationSettings, LoadedModel, load_model, stream_generate  # noqa: E402
+from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text  # noqa: E402
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
 from playground.models import (  # noqa: E402
     DATA_DIR,

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scout_data.sources.synthetic import SynthConfig, generate, render_scene
+from scout_data.sources.synthetic.config import SynthConfig
+from scout_data.sources.synthetic.records import generate
+from scout_data.sources.synthetic.scenes import render_scene
 from scout_data.writer import render_gpt, render_prompt
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"

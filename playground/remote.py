@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from llava_twist.serve.inference import DEFAULT_CONV_MODE, GenerationSettings, InferenceResult, result_from_text
+from llava_twist.serve.inference import DEFAULT_CONV_MODE, GenerationSettings
+from llava_twist.serve.result import InferenceResult, result_from_text
 from llava_twist.serve.worker_protocol import ServingError, list_models, stream_chunks, worker_address
 from playground.models import PlaygroundError
 from scout_data.boxes import DEFAULT_FRAME

@@ -11,7 +11,7 @@ the model is normalised ``xyxy`` in a *frame*:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 Box = tuple[float, float, float, float]
 FRAMES = ("padded", "original")
@@ -128,14 +128,3 @@ def format_box(box_xyxy_norm: Sequence[float], decimals: int = 2) -> str:
     """LLaVA-1.5 box text: ``[x1, y1, x2, y2]``, normalised, ``decimals`` places, clamped to [0, 1]."""
     return "[" + ", ".join(f"{v:.{decimals}f}" for v in clamp_xyxy_norm(box_xyxy_norm)) + "]"
 
-
-def format_box_px(
-    box_xyxy_px: Sequence[float], width: int, height: int, frame: str = DEFAULT_FRAME, decimals: int = 2
-) -> str:
-    return format_box(box_xyxy_px_to_norm(box_xyxy_px, width, height, frame), decimals)
-
-
-def boxes_px_to_norm(
-    boxes_xyxy_px: Iterable[Sequence[float]], width: int, height: int, frame: str = DEFAULT_FRAME
-) -> list[Box]:
-    return [box_xyxy_px_to_norm(b, width, height, frame) for b in boxes_xyxy_px]

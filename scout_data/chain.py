@@ -28,7 +28,3 @@ def answer_line(text: str) -> str:
     """``Answer: text``."""
     return f"{ANSWER_WORD}: {text}".rstrip()
 
-
-def chain_text(steps: list[str], answer: str) -> str:
-    """The gpt turn of a chain: one line per step, then the answer line."""
-    return "\n".join([*(step_line(k, s) for k, s in enumerate(steps, 1)), answer_line(answer)])

@@ -9,6 +9,7 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 from scout_data.boxes import DEFAULT_FRAME, box_xyxy_norm_to_px
+from scout_data.chain import answer_line, step_line
 from scout_data.palette import ANSWER_COLOUR, step_colour
 from scout_data.parse import parse_chain
 
@@ -40,10 +41,8 @@ def draw_chain(image: Image.Image, text: str, frame: str = DEFAULT_FRAME, title:
     if title:
         lines += [(t, (0, 0, 0)) for t in textwrap.wrap(title, chars)]
     for s in chain.steps:
-        lines += [(t, step_colour(s.index)) for t in textwrap.wrap(f"Step {s.index}: {s.text}", chars)]
-    answer = (
-        f"Answer: {chain.answer_text}" if chain.has_answer_line or not chain.steps else "(no answer line)"
-    )
+        lines += [(t, step_colour(s.index)) for t in textwrap.wrap(step_line(s.index, s.text), chars)]
+    answer = answer_line(chain.answer_text) if chain.has_answer_line or not chain.steps else "(no answer line)"
     lines += [(t, (0, 0, 0)) for t in textwrap.wrap(answer, chars)]  # the answer's gold is for boxes on images
     lines += [(t, (120, 120, 120)) for p in chain.problems for t in textwrap.wrap(f"! {p}", chars)]
     panel = 14 * len(lines) + 8

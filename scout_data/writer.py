@@ -24,7 +24,6 @@ STEP_BY_STEP = "Answer step by step."
 REGION_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {query}."
 REGION_CAPTION_PROMPT = "Please provide a short description for this region: {query}."
 ONE_SHOT_PROMPTS = {"region": REGION_PROMPT, "region_caption": REGION_CAPTION_PROMPT}  # LLaVA-1.5's REC and REG
-STEPWISE_KINDS = ("refexp", "find_all", "count", "grounded_caption")
 
 PHRASES: dict[str, tuple[str, ...]] = {
     "asks": (

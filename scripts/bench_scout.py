@@ -48,7 +48,8 @@ def synthetic_png_workers(tmp: str, num: int) -> tuple[int, float]:
 
 def synthetic_text_only(tmp: str, num: int) -> tuple[int, float]:
     """Scene layout, query and chain only (no pixels): what vocabulary_text costs per record."""
-    from scout_data.sources.synthetic import KINDS, SynthConfig, generate
+    from scout_data.sources.synthetic.config import KINDS, SynthConfig
+    from scout_data.sources.synthetic.records import generate
     from scout_data.writer import render_record
 
     cfg = SynthConfig(kinds={k: 1.0 for k in KINDS})

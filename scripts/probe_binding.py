@@ -36,7 +36,7 @@ from torch import nn
 if TYPE_CHECKING:
     from PIL import Image
 
-    from scout_data.sources.synthetic import SynthConfig
+    from scout_data.sources.synthetic.config import SynthConfig
 
 SHAPES, COLOURS, PATCHES, GRID = 4, 5, 16, 4
 WORDS = ("<s>", "USER:", "ASSISTANT:", "What", "colour", "is", "the", "of", "?", "Answer", "using", "a", "single",
@@ -65,7 +65,7 @@ Draw = Callable[[random.Random], Scene]
 def world_config() -> SynthConfig:
     """The demo's world (``playground.miniature.recipe.WORLD``) with 2-4 objects a scene."""
     from playground.miniature.recipe import WORLD, SceneSpec
-    from scout_data.sources.synthetic import add_arguments, config_from_args
+    from scout_data.sources.synthetic.config import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -76,7 +76,7 @@ def world_config() -> SynthConfig:
 
 def render(cfg: SynthConfig, seed: str, i: int, row: int) -> tuple[Scene, Image.Image]:
     """Scene ``i`` of ``seed`` as the probe reads it (its features at ``row`` of the bank), and its image."""
-    from scout_data.sources.synthetic import make_scene, render_scene
+    from scout_data.sources.synthetic.scenes import make_scene, render_scene
 
     rng = random.Random(f"probe-binding:{seed}:{i}")
     scene = make_scene(rng, cfg)

@@ -15,13 +15,13 @@ from llava_twist.eval import eval_localization, eval_refexp, eval_retention, mod
 from llava_twist.serve.inference import (
     GenerationSettings,
     TokenLogprobRecorder,
-    answer_box_spans,
     generate,
     load_model,
     prepare_inputs,
     span_scores,
     stream_generate,
 )
+from llava_twist.serve.result import answer_box_spans
 
 QUERIES = [
     "Where is the red circle left of the blue square? Answer step by step.",

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from llava_twist.serve.images import ImageError, image_size_problem, read_image, to_rgb
-from llava_twist.serve.inference import InferenceError, load_image
+from llava_twist.serve.inference import load_image
 from llava_twist.serve.model_worker import decode_image
+from llava_twist.serve.result import InferenceError
 from llava_twist.serve.worker_protocol import RequestError
 
 WHITE = 255

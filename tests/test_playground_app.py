@@ -14,7 +14,8 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from llava_twist.serve.inference import GenerationSettings, result_from_text
+from llava_twist.serve.inference import GenerationSettings
+from llava_twist.serve.result import result_from_text
 from playground import app, models, panels
 from playground.app import Backend, PlaygroundError
 from playground.pointer import POINTER_FILE

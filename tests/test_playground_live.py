@@ -20,7 +20,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from llava_twist.serve.inference import GenerationSettings, draw_boxes, result_from_text
+from llava_twist.serve.drawing import draw_boxes
+from llava_twist.serve.inference import GenerationSettings
+from llava_twist.serve.result import result_from_text
 from playground import app, panels
 from scout_data.parse import ParsedChain, parse_chain
 

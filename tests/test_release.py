@@ -119,8 +119,8 @@ def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypat
     import argparse
 
     from llava_twist.serve.inference import generate, load_model
-    from scout_data.sources import synthetic
-    from scout_data.sources.synthetic import config_from_args, make_scene, render_scene
+    from scout_data.sources.synthetic.config import add_arguments, config_from_args
+    from scout_data.sources.synthetic.scenes import make_scene, render_scene
 
     monkeypatch.chdir(REPO)
     loaded = load_model(SHIPPED_BASE, device="cpu")
@@ -128,7 +128,7 @@ def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypat
     flags = world.synth_args(0)
     seed_at = flags.index("--seed")
     parser = argparse.ArgumentParser()
-    synthetic.add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args([*flags[:seed_at], *flags[seed_at + 2:]])
     args.seed, args.out = 0, None
     cfg = config_from_args(args)

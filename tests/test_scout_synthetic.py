@@ -18,7 +18,12 @@ from scout_data.boxes import box_xyxy_norm_to_px, iou
 from scout_data.output import prepare_out_dir, write_dataset
 from scout_data.parse import parse_chain
 from scout_data.schema import Sample
-from scout_data.sources import synthetic as S
+from scout_data.sources.synthetic.config import KINDS, add_arguments, config_from_args
+from scout_data.sources.synthetic.records import generate, image_folder, iter_samples
+from scout_data.sources.synthetic.referring import Desc, Query, resolve, unique_desc
+from scout_data.sources.synthetic.scenes import Obj, Scene, make_scene, render_scene
+from scout_data.sources.synthetic.vocabulary import vocabulary_text
+from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES
 from scout_data.validate import record_problems
 from scout_data.writer import render_record
 
@@ -27,7 +32,7 @@ ALL_KINDS = "refexp:3,find_all:1,count:1,grounded_caption:1,region:1,qa:1,region
 
 def synth_args(*flags: str, out: str | None = None, seed: int = 0) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    S.add_arguments(p)
+    add_arguments(p)
     args = p.parse_args(list(flags))
     args.seed, args.out = seed, out
     return args
@@ -37,7 +42,7 @@ def generate_dir(out, *flags, seed=0):
     args = synth_args(*flags, out=str(out), seed=seed)
     prepare_out_dir(str(out), False)
     summary = write_dataset(
-        S.iter_samples(args), str(out), source="synthetic", image_folder=S.image_folder(args), progress=False
+        iter_samples(args), str(out), source="synthetic", image_folder=image_folder(args), progress=False
     )
     return summary, {s: json.loads((out / f"{s}.json").read_text()) for s in summary["records"]}
 
@@ -65,7 +70,7 @@ def test_all_kinds_valid_records(dataset):
     out, summary, splits = dataset
     records = [r for rs in splits.values() for r in rs]
     assert summary["skipped"]["total"] == 0 and len(records) == 120
-    assert {r["kind"] for r in records} == set(S.KINDS)
+    assert {r["kind"] for r in records} == set(KINDS)
     for r in records:
         assert record_problems(r, str(out / "images")) == []
         assert r["difficulty"] in ("simple", "hard")
@@ -96,7 +101,7 @@ def test_answer_boxes_are_the_drawn_extent_of_the_referent(dataset):
             x1, y1, x2, y2 = (int(v) for v in objects[t]["box_xyxy_px"])
             # the stored box is the tight box of the object's colour in its neighbourhood (nothing outside)
             X1, Y1, X2, Y2 = max(0, x1 - 1), max(0, y1 - 1), min(w, x2 + 1), min(h, y2 + 1)
-            patch = np.all(arr[Y1:Y2, X1:X2] == S.COLOURS[objects[t]["colour"]], axis=-1)
+            patch = np.all(arr[Y1:Y2, X1:X2] == COLOURS[objects[t]["colour"]], axis=-1)
             ys, xs = np.nonzero(patch)
             assert (xs.min() + X1, ys.min() + Y1, xs.max() + X1 + 1, ys.max() + Y1 + 1) == (x1, y1, x2, y2)
             # the answer box text is that box, within the 2-decimal rounding of the padded frame
@@ -136,9 +141,9 @@ def test_chain_semantics(dataset):
 
 def test_resolve_semantics_on_a_hand_built_scene():
     def obj(shape, colour, box, area=100):
-        return S.Obj(shape, colour, "medium", box, area, (0, 0), Image.new("L", (1, 1)))
+        return Obj(shape, colour, "medium", box, area, (0, 0), Image.new("L", (1, 1)))
 
-    scene = S.Scene(
+    scene = Scene(
         200,
         100,
         [
@@ -147,13 +152,13 @@ def test_resolve_semantics_on_a_hand_built_scene():
             obj("star", "blue", (80, 10, 100, 30)),
         ],
     )
-    assert S.resolve(S.Query(S.Desc("circle", "red"), "left", 2), scene) == [0]
-    assert S.resolve(S.Query(S.Desc("circle", "red"), "right", 2), scene) == [1]
-    assert S.resolve(S.Query(S.Desc("circle"), superlative="largest"), scene) == [1]
-    assert S.resolve(S.Query(S.Desc("circle"), superlative="leftmost"), scene) == [0]
-    assert S.resolve(S.Query(S.Desc("circle"), "nearest", 2), scene) == []  # equidistant: ambiguous
-    assert S.unique_desc(scene, 2) == S.Desc(shape="star")
-    assert S.unique_desc(scene, 0) is None
+    assert resolve(Query(Desc("circle", "red"), "left", 2), scene) == [0]
+    assert resolve(Query(Desc("circle", "red"), "right", 2), scene) == [1]
+    assert resolve(Query(Desc("circle"), superlative="largest"), scene) == [1]
+    assert resolve(Query(Desc("circle"), superlative="leftmost"), scene) == [0]
+    assert resolve(Query(Desc("circle"), "nearest", 2), scene) == []  # equidistant: ambiguous
+    assert unique_desc(scene, 2) == Desc(shape="star")
+    assert unique_desc(scene, 0) is None
 
 
 def _hash_tree(root):
@@ -190,13 +195,13 @@ def test_splits_never_share_a_scene(dataset):
 
 
 def test_canvas_knobs():
-    cfg = S.config_from_args(synth_args("--image-size", "160x96"))
-    scene = S.make_scene(random.Random(0), cfg)
+    cfg = config_from_args(synth_args("--image-size", "160x96"))
+    scene = make_scene(random.Random(0), cfg)
     assert (scene.width, scene.height) == (160, 96) and scene.objects
-    cfg = S.config_from_args(synth_args("--random-aspect", "--aspect-range", "0.5,2"))
-    sizes = {(s.width, s.height) for s in (S.make_scene(random.Random(i), cfg) for i in range(8))}
+    cfg = config_from_args(synth_args("--random-aspect", "--aspect-range", "0.5,2"))
+    sizes = {(s.width, s.height) for s in (make_scene(random.Random(i), cfg) for i in range(8))}
     assert len(sizes) > 4 and all(0.45 < w / h < 2.2 for w, h in sizes)
-    cfg = S.config_from_args(
+    cfg = config_from_args(
         synth_args(
             "--max-overlap",
             "0.3",
@@ -210,28 +215,28 @@ def test_canvas_knobs():
             "red",
         )
     )
-    scene = S.make_scene(random.Random(3), cfg)
+    scene = make_scene(random.Random(3), cfg)
     assert {o.shape for o in scene.objects} <= {"circle", "star"} and {o.colour for o in scene.objects} == {
         "red"
     }
     assert all(iou(a.box, b.box) <= 0.3 for a in scene.objects for b in scene.objects if a is not b)
-    for style in S.CLUTTER:
-        cfg = S.config_from_args(synth_args("--clutter", style, "--image-size", "64"))
-        im = S.render_scene(S.make_scene(random.Random(1), cfg), random.Random(1), cfg)
+    for style in CLUTTER:
+        cfg = config_from_args(synth_args("--clutter", style, "--image-size", "64"))
+        im = render_scene(make_scene(random.Random(1), cfg), random.Random(1), cfg)
         assert im.size == (64, 64)
     with pytest.raises(ValueError, match="unknown kind"):
-        S.config_from_args(synth_args("--kinds", "refexp:1,bogus:1"))
+        config_from_args(synth_args("--kinds", "refexp:1,bogus:1"))
     with pytest.raises(ValueError, match="image-size"):
-        S.config_from_args(synth_args("--image-size", "big"))
+        config_from_args(synth_args("--image-size", "big"))
 
 
 def test_vocabulary_covers_every_phrase_the_generator_produces():
-    vocab = S.vocabulary_text(seed=0, n=120)
+    vocab = vocabulary_text(seed=0, n=120)
     words = {w for t in vocab for w in re.findall(r"[A-Za-z<>]+", t)}
-    cfg = S.config_from_args(synth_args("--kinds", ALL_KINDS))
+    cfg = config_from_args(synth_args("--kinds", ALL_KINDS))
     fresh = 0
     for i in range(80):
-        got, _ = S.generate(7, "train", i, cfg)
+        got, _ = generate(7, "train", i, cfg)
         assert isinstance(got, Sample)
         rec = render_record(got)
         text = " ".join(t["value"] for t in rec["conversations"])
@@ -253,10 +258,10 @@ def test_grid_world_puts_each_object_in_its_own_cell_with_few_box_values(tmp_pat
     _, splits = generate_dir(tmp_path / "grid", "--num", "200", "--image-size", "64", "--grid", "4",
                              "--kinds", "refexp:1,region:1,qa:1", "--min-objects", "2", "--max-objects", "4",
                              "--sizes", "medium,large", "--clutter", "none", "--splits", "train:1")
-    cfg = S.config_from_args(synth_args("--image-size", "64", "--grid", "4", "--sizes", "medium,large",
+    cfg = config_from_args(synth_args("--image-size", "64", "--grid", "4", "--sizes", "medium,large",
                                         "--min-objects", "2", "--max-objects", "4"))
     for i in range(50):
-        scene = S.make_scene(random.Random(i), cfg)
+        scene = make_scene(random.Random(i), cfg)
         cells = [(int(o.cx // 16), int(o.cy // 16)) for o in scene.objects]
         assert len(set(cells)) == len(cells) >= 2
         for o, (c, r) in zip(scene.objects, cells, strict=True):  # inside its cell, centred
@@ -264,7 +269,7 @@ def test_grid_world_puts_each_object_in_its_own_cell_with_few_box_values(tmp_pat
     coords = {v for r in splits["train"] for v in re.findall(r"\d\.\d\d", r["conversations"][1]["value"])}
     assert 0 < len(coords) <= 40  # anywhere in the image, two-decimal coordinates take 101 values
     with pytest.raises(ValueError, match="--grid"):
-        S.config_from_args(synth_args("--grid", "2", "--max-objects", "5"))
+        config_from_args(synth_args("--grid", "2", "--max-objects", "5"))
 
 
 def test_region_captions_name_the_object_in_the_prompts_box_by_its_shortest_description(tmp_path):
@@ -322,7 +327,7 @@ def test_understanding_questions_carry_their_type(tmp_path):
 
     _, splits = generate_dir(tmp_path / "d", "--num", "200", "--image-size", "64", "--kinds", "qa:1", "--grid", "4",
                              "--min-objects", "1", "--max-objects", "4", "--splits", "train:1")
-    world = {"colour": set(S.COLOURS), "shape": set(S.SHAPES)}
+    world = {"colour": set(COLOURS), "shape": set(SHAPES)}
     seen = Counter()
     for r in splits["train"]:
         t = r["source_ids"]["question_type"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image
 
 from llava_twist.serve import cli
-from llava_twist.serve.inference import draw_boxes, result_from_text
+from llava_twist.serve.drawing import draw_boxes
+from llava_twist.serve.result import result_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

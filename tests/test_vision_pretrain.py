@@ -12,7 +12,8 @@ import torch
 
 from llava_twist.tiny import TinyLlavaSpec, build_vision_tower
 from playground.miniature.vision_pretrain import VisionPretrainSpec, main, patch_labels, pretrain_tower
-from scout_data.sources.synthetic import SynthConfig, make_scene, shape_mask
+from scout_data.sources.synthetic.config import SynthConfig
+from scout_data.sources.synthetic.scenes import make_scene, shape_mask
 
 WORLD = SynthConfig(width=32, height=32, shapes=("circle", "square"), colours=("red", "blue"),
                     sizes=("large",), min_objects=1, max_objects=2, clutter=("none",))
@@ -24,7 +25,7 @@ def tower(tmp_path: Path, layers: int = 2) -> Path:
 
 
 def test_patch_labels_follow_the_drawn_pixels() -> None:
-    from scout_data.sources.synthetic import Obj, Scene
+    from scout_data.sources.synthetic.scenes import Obj, Scene
 
     mask = shape_mask("square", 12)
     box = mask.getbbox()

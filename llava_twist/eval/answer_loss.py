@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, write_result
 from llava_twist.model.loss import StepWeights, stepwise_lm_loss
-from llava_twist.serve.inference import MODEL_CLASSES, ROUTES, InferenceError, load_model
+from llava_twist.model.routes import ROUTES
+from llava_twist.serve.inference import MODEL_CLASSES, load_model
+from llava_twist.serve.result import InferenceError
 from llava_twist.tiny import COORDINATES
 
 CORNERS = ("x1", "y1", "x2", "y2")

@@ -34,18 +34,17 @@ from tqdm import tqdm
 from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
 from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
 from llava_twist.model.builder import weights_fingerprint
+from llava_twist.model.routes import ROUTES
 from llava_twist.serve.inference import (
     DEFAULT_CONV_MODE,
     MODEL_CLASSES,
-    ROUTES,
     GenerationSettings,
-    InferenceError,
-    InferenceResult,
     LoadedModel,
     generate,
     load_image,
     load_model,
 )
+from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.output import describe_differences
 from scout_data.validate import image_path_problem
 

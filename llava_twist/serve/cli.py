@@ -17,19 +17,18 @@ import os
 import sys
 from collections.abc import Sequence
 
+from llava_twist.model.routes import ROUTES
+from llava_twist.serve.drawing import draw_boxes
 from llava_twist.serve.inference import (
     DEFAULT_CONV_MODE,
     MODEL_CLASSES,
-    ROUTES,
     GenerationSettings,
-    InferenceError,
-    InferenceResult,
-    draw_boxes,
     generate,
     load_image,
     load_model,
     stream_generate,
 )
+from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.boxes import FRAMES
 from scout_data.chain import answer_line, step_line
 from scout_data.output import OutputError, atomic_write, check_output

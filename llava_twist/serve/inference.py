@@ -31,28 +31,9 @@ from transformers import (
 )
 
 from llava_twist.model.routes import ROUTES
-from llava_twist.serve.drawing import draw_boxes
-from llava_twist.serve.images import (  # noqa: F401 - the limits' names, kept importable from here
-    MAX_IMAGE_PIXELS,
-    MIN_IMAGE_SIDE,
-    ImageError,
-    image_size_problem,
-    read_image,
-)
-from llava_twist.serve.result import (
-    GroundedBox,
-    InferenceError,
-    InferenceResult,
-    answer_box_spans,
-    result_from_text,
-)
+from llava_twist.serve.images import ImageError, read_image
+from llava_twist.serve.result import InferenceError, InferenceResult, answer_box_spans, result_from_text
 from scout_data.boxes import model_frame
-
-__all__ = [  # the result and drawing names live in their own modules; callers may keep importing them here
-    "DEFAULT_CONV_MODE", "MODEL_CLASSES", "ROUTES", "GenerationSettings", "GroundedBox", "InferenceError",
-    "InferenceResult", "LoadedModel", "answer_box_spans", "draw_boxes", "generate", "load_image", "load_model",
-    "prepare_inputs", "prepare_prompts", "result_from_text", "stream_generate", "stream_prompt",
-]
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.

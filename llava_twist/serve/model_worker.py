@@ -33,16 +33,8 @@ from PIL import Image
 from starlette.background import BackgroundTask
 
 from llava_twist.serve.images import ImageError, read_image
-from llava_twist.serve.inference import (
-    GenerationSettings,
-    InferenceError,
-    InferenceResult,
-    LoadedModel,
-    last_route,
-    load_model,
-    result_from_text,
-    stream_prompt,
-)
+from llava_twist.serve.inference import GenerationSettings, LoadedModel, last_route, load_model, stream_prompt
+from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
 from llava_twist.serve.worker_protocol import (
     CHUNK_END,
     RequestError,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES, Box, box_xyxy_norm_to_px, clamp_xyxy_px
-from scout_data.chain import MARKER_RE, step_label
+from scout_data.chain import ANSWER_WORD, MARKER_RE, step_label
 from scout_data.parse import BOX_RE, NO_ANSWER_LINE, ParsedChain, broken_box, parse_boxes, parse_chain
 
 
@@ -123,7 +123,7 @@ def result_from_text(
     boxes = [
         GroundedBox(step_label(s.index), s.index, tuple(b), px(b)) for s in chain.steps for b in s.boxes_xyxy_norm
     ]
-    boxes += [GroundedBox("Answer", None, tuple(b), px(b)) for b in chain.answer_boxes_xyxy_norm]
+    boxes += [GroundedBox(ANSWER_WORD, None, tuple(b), px(b)) for b in chain.answer_boxes_xyxy_norm]
     return InferenceResult(
         text=text,
         chain=chain,

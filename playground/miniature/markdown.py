@@ -14,7 +14,7 @@ from playground.miniature.checks import Check
 from playground.miniature.formatting import dig, label, num, pct
 from playground.miniature.recipe import Recipe, Warmup
 from playground.miniature.runner import Context
-from scout_data.sources.synthetic import KINDS, parse_weights
+from scout_data.sources.synthetic.config import KINDS, parse_weights
 from scout_data.writer import REGION_PROMPT
 
 PROMPT_LABELS = {"rec": "REC prompt", "scout": "step-by-step prompt"}

@@ -32,7 +32,8 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
 from scout_data.output import atomic_write_text
-from scout_data.sources.synthetic import SynthConfig, add_arguments, config_from_args, make_scene, render_scene
+from scout_data.sources.synthetic.config import SynthConfig, add_arguments, config_from_args
+from scout_data.sources.synthetic.scenes import make_scene, render_scene
 
 HEADS = ("shape", "colour", "size", "row", "col")
 

@@ -14,5 +14,3 @@ and optionally
 With ``--resume`` the CLI sets ``args.skip_ids`` (ids already written); a source may use it to skip
 work, and the writer drops those ids either way.
 """
-
-SOURCES = ("synthetic", "coco", "refcoco", "flickr30k", "vg")

@@ -45,7 +45,6 @@ from scout_data.sources._annot import (
 from scout_data.writer import item_list, phrase
 
 DATASETS = {"refcoco": "refcoco", "refcoco+": "refcocop", "refcocop": "refcocop", "refcocog": "refcocog"}
-OFFICIAL_SPLITS = ("train", "val", "testA", "testB", "test")
 _FILE_SUFFIX_RE = re.compile(r"_\d+(\.[A-Za-z0-9]+)$")
 
 
