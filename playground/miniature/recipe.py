@@ -211,9 +211,8 @@ WORLD = {"shapes": "circle,square,triangle,cross", "colours": "red,green,blue,ye
          "clutter": "none", "grid": 4}
 ONE_OBJECT = {"image_size": 64, "min_objects": 1, "max_objects": 1, "test_fraction": 0, **WORLD}
 
-# One-object colour and shape questions, the projector at 5x the rate: the loss sits at 0.3-0.75 nats (colour
-# read, shape guessed) for 450-600 steps, then falls below 0.001 (a 900-step lesson stopped half-way through the
-# fall, shape questions 15 of 25 right); docs/demo-notes.md.
+# One-object colour and shape questions, the projector at 5x the rate, long enough for the loss's late fall
+# (docs/demo-notes.md, "Why the recipe is what it is").
 LOOK_LESSON = Warmup("look", SceneSpec(num=3000, kinds="qa:1", qa_types="colour:1,shape:1", seed_offset=2,
                                        **ONE_OBJECT), TrainSpec(steps=1500, batch=32, lr=2e-3, mm_projector_lr=1e-2))
 BOX_LESSON = Warmup("boxes", SceneSpec(num=3000, kinds="region:1", refexp_types="attribute:1", seed_offset=3,
@@ -224,8 +223,7 @@ BASE_QA_TYPES = "colour:1,shape:1,count:1,exists:1,relation:1,caption:0.5"
 # The grounding runs' records, as the paper's grounding expert learns RefCOCO and SCOUT: one-shot referring
 # expressions in LLaVA-1.5's REC form (``region``), SCOUT's terse step-by-step chains (``refexp``) and find-all
 # chains, of all three expression types; relations are weighted up as a relation fails to fit more scenes.
-# Four in five grounding records are one-shot: at half, TWIST gained 10.6 points over the base in 1200 steps, on
-# the one-shot records alone 24.8 (docs/demo-notes.md); one-shot records are also the short ones.
+# Four in five grounding records are one-shot (docs/demo-notes.md, "Why the recipe is what it is").
 EXPRESSION_TYPES = "attribute:1,relation:4,superlative:1"
 GROUNDING_WORLD = SceneSpec(num=10000, kinds="region:0.8,refexp:0.15,find_all:0.05", image_size=64, min_objects=2,
                             max_objects=4, test_fraction=0, refexp_types=EXPRESSION_TYPES, seed_offset=1,
@@ -247,11 +245,10 @@ def full_recipe() -> Recipe:
     return Recipe(
         profile="full",
         seed=0,
-        # 32 attention heads (of width 4), as Llama-2-7B has 32: with 4, reading the attribute of the object a
-        # question names stays at chance in scripts/probe_binding.py, and the base's boxes and understanding
-        # were lower (docs/demo-notes.md). A per-patch tower: one CLIP layer, read before it (LLaVA's select
-        # layer -2), so that no image token carries another object: held-out understanding 72.5% against 53.5% with
-        # a 3-layer tower read at its second (existence 92% against 42%; docs/demo-notes.md).
+        # 32 attention heads (of width 4), as Llama-2-7B has 32, so that a question can bind an attribute to the
+        # object it names (scripts/probe_binding.py). A per-patch tower: one CLIP layer, read before it (LLaVA's
+        # select layer -2), so that no image token carries another object (docs/demo-notes.md, "Why the recipe
+        # is what it is").
         model=TinyLlavaSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=32,
                             vocab_size=1536, vision_hidden_size=64, vision_layers=1, vision_heads=2, image_size=64,
                             patch_size=16, coordinate_tokens=True),
@@ -271,18 +268,15 @@ def full_recipe() -> Recipe:
         lora=TrainSpec(steps=1000, batch=32, lr=2e-3),
         twist=TrainSpec(steps=1000, batch=32, lr=2e-3),
         # Twins of every layer, on the expert alone (a fixed mix of 0: the grounding route never reads the
-        # frozen expert, so each expert trains on its own samples only): 14.1% Acc@0.5 against 7.8% for every
-        # other layer (600 steps on the 4-head base), and of the output layer: the base's frozen rows cap the
-        # chains' words (`Step`, `the`, `large`) near e^-3.5 whatever the twins compute (docs/demo-notes.md).
+        # frozen expert, so each expert trains on its own samples only), and of the output layer, whose frozen
+        # rows would cap the chains' words (docs/demo-notes.md, "Why the recipe is what it is").
         twist_variants=(VARIANTS["layer-all"],),
         twist_flags=TWIST_FLAGS,
         twist_nproc=2,
         lora_r=16,
         lora_alpha=32,
         lora_mm_projector_lr=1e-4,
-        # Every held-out referring expression (154 of the grounding test split; 46 find-all queries) and 160
-        # understanding questions: on the first 64 expressions (6 simple) the same models had scored 9-14 points
-        # apart from the whole set (docs/demo-notes.md).
+        # Every held-out question is answered; the chain loss is measured on the first 160 test chains.
         eval=EvalSpec(limit=160, max_new_tokens=128, batch_size=16),
         shipped_base=SHIPPED_BASE,
     )
@@ -290,9 +284,8 @@ def full_recipe() -> Recipe:
 
 def ci_recipe() -> Recipe:
     """The same pipeline in minutes (tests): a hidden-32 model and 4-20 steps per run, with the vision tower's
-    dense pretraining and both warm-up lessons switched on so that their paths run in CI. TWIST gets 20 steps:
-    after 10 its router had separated the tasks (understanding 0.5-0.7, grounding 0.97-0.99) without sending
-    any understanding prompt below 0.5, i.e. down the frozen route."""
+    dense pretraining and both warm-up lessons switched on so that their paths run in CI. TWIST gets 20 steps, enough
+    for its router to separate the tasks (docs/demo-notes.md, "Why the recipe is what it is")."""
     return Recipe(
         profile="ci",
         seed=0,
