@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,14 +35,20 @@ STEPS, SAVE_STEPS = 8, 4
 EXTRA = ["--twist_save_full", "True", "--twist_router_lr", "1.0", "--twist_step_weights", "answer:2"]
 
 
+LAUNCHER = ["bash", str(REPO / "scripts" / "finetune_twist_cpu.sh"), *EXTRA]
+
+
+def launcher_env(model: Path, data: Path, images: Path, out: Path, port: int) -> dict[str, str]:
+    return dict(os.environ, MODEL=str(model), DATA=str(data), IMAGES=str(images), OUT=str(out), STEPS=str(STEPS),
+                SAVE_STEPS=str(SAVE_STEPS), LR="1e-2", BATCH="2", PYTHONFAULTHANDLER="1", MASTER_PORT=str(port),
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def launch(model: Path, data: Path, images: Path, out: Path) -> list[Path]:
     """Run the launcher; return the DeepSpeed shared-memory buffers it left behind."""
     port = free_port()
-    env = dict(os.environ, MODEL=str(model), DATA=str(data), IMAGES=str(images), OUT=str(out), STEPS=str(STEPS),
-               SAVE_STEPS=str(SAVE_STEPS), LR="1e-2", BATCH="2", PYTHONFAULTHANDLER="1", MASTER_PORT=str(port),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "finetune_twist_cpu.sh"), *EXTRA], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(LAUNCHER, cwd=REPO, env=launcher_env(model, data, images, out, port), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return shm_buffers(port)
 
@@ -272,3 +279,70 @@ def workers_of(out: Path) -> list[int]:
         if str(out).encode() in args and any(b"train_twist" in a or b"deepspeed" in a for a in args):
             found.append(int(cmdline.parent.name))
     return found
+
+
+# ---------------------------------------------------------------- SIGKILL, then resume
+
+
+def kill_when(run: dict, out: Path, ready: Callable[[], bool], log: Path) -> None:
+    """Start the same run as the ``run`` fixture into ``out`` and SIGKILL its whole process group (launcher,
+    DeepSpeed's runner, both ranks) as soon as ``ready()``, as a machine that goes away would."""
+    port = free_port()
+    with log.open("w") as sink:
+        env = launcher_env(run["base"], run["data"], run["images"], out, port)
+        proc = subprocess.Popen(LAUNCHER, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.002)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    for pid in workers_of(out):  # a rank that left the group
+        os.kill(pid, signal.SIGKILL)
+    for buffer in shm_buffers(port):  # the launcher's clean-up trap never ran
+        buffer.unlink()
+
+
+def steps_logged(log: Path) -> int:
+    """Training steps a launch has logged so far (rank 0 prints one ``{'loss': ...}`` dict a step)."""
+    return log.read_text(errors="replace").count("{'loss'")
+
+
+def assert_resumed_bit_identical(run: dict, out: Path) -> None:
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
+    for name in (DELTA_WEIGHTS, f"checkpoint-{STEPS}/{DELTA_WEIGHTS}"):
+        reference, resumed = load_file(str(run["out"] / name)), load_file(str(out / name))
+        assert set(reference) == set(resumed) and all(is_twist_param(k) for k in reference)
+        different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
+        assert different == [], f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+    history, reference = log_history(out), log_history(run["out"])
+    assert [e["loss"] for e in history] == [e["loss"] for e in reference]
+
+
+def test_sigkill_between_checkpoints_then_resume_gives_the_uninterrupted_weights(run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    first = tmp_path / "first.log"
+    ckpt = out / f"checkpoint-{SAVE_STEPS}"
+    kill_when(run, out, lambda: (ckpt / "trainer_state.json").is_file() and steps_logged(first) > SAVE_STEPS, first)
+    assert ckpt.is_dir() and not (out / f"checkpoint-{STEPS}").exists() and not (out / DELTA_WEIGHTS).exists()
+    kept = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file()}
+    launch(run["base"], run["data"], run["images"], out)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed from it, never rewritten
+    assert_resumed_bit_identical(run, out)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_weights(run: dict,
+                                                                                      tmp_path: Path) -> None:
+    """Killed while a checkpoint is written (HF's staging folder ``tmp-checkpoint-N`` present): the half-written
+    checkpoint is never resumed from, and the resumed run ends where an uninterrupted one does."""
+    out = tmp_path / "killed"
+    kill_when(run, out, lambda: any(out.glob("tmp-checkpoint-*")), tmp_path / "first.log")
+    (staging,) = out.glob("tmp-checkpoint-*")
+    step = int(staging.name.rsplit("-", 1)[1])
+    assert not (out / f"checkpoint-{step}").exists()
+    launch(run["base"], run["data"], run["images"], out)
+    assert not list(out.glob("tmp-checkpoint-*"))
+    assert_resumed_bit_identical(run, out)
