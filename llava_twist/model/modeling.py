@@ -210,12 +210,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
             output_hidden_states=True,
             return_dict=True,
         )
-        hidden = out.hidden_states[self.config.router_layer_index()]
-        mask = router_mask if router_mask is not None and router_mask.shape == hidden.shape[:2] else None
-        if mask is None:
-            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        mask = mask | ~mask.any(dim=1, keepdim=True)
-        return self.twist_router(hidden, mask)
+        return self.twist_router(out.hidden_states[self.config.router_layer_index()], router_mask)
 
 
 class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
