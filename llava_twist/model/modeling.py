@@ -264,7 +264,11 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
         ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
         ``config.twist_step_weights``; ``twist_router_labels`` (1: grounding) add the router's BCE times
-        ``config.twist_router_loss_weight``."""
+        ``config.twist_router_loss_weight``. Under the per-token gate (``twist_router="token"``) those labels teach
+        the gates, so the gates route every token: a ``twist_route`` passed with them (the samples' tasks) is not
+        forced."""
+        if twist_router_labels is not None and self.config.twist_router == "token":
+            twist_route = None
         span_ids = twist_step_ids
         if inputs_embeds is None:
             t = self.twist_inputs(input_ids, position_ids, attention_mask, past_key_values, labels, twist_step_ids,
@@ -353,6 +357,11 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     def router_loss(self, outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
         """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label; class
         balanced when ``config.twist_router_balance``."""
+        if self.config.twist_router == "prompt" and outputs.router_logits is None:
+            raise RuntimeError(
+                f"the router produced no logits in training: twist_router_layer={self.config.twist_router_layer} "
+                "must be a twin layer (or unset) so the router runs in the training pass"
+            )
         target = router_labels.float()
         weight = class_balanced_weights(target) if self.config.twist_router_balance else None
         if outputs.router_logits is not None:
