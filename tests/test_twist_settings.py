@@ -6,9 +6,11 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 from transformers import HfArgumentParser
 
 from llava_twist.model.config import TWIST_SETTINGS, USER_SETTINGS, TwistConfig
+from llava_twist.model.loss import StepWeights
 from llava_twist.train.arguments import TwistArguments
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -46,3 +48,12 @@ def test_flags_reach_the_config() -> None:
     assert config.twist_layers == [0, 2] and config.twist_mix_init == 0.0 and config.twist_router_balance is False
     assert config.twist_router_hidden == 8 and config.twist_head is True and config.twist_router == "prompt"
 
+
+def test_step_weights_are_parsed_where_set() -> None:
+    config = TwistConfig(num_hidden_layers=4, twist_step_weights="answer:2")
+    assert config.step_weights == StepWeights.parse("answer:2")
+    config.twist_step_weights = "1,1,2"  # as the builder sets a TWIST checkpoint's flags
+    assert config.step_weights == StepWeights.parse("1,1,2")
+    assert config.to_dict()["twist_step_weights"] == "1,1,2" and "_step_weights" not in config.to_dict()
+    with pytest.raises(ValueError, match="--twist_step_weights 'foo:1'"):
+        config.twist_step_weights = "foo:1"

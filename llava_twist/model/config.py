@@ -91,7 +91,8 @@ class TwistConfig(LlavaConfig):
     """LLaVA-1.5 (Llama) config with TWIST twin-expert layers.
 
     Each setting of :data:`TWIST_SETTINGS` (there with its default and meaning) is a keyword argument and an
-    attribute of the same name, stored through the setting's ``convert`` wherever it is set."""
+    attribute of the same name, stored through the setting's ``convert`` wherever it is set.
+    ``twist_step_weights`` is parsed where it is set; the loss reads the parsed weights, ``step_weights``."""
 
     model_type = TWIST_MODEL_TYPE
 
@@ -106,6 +107,18 @@ class TwistConfig(LlavaConfig):
         if setting is not None:
             value = setting.convert(value)
         super().__setattr__(key, value)
+        if key == "twist_step_weights":
+            super().__setattr__("_step_weights", StepWeights.parse(value))  # names the flag and the bad item
+
+    @property
+    def step_weights(self) -> StepWeights:
+        """``twist_step_weights``, parsed."""
+        return self._step_weights
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("_step_weights", None)
+        return out
 
     def twin_layer_indices(self) -> list[int]:
         """Sorted indices of the decoder layers that get a grounding expert."""
@@ -139,7 +152,6 @@ class TwistConfig(LlavaConfig):
             value = getattr(self, setting.name)
             if setting.choices and value not in setting.choices:
                 raise ValueError(f"{setting.name}={value!r}: expected one of {setting.choices}")
-        StepWeights.parse(self.twist_step_weights)  # names the flag and the bad item
         if not 0.0 <= self.twist_mix_init <= 1.0:
             raise ValueError(f"twist_mix_init={self.twist_mix_init}: must lie in [0, 1]")
         if self.twist_router_layer is not None and not 0 <= int(self.twist_router_layer) < n:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
-from llava_twist.model.loss import StepWeights, align_span_ids, stepwise_lm_loss
+from llava_twist.model.loss import align_span_ids, stepwise_lm_loss
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING
 from llava_twist.model.routing import (
     RouteContext,
@@ -300,8 +300,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
 
         lm_loss = router_loss = token_losses = token_spans = supervised = None
         if labels is not None:
-            weights = StepWeights.parse(self.config.twist_step_weights)
-            lm_loss, token_losses, token_spans = stepwise_lm_loss(logits, labels, span_ids, weights)
+            lm_loss, token_losses, token_spans = stepwise_lm_loss(logits, labels, span_ids, self.config.step_weights)
             supervised = labels[:, 1:].to(token_losses.device) != IGNORE_INDEX
         if twist_router_labels is not None:
             router_loss = self.router_loss(outputs, twist_router_labels)
