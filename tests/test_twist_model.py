@@ -174,6 +174,25 @@ def test_router_loss_balances_the_tasks(tiny_llava: Path, balance: bool) -> None
     assert not torch.allclose(per_sample[0], per_sample[1:].mean())  # the two weightings differ on this batch
 
 
+def test_training_route_is_the_models_rule(tiny_llava: Path) -> None:
+    """With router labels, the per-token gates route every token (the samples' routes are not forced on them), and
+    a per-prompt router that the training pass does not reach is refused."""
+    batch = make_batch(tiny_llava, QUERIES)
+    labels = torch.tensor([0.0, 1.0])
+    gated = load_twist(tiny_llava, twist_router="token")
+    perturb_experts(gated)
+    with torch.no_grad():
+        taught = gated(**batch, twist_route=labels.bool(), twist_router_labels=labels)
+        free = gated(**batch, twist_router_labels=labels)
+        forced = gated(**batch, twist_route=labels.bool())
+    assert taught.router_loss is not None  # the gates' BCE
+    assert torch.equal(taught.logits, free.logits) and torch.equal(taught.router_loss, free.router_loss)
+    assert not torch.equal(forced.logits, taught.logits)  # without labels, a given route is forced
+    late = load_twist(tiny_llava, twist_router_layer=1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="twist_router_layer=1 must be a twin layer"):
+        late(**batch, twist_route=labels.bool(), twist_router_labels=labels)
+
+
 def test_frozen_samples_give_experts_no_gradient(tiny_llava: Path) -> None:
     twist = load_twist(tiny_llava, twist_head=True)
     twist.train()

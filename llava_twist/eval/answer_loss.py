@@ -147,6 +147,22 @@ def llava_records(data: str, image_folder: str, tokenizer: Any, image_processor:
     return dataset, picked
 
 
+def spliced(model: Any, batch: dict[str, Any], is_twist: bool) -> tuple[dict[str, Any], torch.Tensor]:
+    """A collated batch with its images spliced in, once, as the model's inputs, and the labels aligned with them:
+    TWIST's ``twist_inputs`` (which also marks the router's positions), or LLaVA's own splice for plain LLaVA."""
+    args = (batch["input_ids"], None, batch["attention_mask"], None, batch["labels"])
+    if is_twist:
+        t = model.twist_inputs(*args, None, batch["images"])
+        inputs = {"input_ids": t.input_ids, "position_ids": t.position_ids, "attention_mask": t.attention_mask,
+                  "inputs_embeds": t.inputs_embeds, "twist_router_mask": t.router_mask}
+        return inputs, t.labels
+    input_ids, position_ids, attention_mask, _, inputs_embeds, labels = model.prepare_inputs_labels_for_multimodal(
+        *args, batch["images"])
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+              "inputs_embeds": inputs_embeds}
+    return inputs, labels
+
+
 def answer_loss(model_path: str, data: str, image_folder: str, model_base: str | None = None,
                 model_class: str = "twist", route: str = "auto", num: int = 64, batch_size: int = 16,
                 device: str = "cpu") -> dict[str, Any]:
@@ -172,9 +188,8 @@ def answer_loss(model_path: str, data: str, image_folder: str, model_base: str |
         batch = {k: v.to(loaded.device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
         batch["images"] = batch["images"].to(loaded.dtype)
         with torch.no_grad():
-            logits = model(**batch, **extra).logits
-            labels = model.prepare_inputs_labels_for_multimodal(
-                batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])[5]
+            inputs, labels = spliced(model, batch, loaded.is_twist)
+            logits = model(**inputs, **extra).logits
         places = box_places(labels, tokenizer)
         for kind, values in split_losses(logits, labels, places).items():
             losses[kind].extend(values)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llava.model.language_model.llava_llama import LlavaConfig
@@ -17,72 +18,107 @@ MIX_KINDS = ("learned", "fixed")
 ROUTER_KINDS = ("prompt", "token", "none")
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _layers(value: str | Sequence[int]) -> str | list[int]:
+    return value if isinstance(value, str) else list(value)
+
+
+@dataclass(frozen=True)
+class TwistSetting:
+    """One TWIST setting, declared once: its ``TwistConfig`` field (saved in ``config.json``), default and help.
+
+    A setting users set (``user``) is also a training flag, ``--<name>`` taking a ``kind`` (see
+    :mod:`llava_twist.train.arguments`), and a row of the README's settings table; the others are set by training
+    or at inference. ``convert`` makes the stored value from a given one; ``choices`` are the values
+    ``TwistConfig.validate_twist`` accepts."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    user: bool = True
+    convert: Callable[[Any], Any] = _same
+    choices: tuple[str, ...] = ()
+
+
+TWIST_SETTINGS: tuple[TwistSetting, ...] = (
+    TwistSetting("twist_layers", str, "every_other", convert=_layers, help=(
+        "which decoder layers get a grounding expert: all, every_other (0, 2, 4, ...) or a list of layer indices "
+        "(on the command line: comma separated)")),
+    TwistSetting("twist_expert", str, "mlp", choices=EXPERT_KINDS, help=(
+        "what the grounding expert copies: mlp (the FFN) or layer (the whole decoder layer: attention, FFN, norms, "
+        "with its own KV-cache entries)")),
+    TwistSetting("twist_mix", str, "learned", choices=MIX_KINDS, help=(
+        "the grounding route computes a * frozen(x) + (1 - a) * grounding(x), with a learned (a per-layer "
+        "a = sigmoid(logit)) or fixed")),
+    TwistSetting("twist_mix_init", float, 0.5, convert=float, help=(
+        "initial (or fixed) a in [0, 1]; 0 runs the grounding expert alone")),
+    TwistSetting("twist_router", str, "prompt", choices=ROUTER_KINDS, help=(
+        "prompt (one learned decision per prompt), token (a per-token soft gate in every twin layer, an ablation "
+        "that gives up exactness) or none (routes must be forced)")),
+    TwistSetting("twist_router_layer", int, None, help=(
+        "index of the decoder layer whose input hidden states the router reads, pooled over the prompt's text "
+        "after the image; unset: the first twin layer (decided in the same pass), a later layer costs a second "
+        "(frozen) prefill")),
+    TwistSetting("twist_router_hidden", int, 0, convert=int, help=(
+        "width of the router's hidden layer; 0: a linear probe")),
+    TwistSetting("twist_router_threshold", float, 0.5, user=False, convert=float, help=(
+        "router probability above which auto takes the grounding route")),
+    TwistSetting("twist_router_loss_weight", float, 1.0, convert=float, help=(
+        "weight of the router's BCE in the training loss")),
+    TwistSetting("twist_router_balance", bool, True, convert=bool, help=(
+        "weigh the router's BCE so that grounding and understanding prompts count equally in each batch, whatever "
+        "the replay ratio (without it the majority task pulls the router's bias its way)")),
+    TwistSetting("twist_step_weights", str, "", convert=lambda value: str(value or ""), help=(
+        "loss weight per chain span: '1,1,2' (steps in order), 'answer:2', 'steps:0.5' (see "
+        "llava_twist.model.loss.StepWeights); empty: every supervised token alike")),
+    TwistSetting("twist_head", bool, False, convert=bool, help=(
+        "also give the output layer (lm_head) a grounding copy, used by the grounding route; for bases whose "
+        "frozen output rows cannot reach the chains' words (see TwistOutputHead)")),
+    TwistSetting("twist_route", str, "auto", user=False, choices=ROUTES, help=(
+        "the route forward/generate take when none is passed")),
+    TwistSetting("twist_base_fingerprint", str, None, user=False, help=(
+        "fingerprint of the base LLaVA weights a grounding delta applies onto (set by training)")),
+)
+USER_SETTINGS = tuple(setting for setting in TWIST_SETTINGS if setting.user)
+_SETTINGS = {setting.name: setting for setting in TWIST_SETTINGS}
+
+
 class TwistConfig(LlavaConfig):
     """LLaVA-1.5 (Llama) config with TWIST twin-expert layers.
 
-    Args:
-        twist_layers: which decoder layers get a grounding expert: ``"all"``, ``"every_other"``
-            (0, 2, 4, ...) or an explicit list of layer indices.
-        twist_expert: what the grounding expert copies: ``"mlp"`` (the FFN) or ``"layer"`` (the whole
-            decoder layer: attention, FFN, norms, with its own KV-cache entries).
-        twist_mix: ``"learned"`` (a per-layer ``a = sigmoid(logit)``) or ``"fixed"``; the grounding route
-            computes ``a * frozen(x) + (1 - a) * grounding(x)``.
-        twist_mix_init: initial (or fixed) ``a`` in [0, 1]; 0 runs the grounding expert alone.
-        twist_router: ``"prompt"`` (one learned decision per prompt, the default), ``"token"``
-            (per-token soft gate in every twin layer, an ablation that gives up exactness) or ``"none"``
-            (routes must be forced).
-        twist_router_layer: index of the decoder layer whose *input* hidden states the router reads,
-            pooled over the prompt's text after the image. ``None`` = the first twin layer (decided in the
-            same pass); a later layer costs a second (frozen) prefill.
-        twist_router_hidden: width of the router's hidden layer; 0 = a linear probe.
-        twist_router_threshold: probability above which ``auto`` takes the grounding route.
-        twist_router_loss_weight: weight of the router's BCE in the training loss.
-        twist_step_weights: loss weight per chain span (``"answer:2"``, ``"1,1,2"``; see
-            :class:`llava_twist.model.loss.StepWeights`); empty: every supervised token alike.
-        twist_router_balance: weigh the router's BCE so that grounding and understanding prompts count equally in
-            each batch, whatever the replay ratio (without it the majority task pulls the router's bias its way).
-        twist_head: also give the output layer (``lm_head``) a grounding copy, used by the grounding route; for
-            bases whose frozen output rows cannot reach the chains' words (see ``TwistOutputHead``).
-        twist_route: the route ``forward``/``generate`` take when none is passed.
-        twist_base_fingerprint: fingerprint of the base LLaVA weights a grounding delta applies onto.
-    """
+    Each setting of :data:`TWIST_SETTINGS` (there with its default and meaning) is a keyword argument and an
+    attribute of the same name, stored through the setting's ``convert`` wherever it is set.
+    ``twist_step_weights`` is parsed where it is set; the loss reads the parsed weights, ``step_weights``."""
 
     model_type = TWIST_MODEL_TYPE
 
-    def __init__(
-        self,
-        twist_layers: str | Sequence[int] = "every_other",
-        twist_expert: str = "mlp",
-        twist_mix: str = "learned",
-        twist_mix_init: float = 0.5,
-        twist_router: str = "prompt",
-        twist_router_layer: int | None = None,
-        twist_router_hidden: int = 0,
-        twist_router_threshold: float = 0.5,
-        twist_router_loss_weight: float = 1.0,
-        twist_router_balance: bool = True,
-        twist_step_weights: str = "",
-        twist_head: bool = False,
-        twist_route: str = "auto",
-        twist_base_fingerprint: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.twist_layers = list(twist_layers) if not isinstance(twist_layers, str) else twist_layers
-        self.twist_expert = twist_expert
-        self.twist_mix = twist_mix
-        self.twist_mix_init = float(twist_mix_init)
-        self.twist_router = twist_router
-        self.twist_router_layer = twist_router_layer
-        self.twist_router_hidden = int(twist_router_hidden)
-        self.twist_router_threshold = float(twist_router_threshold)
-        self.twist_router_loss_weight = float(twist_router_loss_weight)
-        self.twist_router_balance = bool(twist_router_balance)
-        self.twist_step_weights = str(twist_step_weights or "")
-        self.twist_head = bool(twist_head)
-        self.twist_route = twist_route
-        self.twist_base_fingerprint = twist_base_fingerprint
+    def __init__(self, **kwargs: Any) -> None:
+        for setting in TWIST_SETTINGS:
+            setattr(self, setting.name, kwargs.pop(setting.name, setting.default))
         super().__init__(**kwargs)
         self.validate_twist()
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        setting = _SETTINGS.get(key)
+        if setting is not None:
+            value = setting.convert(value)
+        super().__setattr__(key, value)
+        if key == "twist_step_weights":
+            super().__setattr__("_step_weights", StepWeights.parse(value))  # names the flag and the bad item
+
+    @property
+    def step_weights(self) -> StepWeights:
+        """``twist_step_weights``, parsed."""
+        return self._step_weights
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("_step_weights", None)
+        return out
 
     def twin_layer_indices(self) -> list[int]:
         """Sorted indices of the decoder layers that get a grounding expert."""
@@ -112,21 +148,16 @@ class TwistConfig(LlavaConfig):
                     f"twist_layers={self.twist_layers}: indices must be integers in [0, {n - 1}] "
                     f"(the model has {n} decoder layers); out of range: {bad or 'empty list'}"
                 )
-        for name, value, allowed in (
-            ("twist_expert", self.twist_expert, EXPERT_KINDS),
-            ("twist_mix", self.twist_mix, MIX_KINDS),
-            ("twist_router", self.twist_router, ROUTER_KINDS),
-            ("twist_route", self.twist_route, ROUTES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+        for setting in TWIST_SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.choices and value not in setting.choices:
+                raise ValueError(f"{setting.name}={value!r}: expected one of {setting.choices}")
         if not 0.0 <= self.twist_mix_init <= 1.0:
             raise ValueError(f"twist_mix_init={self.twist_mix_init}: must lie in [0, 1]")
         if self.twist_router_layer is not None and not 0 <= int(self.twist_router_layer) < n:
             raise ValueError(f"twist_router_layer={self.twist_router_layer}: must lie in [0, {n - 1}]")
         if not 0.0 < self.twist_router_threshold < 1.0:
             raise ValueError(f"twist_router_threshold={self.twist_router_threshold}: must lie in (0, 1)")
-        StepWeights.parse(self.twist_step_weights)  # names the flag and the bad item
         if self.twist_head and self.twist_router == "token":
             raise ValueError("twist_head=True needs one route per prompt; the per-token gate (twist_router='token') "
                              "has none")

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
-from llava_twist.model.loss import StepWeights, align_span_ids, stepwise_lm_loss
+from llava_twist.model.loss import align_span_ids, stepwise_lm_loss
 from llava_twist.model.routes import AUTO, FROZEN, GROUNDING
 from llava_twist.model.routing import (
     RouteContext,
@@ -210,12 +210,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
             output_hidden_states=True,
             return_dict=True,
         )
-        hidden = out.hidden_states[self.config.router_layer_index()]
-        mask = router_mask if router_mask is not None and router_mask.shape == hidden.shape[:2] else None
-        if mask is None:
-            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        mask = mask | ~mask.any(dim=1, keepdim=True)
-        return self.twist_router(hidden, mask)
+        return self.twist_router(out.hidden_states[self.config.router_layer_index()], router_mask)
 
 
 class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
@@ -269,7 +264,11 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
         ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
         ``config.twist_step_weights``; ``twist_router_labels`` (1: grounding) add the router's BCE times
-        ``config.twist_router_loss_weight``."""
+        ``config.twist_router_loss_weight``. Under the per-token gate (``twist_router="token"``) those labels teach
+        the gates, so the gates route every token: a ``twist_route`` passed with them (the samples' tasks) is not
+        forced."""
+        if twist_router_labels is not None and self.config.twist_router == "token":
+            twist_route = None
         span_ids = twist_step_ids
         if inputs_embeds is None:
             t = self.twist_inputs(input_ids, position_ids, attention_mask, past_key_values, labels, twist_step_ids,
@@ -301,8 +300,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
 
         lm_loss = router_loss = token_losses = token_spans = supervised = None
         if labels is not None:
-            weights = StepWeights.parse(self.config.twist_step_weights)
-            lm_loss, token_losses, token_spans = stepwise_lm_loss(logits, labels, span_ids, weights)
+            lm_loss, token_losses, token_spans = stepwise_lm_loss(logits, labels, span_ids, self.config.step_weights)
             supervised = labels[:, 1:].to(token_losses.device) != IGNORE_INDEX
         if twist_router_labels is not None:
             router_loss = self.router_loss(outputs, twist_router_labels)
@@ -358,6 +356,11 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     def router_loss(self, outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
         """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label; class
         balanced when ``config.twist_router_balance``."""
+        if self.config.twist_router == "prompt" and outputs.router_logits is None:
+            raise RuntimeError(
+                f"the router produced no logits in training: twist_router_layer={self.config.twist_router_layer} "
+                "must be a twin layer (or unset) so the router runs in the training pass"
+            )
         target = router_labels.float()
         weight = class_balanced_weights(target) if self.config.twist_router_balance else None
         if outputs.router_logits is not None:

@@ -55,12 +55,17 @@ class TwistRouter(nn.Module):
             nn.init.zeros_(last.weight)
             last.bias.fill_(bias)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """hidden_states (B, T, H), mask (B, T) bool -> logits (B,).
 
+        The mask picks the positions pooled; without one that fits (None, or a decode step's shape), and for a
+        prompt with no text after the image (an empty row), the router pools over every position.
         The pooled state is standardised (parameter-free layer norm) first: early Llama hidden states are
         tiny (token embeddings, norm ~0.3 per token), and an unnormalised linear probe on them learns at a
         fraction of its learning rate."""
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        mask = mask | ~mask.any(dim=1, keepdim=True)
         mask = mask.to(hidden_states.dtype).unsqueeze(-1)
         pooled = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         pooled = F.layer_norm(pooled.float(), pooled.shape[-1:])
@@ -148,12 +153,7 @@ class RouteContext:
         """Run the router on the hidden states entering the router layer; fix the route if not given."""
         if self.router is None:
             return
-        mask = self.router_mask
-        if mask is None or mask.shape != hidden_states.shape[:2]:
-            mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-        empty = ~mask.any(dim=1, keepdim=True)
-        mask = mask | empty  # a prompt with no text after the image: pool over everything
-        self.router_logits = self.router(hidden_states, mask)
+        self.router_logits = self.router(hidden_states, self.router_mask)
         if self.route is None:
             self.route = torch.sigmoid(self.router_logits) > self.threshold
 

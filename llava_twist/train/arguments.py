@@ -1,42 +1,42 @@
-"""Command line: LLaVA's ``ModelArguments``/``DataArguments``/``TrainingArguments`` plus ``TwistArguments``."""
+"""Command line: LLaVA's ``ModelArguments``/``DataArguments``/``TrainingArguments`` plus ``TwistArguments``: a flag
+for each user setting of :data:`llava_twist.model.config.TWIST_SETTINGS` (declared there) and the training-only ones."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from llava.train.train import DataArguments, ModelArguments, TrainingArguments
 from transformers import HfArgumentParser
 
+from llava_twist.model.config import LAYER_PRESETS, USER_SETTINGS, TwistSetting
 from llava_twist.model.loss import StepWeights
 
 
-@dataclass
-class TwistArguments:
-    """TWIST settings. Unset model settings keep the TwistConfig defaults (or, for a TWIST checkpoint, its own)."""
+def _setting_flag(setting: TwistSetting) -> tuple[str, Any, Any]:
+    """The field of ``--<name>``: unset (None) keeps the TwistConfig default, or a TWIST checkpoint's own value."""
+    own = "a TWIST checkpoint keeps its own"
+    if setting.default is None:
+        text = f"{setting.help} ({own})"
+    else:
+        text = f"{setting.help} (unset: {setting.default if setting.default != '' else 'empty'}; {own})"
+    return setting.name, setting.kind | None, field(default=None, metadata={"help": text})
 
-    twist_layers: str | None = field(
-        default=None, metadata={"help": "twin layers: all | every_other | comma list of indices (default every_other)"}
-    )
-    twist_expert: str | None = field(default=None, metadata={"help": "grounding expert copies: mlp | layer"})
-    twist_mix: str | None = field(default=None, metadata={"help": "mix a of frozen and grounding: learned | fixed"})
-    twist_mix_init: float | None = field(default=None, metadata={"help": "initial (or fixed) a in [0, 1]"})
-    twist_router: str | None = field(default=None, metadata={"help": "prompt | token (per-token gate) | none"})
-    twist_router_layer: int | None = field(default=None, metadata={"help": "layer whose input the router reads"})
-    twist_router_hidden: int | None = field(default=None, metadata={"help": "router hidden width; 0 = linear"})
-    twist_router_loss_weight: float | None = field(default=None, metadata={"help": "weight of the router BCE"})
-    twist_router_balance: bool | None = field(
-        default=None, metadata={"help": "grounding and understanding prompts weigh equally in the router BCE"}
-    )
+
+TwistSettingArguments = make_dataclass(
+    "TwistSettingArguments",
+    [_setting_flag(setting) for setting in USER_SETTINGS],
+    namespace={"__module__": __name__, "__doc__": "A ``--<name>`` flag for each TwistConfig user setting."},
+)
+
+
+@dataclass
+class TwistArguments(TwistSettingArguments):
+    """TWIST flags: the TwistConfig user settings (:class:`TwistSettingArguments`), then the training-only ones."""
+
     twist_router_lr: float | None = field(
         default=None, metadata={"help": "learning rate of the router (a small probe); default --learning_rate"}
-    )
-    twist_step_weights: str | None = field(
-        default=None, metadata={"help": "per-step loss weights: '1,1,2' (steps in order), 'answer:2', 'steps:0.5'"}
-    )
-    twist_head: bool | None = field(
-        default=None, metadata={"help": "also give the output layer (lm_head) a trained copy for the grounding route"}
     )
     twist_save_full: bool = field(
         default=False,
@@ -51,19 +51,16 @@ class TwistArguments:
 
     def config_kwargs(self) -> dict[str, Any]:
         """The ``twist_*`` TwistConfig settings given on the command line."""
-        names = ("twist_expert", "twist_mix", "twist_mix_init", "twist_router", "twist_router_layer",
-                 "twist_router_hidden", "twist_router_loss_weight", "twist_router_balance", "twist_step_weights",
-                 "twist_head")
-        kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        if self.twist_layers is not None:
-            kwargs["twist_layers"] = parse_layers(self.twist_layers)
+        kwargs = {s.name: getattr(self, s.name) for s in USER_SETTINGS if getattr(self, s.name) is not None}
+        if "twist_layers" in kwargs:
+            kwargs["twist_layers"] = parse_layers(kwargs["twist_layers"])
         return kwargs
 
 
 def parse_layers(value: str) -> str | list[int]:
     """``all`` | ``every_other`` | ``"0,2,5"`` -> list of ints."""
     value = value.strip()
-    if value in ("all", "every_other"):
+    if value in LAYER_PRESETS:
         return value
     try:
         return [int(v) for v in value.replace(" ", "").split(",") if v]

@@ -81,16 +81,9 @@ class TwistTrainer(LLaVATrainer):
 
     # ----- loss -----
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False) -> Any:
-        """The model's own loss (step-weighted LM loss plus the router's, :meth:`TwistLlavaLlamaForCausalLM.forward`),
-        its parts recorded for the logs."""
-        route = inputs.pop("twist_route")
-        config = self.model.config
-        outputs = model(**inputs, twist_route=None if config.twist_router == "token" else route)
-        if config.twist_router == "prompt" and outputs.router_logits is None:
-            raise RuntimeError(
-                f"the router produced no logits in training: twist_router_layer={config.twist_router_layer} "
-                "must be a twin layer (or unset) so the router runs in the training pass"
-            )
+        """The model's own loss (step-weighted LM loss plus the router's, :meth:`TwistLlavaLlamaForCausalLM.forward`,
+        which also owns the route each sample takes), its parts recorded for the logs."""
+        outputs = model(**inputs)
         self._record(outputs, inputs.get("twist_router_labels"))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
