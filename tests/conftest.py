@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 # The environment the suite needs, set here so that `pytest`, `pytest tests/x.py::t` from any folder and
@@ -57,3 +59,21 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def ci_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``python -m playground.miniature --profile ci`` run once per session (the demo's tests read it; the release's
+    tests build their base from a copy of its cached stages): its folder, the finished process, its seconds, and
+    ``run(out)`` to run the same command again."""
+    out = tmp_path_factory.mktemp("ci-demo") / "demo"
+    start = time.perf_counter()
+    proc = run_ci_demo(out)
+    return {"out": out, "proc": proc, "seconds": time.perf_counter() - start, "run": run_ci_demo}
+
+
+def run_ci_demo(out: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "playground.miniature", "--profile", "ci", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

@@ -31,9 +31,11 @@ def test_each_question_asks_the_colour_of_the_object_with_the_named_shape(probe,
 
 
 def test_a_one_hop_answer_is_learnt(probe) -> None:
+    """A fitted toy: every held-out question right (measured: all 128 right by step 150 of 300, seeds 0-2, 1 and 2
+    threads)."""
     history = probe.run(heads=4, layers=2, hidden=64, steps=300, answer="echo", eval_every=150, held_out=128,
                         log=False)
-    assert history[-1][2] >= 0.9, history
+    assert history[-1][2] == 1.0, history
 
 
 def test_tower_scenes_ask_about_rendered_objects_in_their_own_patches(probe, tmp_path) -> None:
@@ -83,6 +85,9 @@ def test_a_probe_on_the_world_trains(probe, tmp_path, tokens: str) -> None:
 
     tower = build_vision_tower(tmp_path, TinyLlavaSpec(vision_hidden_size=16, vision_layers=1, image_size=64,
                                                        patch_size=16)) if tokens == "tower" else None
-    history = probe.run(heads=2, layers=1, hidden=16, steps=2, batch=4, eval_every=1, held_out=4, log=False,
+    history = probe.run(heads=2, layers=1, hidden=16, steps=12, batch=4, eval_every=1, held_out=4, log=False,
                         tower=tower, world=True, scenes=8)
-    assert [step for step, _, _ in history] == [1, 2] and all(0.0 <= acc <= 1.0 for _, _, acc in history)
+    assert [step for step, _, _ in history] == list(range(1, 13))
+    losses = [loss for _, loss, _ in history]
+    # on this fixed seed the loss falls from 3.15 to 2.67 (tower) and 3.15 to 2.65 (ideal), the same at 1 and 2 threads
+    assert losses[-1] < 0.95 * losses[0], losses

@@ -25,6 +25,7 @@ from playground.miniature.release import (
     install_release,
     read_card,
 )
+from playground.miniature.runner import STAMP
 from playground.miniature.stages import build_stages
 
 pytestmark = [pytest.mark.slow]
@@ -140,9 +141,14 @@ def test_the_committed_base_loads_from_the_repository_root_and_answers(monkeypat
 
 
 @pytest.fixture(scope="module")
-def ci_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def ci_release(ci_demo: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The ci base, released from a copy of the session's ci demo: its base stages are cached there (the same recipe
+    part, the same stamps), so only the base's measurement runs."""
     root = tmp_path_factory.mktemp("release")
+    shutil.copytree(ci_demo["out"], root / "build", symlinks=True)
+    trained = (root / "build" / "work" / "models" / "base" / STAMP).read_text()
     card = build_base("ci", root / "build", root / "release", progress=False)
+    assert (root / "build" / "work" / "models" / "base" / STAMP).read_text() == trained  # reused, not retrained
     return root / "release", card
 
 
