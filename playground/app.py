@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
 UPDATE_EVERY_S = 0.25
 MIN_DRAWN_WIDTH = 320  # a smaller image is drawn on an enlarged copy: its boxes' labels would cover its objects
+SERVED_ID = "llava-twist-output"  # PNG text key of each output image (see served_image)
 ROUTE_CHOICES: dict[str, str] = {
     "Auto (router decides)": AUTO,
     "Original LLaVA (frozen)": FROZEN,
@@ -149,10 +151,10 @@ class Backend:
             now = time.monotonic()
             if key != last_key or now - last_time >= UPDATE_EVERY_S:
                 last_key, last_time = key, now
-                yield PanelUpdate(partial, drawn, False, label)
+                yield PanelUpdate(partial, served_image(drawn), False, label)
         if final is None:
             final = result_from_text(text.strip(), image.size, frame, prompt=query)
-        yield PanelUpdate(final, draw_boxes(image, final, min_width=MIN_DRAWN_WIDTH), True, label)
+        yield PanelUpdate(final, served_image(draw_boxes(image, final, min_width=MIN_DRAWN_WIDTH)), True, label)
 
     def run(
         self,
@@ -215,6 +217,15 @@ class Backend:
         for base in self.updates(job.pieces(), query, image, runs[1]):
             yield (twist.image, twist.html(), twist.info(), twist.data(),
                    base.image, base.html(), base.info(), base.data())
+
+
+def served_image(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` with a fresh id in its PNG text. Gradio caches an output image under the hash of its PNG
+    bytes, text included: without the id, two answers (or two updates of one) with the same picture share one file,
+    which the later one rewrites while a browser is still reading it."""
+    copy = image.copy()
+    copy.info[SERVED_ID] = uuid.uuid4().hex
+    return copy
 
 
 # ---------------------------------------------------------------- UI
@@ -286,7 +297,8 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
     folder = Path(examples_dir or backend.examples_dir)
     examples = load_examples(folder)
     own_world = folder.resolve() != EXAMPLES_DIR.resolve()
-    with gr.Blocks(title="TWIST & SCOUT playground") as demo:
+    # every update is its own cached image (served_image): files older than an hour go, checked every 10 minutes
+    with gr.Blocks(title="TWIST & SCOUT playground", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "## TWIST & SCOUT playground\nAsk about an image; the answer streams step by step and each step's "
             "boxes appear on the image in its colour (the answer's in gold), in pixels of your image."

@@ -4,7 +4,9 @@ through a real headless Chromium (Playwright on the Debian ``chromium``; ``scrip
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import os
 import re
 import socket
 import threading
@@ -276,3 +278,32 @@ def test_a_cancelled_request_does_not_block_the_server(client: Client, served: t
     assert state["max"] == 1  # the cancelled generation and the next never shared the model
     assert served[1].lock.acquire(timeout=10)
     served[1].lock.release()
+
+
+def resident_mb() -> float:
+    """This process's resident memory (the server runs in it), in MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_a_hundred_identical_requests_in_waves_are_all_answered_whole(served: tuple[str, app.Backend]) -> None:
+    """Five waves of 20 concurrent users asking the same question of the same picture: every answer arrives with
+    its own whole image (identical outputs once shared one cache file, rewritten while another user read it), and
+    the server's memory after the waves is what it was after the first."""
+    example = EXAMPLES[1]
+    clients = [Client(served[0], verbose=False) for _ in range(20)]
+    want = None
+    memory = []
+    with model_replaced(served[1], echo_reference()):
+        for _ in range(5):
+            jobs = [ask(c, example["path"], example["query"], compare=True) for c in clients]
+            for job in jobs:
+                result = job.result(timeout=120)
+                with Image.open(result[0]) as im, Image.open(result[4]) as base:
+                    pixels = (np.asarray(im.convert("RGB")), np.asarray(base.convert("RGB")))
+                want = pixels if want is None else want
+                assert all(np.array_equal(a, b) for a, b in zip(pixels, want, strict=True))
+            gc.collect()
+            memory.append(resident_mb())
+    assert max(memory[1:]) - memory[0] < 64, memory
