@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 from llava_twist.eval.answer_loss import MASS_KINDS
+from llava_twist.serve.inference import DEFAULT_CONV_MODE
+from playground.miniature.answering import evaluated_models
 from playground.miniature.recipe import BOX_LESSON, get_recipe
 from playground.miniature.runner import STAMP, Context, Layout, Stage, StageError, run_stage
 from playground.miniature.stages import build_stages, stage_config
@@ -266,10 +268,32 @@ def test_twist_answers_understanding_questions_exactly_as_the_base(demo: dict[st
     for twist in TWIST:
         got = answers(out, twist, "understanding")
         frozen = [q for q in questions if got[q]["metadata"]["route"] == "frozen"]
-        assert frozen, f"{twist}: the router sent every understanding question down the grounding route"
         assert [got[q]["text"] for q in frozen] == [base[q]["text"] for q in frozen]
         identical = sum(got[q]["text"].strip() == base[q]["text"].strip() for q in questions) / len(questions)
         assert demo["results"]["models"][twist]["retention"]["identical_rate"] == pytest.approx(identical)
+
+
+def test_twist_on_the_forced_frozen_route_answers_every_understanding_question_as_the_base(
+        demo: dict[str, Any], tmp_path: Path) -> None:
+    """Whatever the router learnt in the ci budget: the frozen route, forced, is the base's computation."""
+    out = demo["out"]
+    layout = Layout(out)
+    questions = layout.eval / "questions" / "understanding.jsonl"
+    base = answers(out, "base", "understanding")
+    for model in evaluated_models(RECIPE, layout):
+        if not model.twist:
+            continue
+        got = tmp_path / f"{model.name}.jsonl"
+        subprocess.run([sys.executable, "-m", "llava_twist.eval.model_grounding", "--model-path", str(model.folder),
+                        "--model-base", str(layout.model("base")), "--route", "frozen", "--question-file",
+                        str(questions), "--image-folder", str(layout.data), "--answers-file", str(got),
+                        "--batch-size", str(RECIPE.eval.batch_size), "--max_new_tokens",
+                        str(RECIPE.eval.max_new_tokens), "--conv-mode", DEFAULT_CONV_MODE, "--temperature", "0",
+                        "--device", "cpu", "--prompt", "scout"], check=True, capture_output=True, timeout=600)
+        forced = {a["question_id"]: a for a in map(json.loads, got.read_text().splitlines())}
+        assert set(forced) == set(base)
+        assert all(forced[q]["metadata"]["route"] == "frozen" for q in forced)
+        assert {q: forced[q]["text"] for q in forced} == {q: base[q]["text"] for q in base}, model.name
 
 
 def test_router_output_is_recorded(demo: dict[str, Any]) -> None:

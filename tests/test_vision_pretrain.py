@@ -58,6 +58,8 @@ def test_each_patch_is_labelled_with_the_object_covering_most_of_it() -> None:
 
 
 def test_pretraining_teaches_the_read_layer_and_saves_a_clip_tower(tmp_path: Path) -> None:
+    """The bounds are below what was measured at 1 and 2 threads, seeds 0 and 1: colour 0.958-0.985, row
+    0.993-0.998, column 0.987-0.996, box L1 1.18-1.26 px from 23.8-26.5 before."""
     from transformers import CLIPVisionModel
 
     path = tower(tmp_path)
