@@ -31,14 +31,13 @@ from llava import conversation as conversation_lib  # noqa: E402
 
 from llava_twist.model.builder import (  # noqa: E402
     base_fingerprint,
-    check_llava_llama,
     freeze_all_but_twist,
     load_twist_model,
-    read_config_json,
     resolve_checkpoint,
     twist_config_for,
 )
 from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
+from llava_twist.model.checks import read_checkpoint_config  # noqa: E402
 from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
 from llava_twist.train.distributed import exit_distributed  # noqa: E402
@@ -131,8 +130,7 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
         warn("--twist_router_lr is ignored: the DeepSpeed config builds its own optimizer (one learning rate)")
     base = resolve_checkpoint(model_args.model_name_or_path, "--model_name_or_path", training_args.cache_dir)
     check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir")
-    base_config = read_config_json(base)
-    check_llava_llama(base_config, str(Path(base) / "config.json"))
+    base_config = read_checkpoint_config(base)
     match_base_vision_args(model_args, base_config, base)
     records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
 
