@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER = "clip-vision-tower"
@@ -44,6 +45,15 @@ def truncate(name: str) -> Callable[[Path], None]:
     return damage
 
 
+
+def delta_tensor_to_int64(folder: Path) -> None:
+    path = folder / "twist_delta.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(path))
+    first = sorted(state)[0]
+    state[first] = state[first].to(torch.int64)
+    save_file(state, str(path), metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,12 @@ CASES = [
          "hidden_size '64' is not a positive integer", cli="grounding"),
     Case("unknown image_aspect_ratio", set_config(image_aspect_ratio="weird"), "config.json",
          "image_aspect_ratio 'weird' is not one LLaVA knows"),
+    Case("empty delta", write("twist_delta.safetensors", b""), "twist_delta.safetensors",
+         "not a whole safetensors file (empty", delta=True),
+    Case("truncated delta", truncate("twist_delta.safetensors"), "twist_delta.safetensors",
+         "not a whole safetensors file", delta=True, cli="grounding"),
+    Case("int64 tensor in a delta", delta_tensor_to_int64, "twist_delta.safetensors",
+         "weights must be floating point", delta=True),
 ]
 
 
@@ -183,10 +199,17 @@ def test_pytorch_bin_weights_are_checked_after_loading(sources: dict[str, Path],
 
 
 def test_good_checkpoints_pass_every_check(sources: dict[str, Path], tmp_path: Path) -> None:
-    from llava_twist.model.checks import check_checkpoint_weights, read_checkpoint_config
+    from llava_twist.model.builder import DELTA_WEIGHTS
+    from llava_twist.model.checks import (
+        check_checkpoint_weights,
+        read_checkpoint_config,
+        read_delta,
+    )
 
     config = read_checkpoint_config(sources["model"])
     check_checkpoint_weights(sources["model"], config)
+    stamped, state = read_delta(sources["delta"] / DELTA_WEIGHTS)
+    assert stamped and state
     for ratio in ("pad", "square", None):
         folder = copy_checkpoint(sources["model"], tmp_path / str(ratio))
         set_config(image_aspect_ratio=ratio)(folder)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer
@@ -37,7 +36,7 @@ from llava_twist.model.checks import (
     check_delta_fits_base,
     check_loading_info,
     read_checkpoint_config,
-    read_config_json,
+    read_delta,
 )
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
 from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM, is_twist_param
@@ -200,21 +199,10 @@ def is_twist_delta(model_path: str | os.PathLike) -> bool:
 
 
 def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.PathLike, check_base: bool = True) -> None:
-    """Load a grounding delta into a TWIST model built on its base. Refused: a base other than the one in the
-    weights' own metadata (the authority; ``config.json`` must agree), non-finite weights, names or shapes
-    that do not fit."""
+    """Load a grounding delta (checked by :func:`~llava_twist.model.checks.read_delta`) into a TWIST model built
+    on its base. Refused: a base other than the one the delta is stamped with, names or shapes that do not fit."""
     path = Path(delta_dir) / DELTA_WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        stamped = (f.metadata() or {}).get("twist_base_fingerprint")
-        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    if not stamped:
-        raise ValueError(f"{path}: carries no base fingerprint in its metadata, so its base cannot be verified")
-    configured = read_config_json(delta_dir).get("twist_base_fingerprint")
-    if configured and configured != stamped:
-        raise ValueError(f"{path}: its metadata and {Path(delta_dir) / 'config.json'} name different bases")
-    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise ValueError(f"{path}: non-finite weights (NaN or inf) in {broken[:5]} ({len(broken)} tensors)")
+    stamped, state = read_delta(path)
     expected = {n: p for n, p in model.named_parameters() if is_twist_param(n)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -6,7 +6,8 @@
   projector input), read from their headers without loading a tensor; the vision tower's folder the same
   (:func:`check_checkpoint_weights`). Folders holding PyTorch ``.bin`` weights only are checked after loading
   (:func:`check_loading_info`).
-- A TWIST delta fits its base's config (:func:`check_delta_fits_base`).
+- A TWIST delta: whole, floating point, stamped with its base, fitting that base's config (:func:`read_delta`,
+  :func:`check_delta_fits_base`).
 
 Every refusal is a :class:`CheckpointError`: one line naming the file (and field) and the problem.
 """
@@ -19,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from llava_twist.model.config import TWIST_MODEL_TYPE
@@ -35,6 +37,7 @@ REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 OPTIONAL_SIZES = ("num_key_value_heads", "mm_hidden_size", "max_position_embeddings")
 # What ``llava.mm_utils.process_images`` does something for (any other value silently means "square").
 IMAGE_ASPECT_RATIOS = ("pad", "square", "anyres")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Config fields a delta must share with its base (the shapes of what it was trained on).
 SHAPE_FIELDS = (
     "hidden_size",
@@ -282,6 +285,28 @@ def check_loading_info(info: dict[str, list], folder: str | os.PathLike) -> None
         raise CheckpointError(f"{Path(folder) / CONFIG_JSON}: disagrees with the weights, which hold "
                               f"{len(unexpected)} tensors it has no place for ({unexpected[:3]})")
 
+
+def read_delta(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """A TWIST delta's base fingerprint and weights: the file whole, every tensor floating point and finite,
+    stamped with its base in its own metadata (the authority), which the folder's ``config.json`` must not
+    contradict."""
+    metadata, header = read_header(path)
+    stamped = metadata.get("twist_base_fingerprint")
+    if not stamped:
+        raise CheckpointError(f"{path}: carries no base fingerprint in its metadata, so its base cannot be verified")
+    configured = read_config_json(path.parent).get("twist_base_fingerprint")
+    if configured and configured != stamped:
+        raise CheckpointError(f"{path}: its metadata and {path.parent / CONFIG_JSON} name different bases")
+    not_float = [f"{name} ({dtype})" for name, (dtype, _) in sorted(header.items()) if dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise CheckpointError(f"{path}: weights must be floating point; {not_float[:3]} ({len(not_float)} tensors) "
+                              "are not")
+    with safe_open(str(path), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    broken = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if broken:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {broken[:5]} ({len(broken)} tensors)")
+    return stamped, state
 
 
 def check_delta_fits_base(
