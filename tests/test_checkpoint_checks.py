@@ -45,6 +45,14 @@ def truncate(name: str) -> Callable[[Path], None]:
     return damage
 
 
+def other_tokenizer(folder: Path) -> None:
+    """The tokenizer of another model: 800 pieces where the embeddings have 640 rows."""
+    from llava_twist.tiny import default_corpus, train_tokenizer
+
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink()
+    train_tokenizer(folder, default_corpus(), 800)
+
 
 def delta_tensor_to_int64(folder: Path) -> None:
     path = folder / "twist_delta.safetensors"
@@ -81,6 +89,10 @@ CASES = [
          "mm_hidden_size 48 disagrees with the weights: model.mm_projector.0.weight is [64, 32]"),
     Case("fewer layers, training", set_config(num_hidden_layers=2), "config.json",
          "num_hidden_layers 2 disagrees with the weights", cli="train"),
+    Case("tokenizer of another model", other_tokenizer, "tokenizer.model",
+         "the tokenizer has 800 tokens (with the image tokens the config adds) but the model's embeddings 640 rows"),
+    Case("tokenizer of another model, training", other_tokenizer, "tokenizer.model",
+         "the tokenizer has 800 tokens", cli="train"),
     Case("empty weights", write("model.safetensors", b""), "model.safetensors",
          "not a whole safetensors file (empty"),
     Case("truncated weights", truncate("model.safetensors"), "model.safetensors",
@@ -93,6 +105,7 @@ CASES = [
          "expected a JSON object of settings, got a JSON list"),
     Case("hidden_size a string", set_config(hidden_size="64"), "config.json",
          "hidden_size '64' is not a positive integer", cli="grounding"),
+    Case("empty tokenizer.model", write("tokenizer.model", b""), "tokenizer.model", "empty file"),
     Case("unknown image_aspect_ratio", set_config(image_aspect_ratio="weird"), "config.json",
          "image_aspect_ratio 'weird' is not one LLaVA knows"),
     Case("empty delta", write("twist_delta.safetensors", b""), "twist_delta.safetensors",
@@ -202,12 +215,15 @@ def test_good_checkpoints_pass_every_check(sources: dict[str, Path], tmp_path: P
     from llava_twist.model.builder import DELTA_WEIGHTS
     from llava_twist.model.checks import (
         check_checkpoint_weights,
+        check_tokenizer_fits,
+        load_tokenizer,
         read_checkpoint_config,
         read_delta,
     )
 
     config = read_checkpoint_config(sources["model"])
     check_checkpoint_weights(sources["model"], config)
+    check_tokenizer_fits(load_tokenizer(sources["model"]), config["vocab_size"], sources["model"])
     stamped, state = read_delta(sources["delta"] / DELTA_WEIGHTS)
     assert stamped and state
     for ratio in ("pad", "square", None):

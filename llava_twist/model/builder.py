@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llava_twist.model.checks import (
@@ -35,6 +34,8 @@ from llava_twist.model.checks import (
     check_checkpoint_weights,
     check_delta_fits_base,
     check_loading_info,
+    check_tokenizer_fits,
+    load_tokenizer,
     read_checkpoint_config,
     read_delta,
 )
@@ -334,14 +335,13 @@ def load_pretrained_model(
         config = twist_config_for(model_path, **twist_kwargs)
         model = load_twist_model(model_path, config, low_cpu_mem_usage=True, **load_kwargs)
         tokenizer_folder = model_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, use_fast=False)
+    tokenizer = load_tokenizer(tokenizer_folder)
 
     if getattr(model.config, "mm_use_im_patch_token", True):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
     if getattr(model.config, "mm_use_im_start_end", False):
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
-    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    check_tokenizer_fits(tokenizer, model.get_input_embeddings().weight.shape[0], tokenizer_folder)
 
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:

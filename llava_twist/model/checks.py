@@ -8,6 +8,8 @@
   (:func:`check_loading_info`).
 - A TWIST delta: whole, floating point, stamped with its base, fitting that base's config (:func:`read_delta`,
   :func:`check_delta_fits_base`).
+- The tokenizer loads and has one embedding row per token, never resized into fresh rows
+  (:func:`load_tokenizer`, :func:`check_tokenizer_fits`).
 
 Every refusal is a :class:`CheckpointError`: one line naming the file (and field) and the problem.
 """
@@ -30,6 +32,7 @@ CONFIG_JSON = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS_GLOB = "pytorch_model*.bin"
+TOKENIZER_MODEL = "tokenizer.model"
 LLAVA_LLAMA_TYPE = "llava_llama"
 VISION_TOWER_PREFIX = "model.vision_tower."
 # Sizes of the language model a checkpoint's config must state (transformers' defaults are a 7B model's).
@@ -317,3 +320,29 @@ def check_delta_fits_base(
               if getattr(delta_config, f, None) != base_config.get(f)]
     if differ:
         raise CheckpointError(f"{delta}: delta does not fit base {base}: {'; '.join(differ)}")
+
+
+def load_tokenizer(folder: str | os.PathLike, **kwargs: Any) -> Any:
+    """LLaVA-1.5's slow Llama tokenizer from a checkpoint folder (``AutoTokenizer``, ``use_fast=False``), or a
+    :class:`CheckpointError` naming its file."""
+    from transformers import AutoTokenizer
+
+    model_file = Path(folder) / TOKENIZER_MODEL
+    if model_file.is_file() and model_file.stat().st_size == 0:
+        raise CheckpointError(f"{model_file}: empty file (a SentencePiece model was expected)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=False, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        where = model_file if model_file.is_file() else Path(folder)
+        raise CheckpointError(f"{where}: the tokenizer cannot be loaded ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def check_tokenizer_fits(tokenizer: Any, embedding_rows: int, folder: str | os.PathLike) -> None:
+    """The tokenizer, with the tokens the config adds (LLaVA's image tokens), has exactly one embedding row per
+    token: a tokenizer of another model is refused, never given fresh rows (or its extra rows cut)."""
+    if len(tokenizer) != embedding_rows:
+        model_file = Path(folder) / TOKENIZER_MODEL
+        where = model_file if model_file.is_file() else Path(folder)
+        raise CheckpointError(f"{where}: the tokenizer has {len(tokenizer)} tokens (with the image tokens the config "
+                              f"adds) but the model's embeddings {embedding_rows} rows: another model's tokenizer, or "
+                              "one lacking tokens the config promises? (embeddings are never resized)")
