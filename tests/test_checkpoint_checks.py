@@ -78,6 +78,8 @@ class Case:
 CASES = [
     Case("fewer layers in config than weights", set_config(num_hidden_layers=2), "config.json",
          "num_hidden_layers 2 disagrees with the weights"),
+    Case("fewer layers, plain LLaVA class", set_config(num_hidden_layers=2), "config.json",
+         "num_hidden_layers 2 disagrees with the weights", cli="grounding", extra=("--model-class", "llava")),
     Case("hidden width", set_config(hidden_size=32, num_attention_heads=4), "config.json",
          "hidden_size 32 disagrees with the weights"),
     Case("intermediate width", set_config(intermediate_size=256), "config.json",
