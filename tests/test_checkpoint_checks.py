@@ -232,3 +232,10 @@ def test_good_checkpoints_pass_every_check(sources: dict[str, Path], tmp_path: P
         folder = copy_checkpoint(sources["model"], tmp_path / str(ratio))
         set_config(image_aspect_ratio=ratio)(folder)
         assert read_checkpoint_config(folder)["image_aspect_ratio"] == ratio
+
+
+def test_training_refuses_an_image_aspect_ratio_the_loader_would(sources: dict[str, Path], tmp_path: Path) -> None:
+    case = Case("weird ratio", set_config(), "", "", cli="train", extra=("--image_aspect_ratio", "weird"))
+    proc = run_cli(case, sources["model"], None, sources["root"], tmp_path / "out")
+    assert_one_line_exit_2(proc, "--image_aspect_ratio: image_aspect_ratio 'weird' is not one LLaVA knows")
+    assert not (tmp_path / "out").exists()

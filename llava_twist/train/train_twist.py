@@ -37,6 +37,7 @@ from llava_twist.model.builder import (  # noqa: E402
 )
 from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
 from llava_twist.model.checks import (  # noqa: E402
+    check_image_aspect_ratio,
     check_tokenizer_fits,
     load_tokenizer,
     read_checkpoint_config,
@@ -135,6 +136,7 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir")
     base_config = read_checkpoint_config(base)
     match_base_vision_args(model_args, base_config, base)
+    check_image_aspect_ratio(data_args.image_aspect_ratio, "--image_aspect_ratio")
     records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
 
     config = twist_config_for(base, **twist_args.config_kwargs())
