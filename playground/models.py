@@ -74,7 +74,8 @@ def resolve_model_source(
 
 
 def _checkpoint_label(model_path: str, model_base: str | None) -> str:
-    from llava_twist.model.builder import is_twist_delta, read_config_json
+    from llava_twist.model.builder import is_twist_delta
+    from llava_twist.model.checks import read_config_json
     from llava_twist.model.config import TWIST_MODEL_TYPE
 
     if model_base and is_twist_delta(model_path):

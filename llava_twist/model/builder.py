@@ -8,6 +8,8 @@ context_len)`` and loads, by what the folder holds (not by its name):
   checkpoint it was trained from (refused when shapes or the base fingerprint differ);
 - a plain LLaVA-1.5 checkpoint, converted on the fly (grounding experts = copies; the untrained router
   sends every prompt down the frozen route).
+
+Every folder is checked before it loads, by :mod:`llava_twist.model.checks`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -23,29 +24,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from llava_twist.model.checks import (
+    LLAVA_LLAMA_TYPE,
+    VISION_TOWER_PREFIX,
+    check_checkpoint_weights,
+    check_delta_fits_base,
+    check_loading_info,
+    check_tokenizer_fits,
+    load_tokenizer,
+    read_checkpoint_config,
+    read_delta,
+)
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
 from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM, is_twist_param
 from llava_twist.model.twin_layer import TwistOutputHead
 
 DELTA_WEIGHTS = "twist_delta.safetensors"
-LLAVA_LLAMA_TYPE = "llava_llama"
-SHAPE_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "mm_hidden_size",
-    "mm_projector_type",
-)
-VISION_TOWER_PREFIX = "model.vision_tower."
 
 
 def resolve_checkpoint(name: str | os.PathLike, flag: str = "--model-path", cache_dir: str | None = None) -> str:
@@ -68,34 +66,11 @@ def resolve_checkpoint(name: str | os.PathLike, flag: str = "--model-path", cach
         ) from exc
 
 
-def read_config_json(model_path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_path) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; is {model_path} a LLaVA-1.5 checkpoint folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-
-
-def check_llava_llama(config: dict[str, Any], where: str) -> None:
-    """Refuse a base that is not a LLaVA-1.5 Llama checkpoint (TWIST twins Llama decoder layers)."""
-    model_type = config.get("model_type")
-    if model_type not in (LLAVA_LLAMA_TYPE, TWIST_MODEL_TYPE):
-        raise ValueError(
-            f"{where}: model_type {model_type!r} is not a LLaVA-1.5 Llama checkpoint ('llava_llama'); "
-            "TWIST twins Llama decoder layers (MPT, Mistral and plain language models are not supported)"
-        )
-    if "mm_vision_tower" not in config:
-        raise ValueError(f"{where}: no mm_vision_tower in config.json; this is a language model, not LLaVA")
-
-
 def twist_config_for(model_path: str | os.PathLike, **twist_kwargs: Any) -> TwistConfig:
     """TwistConfig for a LLaVA-1.5 checkpoint folder with the given ``twist_*`` settings."""
     from llava.model.language_model.llava_llama import LlavaConfig
 
-    raw = read_config_json(model_path)
-    check_llava_llama(raw, str(Path(model_path) / "config.json"))
+    raw = read_checkpoint_config(model_path)
     if raw["model_type"] == TWIST_MODEL_TYPE:
         config = TwistConfig.from_pretrained(str(model_path))
         for key, value in twist_kwargs.items():
@@ -225,21 +200,10 @@ def is_twist_delta(model_path: str | os.PathLike) -> bool:
 
 
 def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.PathLike, check_base: bool = True) -> None:
-    """Load a grounding delta into a TWIST model built on its base. Refused: a base other than the one in the
-    weights' own metadata (the authority; ``config.json`` must agree), non-finite weights, names or shapes
-    that do not fit."""
+    """Load a grounding delta (checked by :func:`~llava_twist.model.checks.read_delta`) into a TWIST model built
+    on its base. Refused: a base other than the one the delta is stamped with, names or shapes that do not fit."""
     path = Path(delta_dir) / DELTA_WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        stamped = (f.metadata() or {}).get("twist_base_fingerprint")
-        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    if not stamped:
-        raise ValueError(f"{path}: carries no base fingerprint in its metadata, so its base cannot be verified")
-    configured = read_config_json(delta_dir).get("twist_base_fingerprint")
-    if configured and configured != stamped:
-        raise ValueError(f"{path}: its metadata and {Path(delta_dir) / 'config.json'} name different bases")
-    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise ValueError(f"{path}: non-finite weights (NaN or inf) in {broken[:5]} ({len(broken)} tensors)")
+    stamped, state = read_delta(path)
     expected = {n: p for n, p in model.named_parameters() if is_twist_param(n)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -276,15 +240,17 @@ def _quiet_missing_weight_warnings() -> Iterator[None]:
 def load_twist_model(
     model_path: str | os.PathLike, config: TwistConfig | None = None, **from_pretrained_kwargs: Any
 ) -> TwistLlavaLlamaForCausalLM:
-    """``from_pretrained`` into TWIST with checks: every base weight must load; a plain LLaVA checkpoint
-    gets its grounding experts copied from the frozen ones; a TWIST checkpoint must hold every TWIST weight."""
-    raw = read_config_json(model_path)
-    check_llava_llama(raw, str(Path(model_path) / "config.json"))
+    """``from_pretrained`` into TWIST with checks: the folder's config and weights agree (before loading), every
+    base weight loads and none is left over; a plain LLaVA checkpoint gets its grounding experts copied from the
+    frozen ones; a TWIST checkpoint must hold every TWIST weight."""
+    raw = read_checkpoint_config(model_path)
     config = config or twist_config_for(model_path)
+    check_checkpoint_weights(model_path, config.to_dict())
     with _quiet_missing_weight_warnings():
         model, info = TwistLlavaLlamaForCausalLM.from_pretrained(
             str(model_path), config=config, output_loading_info=True, **from_pretrained_kwargs
         )
+    check_loading_info(info, model_path)
     missing = info["missing_keys"]
     missing_base = [k for k in missing if not is_twist_param(k) and not k.startswith(VISION_TOWER_PREFIX)]
     if missing_base:
@@ -361,26 +327,21 @@ def load_pretrained_model(
                 "trained from (e.g. --model-base liuhaotian/llava-v1.5-7b)"
             )
         config = twist_config_for(model_path, **twist_kwargs)
-        base_config = read_config_json(model_base)
-        check_llava_llama(base_config, str(Path(model_base) / "config.json"))
-        differ = [f"{f}: delta {getattr(config, f, None)} vs base {base_config.get(f)}" for f in SHAPE_FIELDS
-                  if getattr(config, f, None) != base_config.get(f)]
-        if differ:
-            raise ValueError(f"{model_path}: delta does not fit base {model_base}: {'; '.join(differ)}")
-        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
+        check_delta_fits_base(model_path, config, model_base, read_checkpoint_config(model_base))
         model = load_twist_model(model_base, config, low_cpu_mem_usage=True, **load_kwargs)
         apply_twist_delta(model, model_path)
+        tokenizer_folder = model_base
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
         config = twist_config_for(model_path, **twist_kwargs)
         model = load_twist_model(model_path, config, low_cpu_mem_usage=True, **load_kwargs)
+        tokenizer_folder = model_path
+    tokenizer = load_tokenizer(tokenizer_folder)
 
     if getattr(model.config, "mm_use_im_patch_token", True):
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
     if getattr(model.config, "mm_use_im_start_end", False):
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
-    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    check_tokenizer_fits(tokenizer, model.get_input_embeddings().weight.shape[0], tokenizer_folder)
 
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:

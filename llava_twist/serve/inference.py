@@ -137,16 +137,27 @@ def _load_plain_llava(
     model_path: str, model_base: str | None, device: str, torch_dtype: torch.dtype | None
 ) -> tuple[Any, Any, Any, int]:
     """Plain LLaVA-1.5, built the way our TWIST builder builds (same dtype under ``from_pretrained``), so the
-    two compare bit for bit. A TWIST delta folder is not a LLaVA model: its base is loaded instead."""
+    two compare bit for bit, after the same checks. A TWIST delta folder is not a LLaVA model: its base is loaded
+    instead."""
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from transformers import AutoTokenizer
 
     from llava_twist.model.builder import is_twist_delta
+    from llava_twist.model.checks import (
+        check_checkpoint_weights,
+        check_loading_info,
+        check_tokenizer_fits,
+        load_tokenizer,
+        read_checkpoint_config,
+    )
 
     path = model_base if (model_base and is_twist_delta(model_path)) else model_path
     dtype = torch_dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
-    model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=True)
+    check_checkpoint_weights(path, read_checkpoint_config(path))
+    tokenizer = load_tokenizer(path)
+    model, info = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=True,
+                                                        output_loading_info=True)
+    check_loading_info(info, path)
+    check_tokenizer_fits(tokenizer, model.get_input_embeddings().weight.shape[0], path)
     model.to(device)
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:

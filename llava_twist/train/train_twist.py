@@ -26,19 +26,22 @@ from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from llava import conversation as conversation_lib  # noqa: E402
 
 from llava_twist.model.builder import (  # noqa: E402
     base_fingerprint,
-    check_llava_llama,
     freeze_all_but_twist,
     load_twist_model,
-    read_config_json,
     resolve_checkpoint,
     twist_config_for,
 )
 from llava_twist.model.builder import twist_state_dict as plain_twist_state  # noqa: E402
+from llava_twist.model.checks import (  # noqa: E402
+    check_image_aspect_ratio,
+    check_tokenizer_fits,
+    load_tokenizer,
+    read_checkpoint_config,
+)
 from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
 from llava_twist.train.distributed import exit_distributed  # noqa: E402
@@ -131,9 +134,9 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
         warn("--twist_router_lr is ignored: the DeepSpeed config builds its own optimizer (one learning rate)")
     base = resolve_checkpoint(model_args.model_name_or_path, "--model_name_or_path", training_args.cache_dir)
     check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir")
-    base_config = read_config_json(base)
-    check_llava_llama(base_config, str(Path(base) / "config.json"))
+    base_config = read_checkpoint_config(base)
     match_base_vision_args(model_args, base_config, base)
+    check_image_aspect_ratio(data_args.image_aspect_ratio, "--image_aspect_ratio")
     records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
 
     config = twist_config_for(base, **twist_args.config_kwargs())
@@ -154,12 +157,8 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        base,
-        cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-        use_fast=False,
+    tokenizer = load_tokenizer(
+        base, cache_dir=training_args.cache_dir, model_max_length=training_args.model_max_length, padding_side="right"
     )
     set_conversation_template(model_args.version, tokenizer)
 
@@ -180,9 +179,7 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     training_args.use_im_start_end = model_args.mm_use_im_start_end
     model.config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
     model.initialize_vision_tokenizer(model_args, tokenizer=tokenizer)
-    vocab = model.get_input_embeddings().weight
-    if getattr(vocab, "ds_shape", vocab.shape)[0] != vocab_rows:
-        raise ValueError("the tokenizer lacks tokens the base config promises (embeddings were resized)")
+    check_tokenizer_fits(tokenizer, vocab_rows, base)
 
     trainable, total = (freeze_for_twist_lora if lora else freeze_all_but_twist)(model)
     if model.config.twist_base_fingerprint is None:
