@@ -297,13 +297,12 @@ def test_a_hundred_identical_requests_in_waves_are_all_answered_whole(served: tu
     memory = []
     with model_replaced(served[1], echo_reference()):
         for _ in range(5):
-            jobs = [ask(c, example["path"], example["query"], compare=True) for c in clients]
+            jobs = [ask(c, example["path"], example["query"]) for c in clients]
             for job in jobs:
-                result = job.result(timeout=120)
-                with Image.open(result[0]) as im, Image.open(result[4]) as base:
-                    pixels = (np.asarray(im.convert("RGB")), np.asarray(base.convert("RGB")))
+                with Image.open(job.result(timeout=120)[0]) as im:
+                    pixels = np.asarray(im.convert("RGB"))
                 want = pixels if want is None else want
-                assert all(np.array_equal(a, b) for a, b in zip(pixels, want, strict=True))
+                assert np.array_equal(pixels, want)
             gc.collect()
             memory.append(resident_mb())
     assert max(memory[1:]) - memory[0] < 64, memory
