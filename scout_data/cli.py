@@ -23,6 +23,7 @@ from scout_data.output import (
     check_output,
     dumps_records,
     format_summary,
+    output_lock,
     prepare_out_dir,
     write_dataset,
 )
@@ -119,24 +120,25 @@ def _generate(args: argparse.Namespace, module: Any) -> int:
     if hasattr(module, "check_args"):
         module.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
-    done = prepare_out_dir(args.out, args.resume, settings)
-    args.skip_ids = done
-    folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
-    total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
-    info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
-    summary = write_dataset(
-        module.iter_samples(args),
-        args.out,
-        source=name,
-        image_folder=folder,
-        frame=args.frame,
-        shard_size=args.shard_size,
-        done_ids=done,
-        total=total,
-        check_images=not args.no_check_images,
-        info=info,
-        progress=False if args.quiet else None,
-    )
+    with output_lock(args.out, "--out"):
+        done = prepare_out_dir(args.out, args.resume, settings)
+        args.skip_ids = done
+        folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
+        total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
+        info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
+        summary = write_dataset(
+            module.iter_samples(args),
+            args.out,
+            source=name,
+            image_folder=folder,
+            frame=args.frame,
+            shard_size=args.shard_size,
+            done_ids=done,
+            total=total,
+            check_images=not args.no_check_images,
+            info=info,
+            progress=False if args.quiet else None,
+        )
     print(format_summary(summary))
     return 0
 
@@ -145,20 +147,21 @@ def _mix(args: argparse.Namespace) -> int:
     from scout_data.mix import mix_records
 
     out = os.path.abspath(args.out)
-    check_output(out, [*args.scout, args.replay], args.overwrite)
-    scout = [r for f in args.scout for r in load_records(f)]
-    replay = load_records(args.replay)
-    ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
-    mixed = mix_records(
-        scout,
-        replay,
-        ratio=ratio,
-        replay_fraction=args.replay_fraction,
-        seed=args.seed,
-        scout_image_prefix=args.scout_image_prefix,
-        replay_image_prefix=args.replay_image_prefix,
-    )
-    atomic_write_text(out, dumps_records(mixed))
+    with output_lock(out, "--out"):
+        check_output(out, [*args.scout, args.replay], args.overwrite)
+        scout = [r for f in args.scout for r in load_records(f)]
+        replay = load_records(args.replay)
+        ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
+        mixed = mix_records(
+            scout,
+            replay,
+            ratio=ratio,
+            replay_fraction=args.replay_fraction,
+            seed=args.seed,
+            scout_image_prefix=args.scout_image_prefix,
+            replay_image_prefix=args.replay_image_prefix,
+        )
+        atomic_write_text(out, dumps_records(mixed))
     n_g = sum(r.get("task") == "grounding" for r in mixed)
     print(f"mix: {len(mixed)} records ({n_g} grounding, {len(mixed) - n_g} understanding) -> {args.out}")
     return 0
@@ -206,13 +209,14 @@ def _preview(args: argparse.Namespace) -> int:
             f"{args.file}: record id={rec.get('id') if isinstance(rec, dict) else '?'} has no image"
         )
     path = os.path.join(args.image_folder, rec["image"])
-    check_output(args.out, [args.file, path], args.overwrite)
-    try:
-        with Image.open(path) as im:
-            out = draw_record(rec, im)
-    except OSError as exc:
-        raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
-    atomic_write(args.out, lambda tmp: out.save(tmp, format="PNG"))
+    with output_lock(args.out, "--out"):
+        check_output(args.out, [args.file, path], args.overwrite)
+        try:
+            with Image.open(path) as im:
+                out = draw_record(rec, im)
+        except OSError as exc:
+            raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
+        atomic_write(args.out, lambda tmp: out.save(tmp, format="PNG"))
     print(f"preview of id={rec.get('id')} -> {args.out}")
     return 0
 

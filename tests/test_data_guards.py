@@ -1,0 +1,166 @@
+"""Nothing lost, nothing silently wrong (issue 38): one writer per output (locks), no stray temporaries after a
+kill. Every check runs the real command in a subprocess and asserts
+exit status 2, one line naming the file, no traceback, and every file in the folder byte-identical afterwards
+(inputs untouched, nothing partial written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+SYNTH = ["scout_data", "synth", "--quiet", "--image-size", "64"]
+
+
+def command(*argv: str | Path) -> list[str]:
+    return [sys.executable, "-m", *map(str, argv)]
+
+
+def run(cwd: Path, *argv: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command(*argv), capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
+
+
+def start(cwd: Path, *argv: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=cwd)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Exit status 2 and a single stderr line naming each of ``names``, no traceback; returns the line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def refused(cwd: Path, *argv: str | Path, names: tuple[str, ...] = ()) -> str:
+    """Run a command that must be refused; nothing under ``cwd`` may change."""
+    before = snapshot(cwd)
+    line = assert_one_line(run(cwd, *argv), *names)
+    assert snapshot(cwd) == before, "a refused command changed or left files"
+    return line
+
+
+def wait_for_lock(lock: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Until ``proc`` holds ``lock`` (the file names its pid), then stop it there (SIGSTOP)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if lock.is_file() and f"pid {proc.pid}:" in lock.read_text(errors="replace"):
+            proc.send_signal(signal.SIGSTOP)
+            return
+        assert proc.poll() is None, f"ended before it was seen holding {lock}: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.005)
+    raise AssertionError(f"{lock} never held by pid {proc.pid}")
+
+
+# --- 1. one writer per output --------------------------------------------------------------------------------
+
+
+def test_a_second_synth_into_a_folder_being_written_is_refused(tmp_path: Path) -> None:
+    """Two `synth --out D` at once with other seeds used to both exit 0 with D/train.json mixing their records."""
+    first = start(tmp_path, *SYNTH, "--out", "D", "--num", "400", "--seed", "0")
+    try:
+        wait_for_lock(tmp_path / ".D.lock", first)
+        line = refused(tmp_path, *SYNTH, "--out", "D", "--num", "400", "--seed", "1",
+                       names=("--out D is being written by another run", f"pid {first.pid}"))
+        assert "--seed 0" in line  # the holder's command
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    records = json.loads((tmp_path / "D" / "train.json").read_text())
+    assert records and {r["source_ids"]["seed"] for r in records} == {0}
+    assert not (tmp_path / ".D.lock").exists()  # released and removed at the end
+
+
+def test_a_second_model_grounding_into_an_answers_file_being_written_is_refused(
+        tiny_llava: Path, tmp_path: Path) -> None:
+    """Two runs into one answers file (routes frozen and grounding) used to both exit 0 with mixed lines."""
+    Image.new("RGB", (48, 40), (100, 140, 180)).save(tmp_path / "0.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": "0.png", "text": "Where is it?"}) + "\n"
+                                 for i in range(40)))
+    args = ["llava_twist.eval.model_grounding", "--model-path", tiny_llava, "--question-file", "q.jsonl",
+            "--image-folder", ".", "--answers-file", "a.jsonl", "--device", "cpu", "--max-new-tokens", "4"]
+    first = start(tmp_path, *args, "--route", "frozen")
+    try:
+        wait_for_lock(tmp_path / ".a.jsonl.lock", first)
+        refused(tmp_path, *args, "--route", "grounding",
+                names=("--answers-file a.jsonl is being written by another run", f"pid {first.pid}"))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(answers) == 40 and {a["metadata"]["settings"]["route"] for a in answers} == {"frozen"}
+
+
+# --- 2. a killed run's temporaries --------------------------------------------------------------------------
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_sigkill_then_resume_is_byte_identical_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    """SIGKILL of synth used to leave images/train/*.png.tmp<pid> that --resume never removed."""
+    args = ["scout_data", "synth", "--quiet", "--num", "150", "--seed", "3", "--image-size", "256"]
+    assert run(tmp_path, *args, "--out", "ref").returncode == 0
+    killed = None
+    for _ in range(5):  # kill it while an image is half written (a temporary on disk)
+        proc = start(tmp_path, *args, "--out", "D")
+        while proc.poll() is None:
+            if temporaries(tmp_path / "D"):
+                proc.send_signal(signal.SIGSTOP)
+                if temporaries(tmp_path / "D"):
+                    proc.kill()
+                    proc.wait()
+                    killed = temporaries(tmp_path / "D")
+                    break
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
+        if killed:
+            break
+        proc.wait()
+        for p in sorted((tmp_path / "D").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+    assert killed, "never caught a temporary on disk"
+    assert (tmp_path / ".D.lock").exists()  # the killed run's lock file: free, taken over below
+    done = run(tmp_path, *args, "--out", "D", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = snapshot(tmp_path / "D"), snapshot(tmp_path / "ref")
+    got.pop("summary.json"), want.pop("summary.json")  # timings and counts of this run
+    assert sorted(got) == sorted(want)  # no stray temporary, nothing missing
+    assert got == want
+    assert not temporaries(tmp_path) and not (tmp_path / ".D.lock").exists()
+
+
+def test_only_dead_writers_temporaries_of_its_own_output_are_removed(tmp_path: Path) -> None:
+    from scout_data.output import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [out / "images" / f".a.png.tmp{dead}", out / "images" / f"b.png.tmp{dead}", tmp_path / f".out.tmp{dead}"]
+    kept = [out / "images" / f".c.png.tmp{os.getppid()}",  # a live writer's
+            out / "images" / "notes.tmp", out / "images" / "d.png", tmp_path / f".other.tmp{dead}"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert sorted(remove_stale_temporaries(out, tree=True)) == sorted(map(str, stale))
+    assert all(p.exists() for p in kept)
