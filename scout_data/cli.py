@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES
+from scout_data.limits import MAX_MIX_RECORDS, MIX_RATIO, MIX_REPLAY_FRACTION, REPORT, SHARD_SIZE, OneLineParser
 from scout_data.output import (
     OutputError,
     atomic_write,
@@ -64,13 +65,14 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resume", action="store_true", help="continue into a non-empty --out, skipping written ids"
     )
-    g.add_argument("--shard-size", type=int, default=5000, help="records per shard while writing")
+    g.add_argument("--shard-size", type=SHARD_SIZE, default=5000,
+                   help=f"records per shard while writing ({SHARD_SIZE})")
     g.add_argument("--no-check-images", action="store_true", help="do not open each image before writing")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv else None
     modules: dict[str, Any] = {}
@@ -81,13 +83,15 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
             modules[cmd] = _load_source(module)
             modules[cmd].add_arguments(p)
 
-    p = sub.add_parser("mix", help="merge SCOUT JSON with LLaVA instruction JSON (replay), tagging task")
+    p = sub.add_parser("mix", help="merge SCOUT JSON with LLaVA instruction JSON (replay), tagging task",
+                       description=f"A mix holds at most {MAX_MIX_RECORDS} records (it is built in memory).")
     p.add_argument("--scout", nargs="+", required=True, help="SCOUT JSON file(s)")
     p.add_argument("--replay", required=True, help="LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
     p.add_argument("--out", required=True, help="output JSON file")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--ratio", type=float, help="replay records per SCOUT record (default 0.2)")
-    amount.add_argument("--replay-fraction", type=float, help="share of replay records in the mix, in [0, 1)")
+    amount.add_argument("--ratio", type=MIX_RATIO, help=f"replay records per SCOUT record (default 0.2; {MIX_RATIO})")
+    amount.add_argument("--replay-fraction", type=MIX_REPLAY_FRACTION,
+                        help=f"share of replay records in the mix ({MIX_REPLAY_FRACTION})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scout-image-prefix", default="", help="joined before SCOUT image paths")
     p.add_argument("--replay-image-prefix", default="", help="joined before replay image paths")
@@ -96,7 +100,7 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     p = sub.add_parser("validate", help="check LLaVA JSON; exits 1 if any record is bad")
     p.add_argument("files", nargs="+")
     p.add_argument("--image-folder", help="check that each image exists and opens")
-    p.add_argument("--max-report", type=int, default=200, help="bad records printed per file")
+    p.add_argument("--max-report", type=REPORT, default=200, help=f"bad records printed per file ({REPORT})")
 
     p = sub.add_parser("stats", help="counts per task, kind, difficulty, split; steps and boxes")
     p.add_argument("files", nargs="+")

@@ -1,5 +1,5 @@
 """Nothing lost, nothing silently wrong (issue 38): one writer per output (locks), no stray temporaries after a
-kill. Every check runs the real command in a subprocess and asserts
+kill, bounded work. Every check runs the real command in a subprocess and asserts
 exit status 2, one line naming the file, no traceback, and every file in the folder byte-identical afterwards
 (inputs untouched, nothing partial written)."""
 
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,3 +165,85 @@ def test_only_dead_writers_temporaries_of_its_own_output_are_removed(tmp_path: P
         p.write_text("x")
     assert sorted(remove_stale_temporaries(out, tree=True)) == sorted(map(str, stale))
     assert all(p.exists() for p in kept)
+
+
+# --- 3. bounded work -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def scout_json(tmp_path: Path) -> Path:
+    assert run(tmp_path, *SYNTH, "--out", "s", "--num", "4").returncode == 0
+    return tmp_path / "s" / "train.json"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["mix", "--ratio", "1e9"], ("--ratio", "[0, 100]")),
+    (["mix", "--replay-fraction", "0.9999999"], ("--replay-fraction", "[0, 0.99]")),
+    (["mix", "--ratio", "nan"], ("--ratio",)),
+], ids=["ratio 1e9", "replay fraction 0.9999999", "ratio nan"])
+def test_mix_amounts_are_bounded(tmp_path: Path, scout_json: Path, argv: list[str], names: tuple[str, ...]) -> None:
+    refused(tmp_path, "scout_data", argv[0], "--scout", scout_json, "--replay", scout_json, "--out", "m.json",
+            *argv[1:], names=names)
+
+
+def test_mix_size_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scout_data import mix
+
+    monkeypatch.setattr(mix, "MAX_MIX_RECORDS", 10)
+    with pytest.raises(ValueError, match="the limit is 10"):
+        mix.replay_count(4, ratio=2)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--image-size", "100000"], ("--image-size 100000", "4096")),
+    (["--image-size", "64x100000"], ("--image-size 64x100000",)),
+    (["--num", "1e12"], ("--num",)),
+    (["--workers", "0"], ("--workers",)),
+    (["--max-objects", "100000"], ("--max-objects",)),
+    (["--aspect-range", "0.001,1000", "--random-aspect"], ("--aspect-range",)),
+    (["--kinds", "refexp:inf"], ("refexp",)),
+    (["--shard-size", "0"], ("--shard-size",)),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_synth_sizes_and_counts_are_bounded(tmp_path: Path, argv: list[str], names: tuple[str, ...]) -> None:
+    refused(tmp_path, "scout_data", "synth", "--out", "D", "--quiet", *argv, names=names)
+
+
+def test_validate_refuses_a_negative_report_count(tmp_path: Path, scout_json: Path) -> None:
+    refused(tmp_path, "scout_data", "validate", scout_json, "--max-report", "-1", names=("--max-report",))
+
+
+def scout_parsers() -> list[tuple[str, object]]:
+    from scout_data.cli import SOURCE_COMMANDS, build_parser
+
+    found = []
+    for cmd in [*SOURCE_COMMANDS, "mix", "validate", "stats", "preview"]:
+        parser, _ = build_parser([cmd])
+        sub = next(a for a in parser._actions if a.choices and cmd in a.choices).choices[cmd]
+        found += [(f"{cmd} {'/'.join(a.option_strings)}", a) for a in sub._actions]
+    return found
+
+
+def test_every_number_a_scout_data_command_takes_has_a_stated_limit() -> None:
+    from scout_data.limits import Bounded
+
+    unbounded = {"--seed", "--index"}  # any integer is a seed; an index is checked against the file
+    for name, action in scout_parsers():
+        if action.type in (int, float) and not set(action.option_strings) & unbounded:
+            pytest.fail(f"{name} takes a number without a limit")
+        if isinstance(action.type, Bounded):
+            assert str(action.type) in (action.help or ""), f"{name}: its --help does not state {action.type}"
+
+
+def test_summary_does_not_follow_symlink_cycles(tmp_path: Path) -> None:
+    """A link to itself listed one result 41 times; a link to its parent ran past 90 s."""
+    results = tmp_path / "results"
+    (results / "a").mkdir(parents=True)
+    (results / "a" / "x.result.json").write_text(json.dumps({"benchmark": "refexp", "n": 3, "name": "x",
+                                                             "metrics": {"acc@0.5": 0.5}}))
+    (results / "a" / "self").symlink_to(".")
+    (results / "a" / "up").symlink_to("..")
+    (results / "twin.json").symlink_to("a/x.result.json")  # the same file by another name
+    proc = run(tmp_path, "llava_twist.eval.summary", "results", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in (results / "summary.md").read_text().splitlines() if line.startswith("| x |")]
+    assert len(rows) == 1 and "1 results" in proc.stdout
