@@ -18,12 +18,14 @@ from typing import Any
 from scout_data.boxes import DEFAULT_FRAME, FRAMES
 from scout_data.limits import MAX_MIX_RECORDS, MIX_RATIO, MIX_REPLAY_FRACTION, REPORT, SHARD_SIZE, OneLineParser
 from scout_data.output import (
+    IMAGE_FORMATS,
     OutputError,
     atomic_write,
     atomic_write_text,
     check_output,
     dumps_records,
     format_summary,
+    image_format,
     output_lock,
     prepare_out_dir,
     write_dataset,
@@ -105,13 +107,14 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     p = sub.add_parser("stats", help="counts per task, kind, difficulty, split; steps and boxes")
     p.add_argument("files", nargs="+")
 
-    p = sub.add_parser("preview", help="draw a record's boxes and steps onto its image (PNG)")
+    p = sub.add_parser("preview", help="draw a record's boxes and steps onto its image")
     p.add_argument("file")
     p.add_argument("--image-folder", required=True)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--index", type=int, default=0)
     which.add_argument("--id")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True,
+                   help=f"image to write; its suffix names the format ({', '.join(IMAGE_FORMATS)})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser, modules
 
@@ -215,12 +218,13 @@ def _preview(args: argparse.Namespace) -> int:
     path = os.path.join(args.image_folder, rec["image"])
     with output_lock(args.out, "--out"):
         check_output(args.out, [args.file, path], args.overwrite)
+        fmt = image_format(args.out)
         try:
             with Image.open(path) as im:
                 out = draw_record(rec, im)
         except OSError as exc:
             raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
-        atomic_write(args.out, lambda tmp: out.save(tmp, format="PNG"))
+        atomic_write(args.out, lambda tmp: out.save(tmp, format=fmt))
     print(f"preview of id={rec.get('id')} -> {args.out}")
     return 0
 

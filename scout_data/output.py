@@ -48,6 +48,7 @@ RUN_FILE = ".scout-run.json"
 MAX_EXAMPLES = 5
 LOCK_SUFFIX = ".lock"
 TEMP_RE = re.compile(r"^\.?(?P<name>.+)\.tmp(?P<pid>\d+)$")  # atomic_write's ``.<name>.tmp<pid>`` (older: no dot)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # the image files a command writes, by suffix
 
 
 class OutputError(Exception):
@@ -75,6 +76,15 @@ def check_output(
     taken = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))
     if taken and not overwrite and not (made_here is not None and made_here(str(path))):
         raise OutputError(f"{flag} {path} exists and this command did not make it; pass --overwrite to replace it")
+
+
+def image_format(path: str | os.PathLike, flag: str = "--out") -> str:
+    """The Pillow format an image output's suffix names (``.jpg`` -> JPEG); other suffixes are refused."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        raise OutputError(f"{flag} {path}: use a file name ending in {', '.join(IMAGE_FORMATS)} (the suffix names "
+                          "the image format written)")
+    return IMAGE_FORMATS[suffix]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,5 +1,5 @@
 """Nothing lost, nothing silently wrong (issue 38): one writer per output (locks), no stray temporaries after a
-kill, bounded work. Every check runs the real command in a subprocess and asserts
+kill, bounded work, and a few minor ones. Every check runs the real command in a subprocess and asserts
 exit status 2, one line naming the file, no traceback, and every file in the folder byte-identical afterwards
 (inputs untouched, nothing partial written)."""
 
@@ -247,3 +247,36 @@ def test_summary_does_not_follow_symlink_cycles(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in (results / "summary.md").read_text().splitlines() if line.startswith("| x |")]
     assert len(rows) == 1 and "1 results" in proc.stdout
+
+
+# --- 4. minor ------------------------------------------------------------------------------------------------
+
+
+def test_preview_writes_the_format_its_suffix_names(tmp_path: Path, scout_json: Path) -> None:
+    args = ["scout_data", "preview", scout_json, "--image-folder", tmp_path / "s" / "images"]
+    assert run(tmp_path, *args, "--out", "p.jpg").returncode == 0
+    assert (tmp_path / "p.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes
+    assert run(tmp_path, *args, "--out", "p.png").returncode == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused(tmp_path, *args, "--out", "p.txt", names=("--out p.txt", ".png, .jpg"))
+
+
+def test_validate_names_record_and_field_of_a_bad_frame_or_size(tmp_path: Path, scout_json: Path) -> None:
+    records = json.loads(scout_json.read_text())
+    records[1]["box_frame"] = "weird"
+    records[2]["image_size"] = "336x336"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    proc = run(tmp_path, "scout_data", "validate", bad)
+    assert proc.returncode == 1, proc.stderr
+    assert f"bad.json:1 id={records[1]['id']} box_frame 'weird'" in proc.stdout
+    assert f"bad.json:2 id={records[2]['id']} image_size '336x336'" in proc.stdout
+    assert "2 bad" in proc.stderr
+
+
+def test_summary_rows_survive_pipes_and_newlines_in_names(tmp_path: Path) -> None:
+    from llava_twist.eval.summary import markdown_table
+
+    table = markdown_table([{"benchmark": "refexp", "n": 2, "name": "a|b\nc", "path": "x", "metrics": {"m": 1}}])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[2] == "| a\\|b c | refexp |  | 2 | 1 |"

@@ -59,18 +59,23 @@ def _cell(value: int | float | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+def _text(value: Any) -> str:
+    """A table cell holding ``value`` as text: ``|`` escaped and line breaks made spaces, so a row stays a row."""
+    return " ".join(str(value).replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     columns: list[str] = []
     for r in results:
         for key in [*(r.get("headline") or []), *_numeric(r["metrics"])]:
             if key not in columns and key in _numeric(r["metrics"]):
                 columns.append(key)
-    header = ["result", "benchmark", "protocol", "n", *columns]
+    header = ["result", "benchmark", "protocol", "n", *map(_text, columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         values = _numeric(r["metrics"])
         protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
-        cells = [str(r.get("name") or r["path"]), str(r["benchmark"]), str(protocol.get("name", "")), str(r["n"])]
+        cells = [_text(v) for v in (r.get("name") or r["path"], r["benchmark"], protocol.get("name", ""), r["n"])]
         cells += [_cell(values.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
