@@ -1,5 +1,5 @@
 """Nothing lost, nothing silently wrong (issue 38): one writer per output (locks), no stray temporaries after a
-kill, bounded work, and a few minor ones. Every check runs the real command in a subprocess and asserts
+kill, bounded work, and the scorers' input schema. Every check runs the real command in a subprocess and asserts
 exit status 2, one line naming the file, no traceback, and every file in the folder byte-identical afterwards
 (inputs untouched, nothing partial written)."""
 
@@ -280,3 +280,68 @@ def test_summary_rows_survive_pipes_and_newlines_in_names(tmp_path: Path) -> Non
     table = markdown_table([{"benchmark": "refexp", "n": 2, "name": "a|b\nc", "path": "x", "metrics": {"m": 1}}])
     lines = table.splitlines()
     assert len(lines) == 3 and lines[2] == "| a\\|b c | refexp |  | 2 | 1 |"
+
+
+# --- 5. the scorers' input schema ----------------------------------------------------------------------------
+
+
+def question(qid: object, **extra: object) -> dict[str, object]:
+    return {"question_id": qid, "image": "0.png", "text": "Where?", "width": 100, "height": 80,
+            "box_frame": "original", "bbox_xyxy_px": [10, 10, 50, 50], **extra}
+
+
+def answer(qid: object, text: str = "Answer: [0.10, 0.12, 0.50, 0.62]") -> dict[str, object]:
+    return {"question_id": qid, "text": text}
+
+
+def jsonl(rows: list[dict[str, object]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+GOOD_Q = jsonl([question(1), question(2)])
+GOOD_A = jsonl([answer(1), answer(2)])
+SCHEMA = {  # name: (question file bytes, answers file bytes, the file named, what the line says)
+    "question ids 1 and '1'": (jsonl([question(1), question("1")]), GOOD_A, "q.jsonl:2", "mixed types"),
+    "two questions share an id": (jsonl([question(1), question(1)]), GOOD_A, "q.jsonl:2", "repeats line 1"),
+    "an answer line repeated": (GOOD_Q, jsonl([answer(1), answer(2), answer(1, "no")]), "a.jsonl:3", "repeats"),
+    "answer ids of mixed types": (GOOD_Q, jsonl([answer(1), answer("2")]), "a.jsonl:2", "mixed types"),
+    "a question without an id": (jsonl([question(1), {"text": "?"}]), GOOD_A, "q.jsonl:2", "no 'question_id'"),
+    "a non-UTF-8 question file": (GOOD_Q + b'{"question_id": 3, "text": "caf\xe9"}\n', GOOD_A, "q.jsonl:3",
+                                  "not UTF-8"),
+    "a non-UTF-8 answers file": (GOOD_Q, GOOD_A.replace(b"Answer", b"Ans\xffwer", 1), "a.jsonl:1", "not UTF-8"),
+    "a box of strings": (jsonl([question(1, bbox_xyxy_px=["1", "2", "3", "4"])]), GOOD_A, "q.jsonl:1",
+                         "'bbox_xyxy_px' must be"),
+    "a box of nulls": (jsonl([question(1, bbox_xyxy_px=[None] * 4)]), GOOD_A, "q.jsonl:1", "'bbox_xyxy_px'"),
+    "a box list with a null": (jsonl([question(1, gt_boxes_xyxy_px=[[1, 2, 3, 4], None])]), GOOD_A, "q.jsonl:1",
+                               "'gt_boxes_xyxy_px[1]'"),
+    "a phrase box of strings": (jsonl([question(1, phrases=[{"phrase": "a", "boxes_xyxy_px": [["a"] * 4]}])]),
+                                GOOD_A, "q.jsonl:1", "'phrases[0].boxes_xyxy_px[0]'"),
+    "a question whose text is a number": (jsonl([question(1, text=5)]), GOOD_A, "q.jsonl:1", "'text'"),
+}
+SCORERS = ["eval_refexp", "eval_localization", "eval_grounded_caption"]
+
+
+@pytest.mark.parametrize("case", SCHEMA)
+def test_refexp_scorer_refuses_ambiguous_or_malformed_inputs(tmp_path: Path, case: str) -> None:
+    questions, answers, where, what = SCHEMA[case]
+    (tmp_path / "q.jsonl").write_bytes(questions)
+    (tmp_path / "a.jsonl").write_bytes(answers)
+    refused(tmp_path, "llava_twist.eval.eval_refexp", "--question-file", "q.jsonl", "--answers-file", "a.jsonl",
+            names=(where, what))
+
+
+@pytest.mark.parametrize("scorer", [*SCORERS, "eval_retention", "model_grounding"])
+def test_every_reader_of_question_files_refuses_duplicates_and_bad_bytes(tmp_path: Path, scorer: str) -> None:
+    (tmp_path / "a.jsonl").write_bytes(GOOD_A)
+    args = {"eval_retention": ["--base-answers", "a.jsonl", "--twist-answers", "a.jsonl"],
+            "model_grounding": ["--model-path", "no-model", "--image-folder", ".", "--answers-file", "out.jsonl"],
+            }.get(scorer, ["--answers-file", "a.jsonl"])
+    for name in ("two questions share an id", "a non-UTF-8 question file"):
+        questions, _, where, what = SCHEMA[name]
+        (tmp_path / "q.jsonl").write_bytes(questions)
+        refused(tmp_path, f"llava_twist.eval.{scorer}", "--question-file", "q.jsonl", *args, names=(where, what))
+    if scorer != "model_grounding":
+        (tmp_path / "q.jsonl").write_bytes(GOOD_Q)
+        (tmp_path / "a.jsonl").write_bytes(SCHEMA["an answer line repeated"][1])
+        refused(tmp_path, f"llava_twist.eval.{scorer}", "--question-file", "q.jsonl", *args,
+                names=("a.jsonl:3", "repeats"))

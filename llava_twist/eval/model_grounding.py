@@ -31,7 +31,7 @@ from typing import Any
 import shortuuid
 from tqdm import tqdm
 
-from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
+from llava_twist.eval.common import EvalError, atomic_write_text, read_questions
 from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
 from llava_twist.model.builder import weights_fingerprint
 from llava_twist.model.routes import ROUTES
@@ -207,7 +207,7 @@ def answer_questions(
 
 
 def eval_model(args: argparse.Namespace) -> dict[str, Any]:
-    questions = read_jsonl(os.path.expanduser(args.question_file), "question file")
+    questions = read_questions(os.path.expanduser(args.question_file))
     questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
     image_folder = os.path.expanduser(args.image_folder)
     check_questions(questions, image_folder, args.question_file)
