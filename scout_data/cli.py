@@ -16,13 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES
+from scout_data.limits import MAX_MIX_RECORDS, MIX_RATIO, MIX_REPLAY_FRACTION, REPORT, SHARD_SIZE, OneLineParser
 from scout_data.output import (
+    IMAGE_FORMATS,
     OutputError,
     atomic_write,
     atomic_write_text,
     check_output,
     dumps_records,
     format_summary,
+    image_format,
+    output_lock,
     prepare_out_dir,
     write_dataset,
 )
@@ -63,13 +67,14 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resume", action="store_true", help="continue into a non-empty --out, skipping written ids"
     )
-    g.add_argument("--shard-size", type=int, default=5000, help="records per shard while writing")
+    g.add_argument("--shard-size", type=SHARD_SIZE, default=5000,
+                   help=f"records per shard while writing ({SHARD_SIZE})")
     g.add_argument("--no-check-images", action="store_true", help="do not open each image before writing")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv else None
     modules: dict[str, Any] = {}
@@ -80,13 +85,15 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
             modules[cmd] = _load_source(module)
             modules[cmd].add_arguments(p)
 
-    p = sub.add_parser("mix", help="merge SCOUT JSON with LLaVA instruction JSON (replay), tagging task")
+    p = sub.add_parser("mix", help="merge SCOUT JSON with LLaVA instruction JSON (replay), tagging task",
+                       description=f"A mix holds at most {MAX_MIX_RECORDS} records (it is built in memory).")
     p.add_argument("--scout", nargs="+", required=True, help="SCOUT JSON file(s)")
     p.add_argument("--replay", required=True, help="LLaVA instruction JSON (e.g. llava_v1_5_mix665k.json)")
     p.add_argument("--out", required=True, help="output JSON file")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--ratio", type=float, help="replay records per SCOUT record (default 0.2)")
-    amount.add_argument("--replay-fraction", type=float, help="share of replay records in the mix, in [0, 1)")
+    amount.add_argument("--ratio", type=MIX_RATIO, help=f"replay records per SCOUT record (default 0.2; {MIX_RATIO})")
+    amount.add_argument("--replay-fraction", type=MIX_REPLAY_FRACTION,
+                        help=f"share of replay records in the mix ({MIX_REPLAY_FRACTION})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scout-image-prefix", default="", help="joined before SCOUT image paths")
     p.add_argument("--replay-image-prefix", default="", help="joined before replay image paths")
@@ -95,18 +102,19 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     p = sub.add_parser("validate", help="check LLaVA JSON; exits 1 if any record is bad")
     p.add_argument("files", nargs="+")
     p.add_argument("--image-folder", help="check that each image exists and opens")
-    p.add_argument("--max-report", type=int, default=200, help="bad records printed per file")
+    p.add_argument("--max-report", type=REPORT, default=200, help=f"bad records printed per file ({REPORT})")
 
     p = sub.add_parser("stats", help="counts per task, kind, difficulty, split; steps and boxes")
     p.add_argument("files", nargs="+")
 
-    p = sub.add_parser("preview", help="draw a record's boxes and steps onto its image (PNG)")
+    p = sub.add_parser("preview", help="draw a record's boxes and steps onto its image")
     p.add_argument("file")
     p.add_argument("--image-folder", required=True)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--index", type=int, default=0)
     which.add_argument("--id")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True,
+                   help=f"image to write; its suffix names the format ({', '.join(IMAGE_FORMATS)})")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser, modules
 
@@ -119,24 +127,25 @@ def _generate(args: argparse.Namespace, module: Any) -> int:
     if hasattr(module, "check_args"):
         module.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
-    done = prepare_out_dir(args.out, args.resume, settings)
-    args.skip_ids = done
-    folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
-    total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
-    info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
-    summary = write_dataset(
-        module.iter_samples(args),
-        args.out,
-        source=name,
-        image_folder=folder,
-        frame=args.frame,
-        shard_size=args.shard_size,
-        done_ids=done,
-        total=total,
-        check_images=not args.no_check_images,
-        info=info,
-        progress=False if args.quiet else None,
-    )
+    with output_lock(args.out, "--out"):
+        done = prepare_out_dir(args.out, args.resume, settings)
+        args.skip_ids = done
+        folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
+        total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
+        info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
+        summary = write_dataset(
+            module.iter_samples(args),
+            args.out,
+            source=name,
+            image_folder=folder,
+            frame=args.frame,
+            shard_size=args.shard_size,
+            done_ids=done,
+            total=total,
+            check_images=not args.no_check_images,
+            info=info,
+            progress=False if args.quiet else None,
+        )
     print(format_summary(summary))
     return 0
 
@@ -145,20 +154,21 @@ def _mix(args: argparse.Namespace) -> int:
     from scout_data.mix import mix_records
 
     out = os.path.abspath(args.out)
-    check_output(out, [*args.scout, args.replay], args.overwrite)
-    scout = [r for f in args.scout for r in load_records(f)]
-    replay = load_records(args.replay)
-    ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
-    mixed = mix_records(
-        scout,
-        replay,
-        ratio=ratio,
-        replay_fraction=args.replay_fraction,
-        seed=args.seed,
-        scout_image_prefix=args.scout_image_prefix,
-        replay_image_prefix=args.replay_image_prefix,
-    )
-    atomic_write_text(out, dumps_records(mixed))
+    with output_lock(out, "--out"):
+        check_output(out, [*args.scout, args.replay], args.overwrite)
+        scout = [r for f in args.scout for r in load_records(f)]
+        replay = load_records(args.replay)
+        ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
+        mixed = mix_records(
+            scout,
+            replay,
+            ratio=ratio,
+            replay_fraction=args.replay_fraction,
+            seed=args.seed,
+            scout_image_prefix=args.scout_image_prefix,
+            replay_image_prefix=args.replay_image_prefix,
+        )
+        atomic_write_text(out, dumps_records(mixed))
     n_g = sum(r.get("task") == "grounding" for r in mixed)
     print(f"mix: {len(mixed)} records ({n_g} grounding, {len(mixed) - n_g} understanding) -> {args.out}")
     return 0
@@ -206,13 +216,15 @@ def _preview(args: argparse.Namespace) -> int:
             f"{args.file}: record id={rec.get('id') if isinstance(rec, dict) else '?'} has no image"
         )
     path = os.path.join(args.image_folder, rec["image"])
-    check_output(args.out, [args.file, path], args.overwrite)
-    try:
-        with Image.open(path) as im:
-            out = draw_record(rec, im)
-    except OSError as exc:
-        raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
-    atomic_write(args.out, lambda tmp: out.save(tmp, format="PNG"))
+    with output_lock(args.out, "--out"):
+        check_output(args.out, [args.file, path], args.overwrite)
+        fmt = image_format(args.out)
+        try:
+            with Image.open(path) as im:
+                out = draw_record(rec, im)
+        except OSError as exc:
+            raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
+        atomic_write(args.out, lambda tmp: out.save(tmp, format=fmt))
     print(f"preview of id={rec.get('id')} -> {args.out}")
     return 0
 

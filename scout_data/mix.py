@@ -18,20 +18,27 @@ import posixpath
 import random
 from typing import Any
 
+from scout_data.limits import MAX_MIX_RECORDS
 from scout_data.schema import GROUNDING_TASK, UNDERSTANDING_TASK
 
 
 def replay_count(n_scout: int, ratio: float | None = None, replay_fraction: float | None = None) -> int:
+    """Replay records to draw for ``n_scout`` SCOUT records; the whole mix may hold at most ``MAX_MIX_RECORDS``."""
     if (ratio is None) == (replay_fraction is None):
         raise ValueError("give exactly one of ratio (replay per SCOUT record) and replay_fraction")
     if ratio is not None:
         if not 0 <= ratio < float("inf"):
             raise ValueError(f"--ratio {ratio}: must be a finite number >= 0")
-        return int(round(ratio * n_scout))
-    assert replay_fraction is not None
-    if not 0 <= replay_fraction < 1:
-        raise ValueError(f"--replay-fraction {replay_fraction}: must be in [0, 1)")
-    return int(round(replay_fraction / (1 - replay_fraction) * n_scout))
+        n, asked = ratio * n_scout, f"--ratio {ratio}"
+    else:
+        assert replay_fraction is not None
+        if not 0 <= replay_fraction < 1:
+            raise ValueError(f"--replay-fraction {replay_fraction}: must be in [0, 1)")
+        n, asked = replay_fraction / (1 - replay_fraction) * n_scout, f"--replay-fraction {replay_fraction}"
+    if n_scout + n > MAX_MIX_RECORDS:
+        raise ValueError(f"{asked} with {n_scout} SCOUT records asks for a mix of {n_scout + n:.0f} records; "
+                         f"the limit is {MAX_MIX_RECORDS}")
+    return int(round(n))
 
 
 def _tagged(rec: dict[str, Any], task: str, prefix: str) -> dict[str, Any]:

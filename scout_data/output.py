@@ -15,18 +15,24 @@ refused unless ``.scout-run.json`` says this command made the folder with the sa
 seed, or a folder of the user's, is never mixed in or rewritten). Without it a non-empty ``DIR`` is refused.
 A resumed run ends with the same records as a fresh one (records written before the interruption come first).
 Every file is written to a temp file and moved into place; only the folder's own split files are touched.
+
+One writer at a time: a command holds :func:`output_lock` on its output (a folder or a file) while it writes, an
+``fcntl.flock`` on ``.<name>.lock`` beside it that the kernel releases when the process ends, even by SIGKILL. A
+second writer is refused. The holder removes the temporaries (``.<name>.tmp<pid>``) a killed writer left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -40,6 +46,9 @@ SUMMARY = "summary.json"
 SHARDS = "shards"
 RUN_FILE = ".scout-run.json"
 MAX_EXAMPLES = 5
+LOCK_SUFFIX = ".lock"
+TEMP_RE = re.compile(r"^\.?(?P<name>.+)\.tmp(?P<pid>\d+)$")  # atomic_write's ``.<name>.tmp<pid>`` (older: no dot)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # the image files a command writes, by suffix
 
 
 class OutputError(Exception):
@@ -69,8 +78,110 @@ def check_output(
         raise OutputError(f"{flag} {path} exists and this command did not make it; pass --overwrite to replace it")
 
 
+def image_format(path: str | os.PathLike, flag: str = "--out") -> str:
+    """The Pillow format an image output's suffix names (``.jpg`` -> JPEG); other suffixes are refused."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        raise OutputError(f"{flag} {path}: use a file name ending in {', '.join(IMAGE_FORMATS)} (the suffix names "
+                          "the image format written)")
+    return IMAGE_FORMATS[suffix]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _stale(name: str, stem: str | None = None) -> bool:
+    """Whether ``name`` is a temporary of :func:`atomic_write` (of ``stem``, when given) whose writer is dead."""
+    m = TEMP_RE.match(name)
+    if m is None or (stem is not None and m["name"] != stem):
+        return False
+    pid = int(m["pid"])
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_stale_temporaries(path: str | os.PathLike, tree: bool = False) -> list[str]:
+    """Remove the temporaries a killed writer of output ``path`` left: ``.<name>.tmp<pid>`` beside it and, with
+    ``tree`` (a folder this command made, held by :func:`output_lock`), every ``<file>.tmp<pid>`` inside it.
+    Only files of that pattern whose process is gone; symlinks are not followed. Returns the paths removed."""
+    path = os.path.abspath(path)
+    removed = []
+    folder, stem = os.path.split(path)
+    candidates = [os.path.join(folder, e.name) for e in _scandir(folder) if _stale(e.name, stem) and e.is_file()]
+    if tree and os.path.isdir(path) and not os.path.islink(path):
+        for root, _dirs, names in os.walk(path):
+            candidates += [os.path.join(root, n) for n in names if _stale(n)]
+    for tmp in candidates:
+        if not os.path.islink(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+                removed.append(tmp)
+    return removed
+
+
+def _scandir(folder: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, flag: str = "--out") -> Iterator[str]:
+    """Hold output ``path`` (a file or a folder) for this process while the block runs: an exclusive
+    ``fcntl.flock`` on ``.<name>.lock`` beside it, which records the holder's pid and command. A second writer
+    gets :class:`OutputError` naming ``path`` and the holder. The kernel releases the lock when the process ends
+    (SIGKILL too); a lock file left behind is free and taken over. Once held, stale temporaries beside ``path``
+    are removed. Yields the lock file's path."""
+    target = os.path.realpath(path)  # two names of one output share its lock
+    folder, name = os.path.split(target)
+    lock = os.path.join(folder, f".{name}{LOCK_SUFFIX}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot create its folder {folder}: {exc.strerror or exc}") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{flag} {path}: cannot create the lock file {lock}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(f"{flag} {path} is being written by another run ({holder}); wait for it to end or "
+                              f"choose another {flag}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a file the previous holder just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        argv = getattr(sys, "orig_argv", None) or sys.argv
+        command = " ".join([os.path.basename(argv[0] or "python"), *argv[1:]])[:300]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {command}\n".encode(), 0)
+        remove_stale_temporaries(target)
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)  # while still held: a waiter that opened it sees another inode and retries
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temp file beside ``path``, then move it into place; on failure nothing is left."""
+    """``write(tmp)`` to a temp file beside ``path`` (``.<name>.tmp<pid>``), then move it into place; on failure
+    nothing is left."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -148,7 +259,8 @@ def _read_list(path: str) -> list[dict[str, Any]]:
 def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None = None) -> set[str]:
     """Create ``out_dir`` or check it may be used; returns the ids already written (with ``resume``).
 
-    ``settings`` are what makes the records (JSON values); a resumed folder must have been made with the same."""
+    ``settings`` are what makes the records (JSON values); a resumed folder must have been made with the same.
+    Call it holding :func:`output_lock` on ``out_dir``: a resumed folder's stale temporaries are removed."""
     settings = json.loads(json.dumps(settings or {}, default=str))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"--out {out_dir} exists and is not a folder")
@@ -169,6 +281,7 @@ def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None 
     differ = describe_differences(run.get("settings"), settings)
     if differ:
         raise OutputError(f"--out {out_dir} was made with other settings ({differ}); cannot resume it")
+    remove_stale_temporaries(out_dir, tree=True)
     done: set[str] = set()
     for path in [*_split_files(out_dir).values(), *_shard_files(out_dir)]:
         done.update(str(r.get("id")) for r in _read_list(path) if isinstance(r, dict))

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from scout_data.boxes import FRAMES
 from scout_data.parse import parse_chain
 
 IMAGE_TOKEN = "<image>"
@@ -125,6 +126,20 @@ def _structure_problems(record: Any) -> list[str]:
             problems.append("'<image>' appears after the first human turn")
     elif sum(n_tokens):
         problems.append("'<image>' in a record without 'image'")
+    return problems + _field_problems(record)
+
+
+def _field_problems(record: dict[str, Any]) -> list[str]:
+    """The fields the writers add beside LLaVA's (``box_frame``, ``image_size``), when present, hold what they say."""
+    problems = []
+    if "box_frame" in record and record["box_frame"] not in FRAMES:
+        problems.append(f"box_frame {record['box_frame']!r} is not one of {', '.join(FRAMES)}")
+    size = record.get("image_size")
+    if "image_size" in record and not (
+        isinstance(size, list) and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        problems.append(f"image_size {size!r} must be [width, height], two positive integers")
     return problems
 
 

@@ -1,13 +1,20 @@
-"""Shared pieces of the evaluation scripts: JSONL I/O, joining answers to questions, IoU, result files."""
+"""Shared pieces of the evaluation scripts: JSONL I/O, joining answers to questions, IoU, result files.
+
+The question and answer JSONL schema has one owner here: :func:`read_questions` and :func:`read_answers` check a
+file at the boundary (UTF-8, one object per line, ``question_id`` present, of one type and unique, box fields
+``*_xyxy_px`` / ``*_xyxy_norm`` of four numbers) and name the file, line and field of the first problem.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import reprlib
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,23 +32,118 @@ class EvalError(Exception):
     """A problem with the inputs (missing file, malformed line): reported as a message, not a traceback."""
 
 
-def read_jsonl(path: str, what: str = "file") -> list[dict[str, Any]]:
-    """Every JSON object in a JSONL file; a malformed line is an error naming the file and line."""
+def _jsonl_lines(path: str, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line; a line that is not UTF-8 JSON of an object is an error
+    naming the file and line. Lines end in ``\\n`` only (answers may hold U+2028 and friends)."""
     if not os.path.isfile(path):
         raise EvalError(f"{what} {path}: not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path}:{n}: expected a JSON object per line")
-            rows.append(row)
-    return rows
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise EvalError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    for n, chunk in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalError(f"{path}:{n}: not UTF-8 (byte {chunk[exc.start]:#04x} at column {exc.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise EvalError(f"{path}:{n}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}:{n}: expected a JSON object per line")
+        yield n, row
+
+
+def read_jsonl(path: str, what: str = "file") -> list[dict[str, Any]]:
+    """Every JSON object in a JSONL file; a line that is not UTF-8 JSON of an object is an error naming the file
+    and line. No schema: :func:`read_questions` and :func:`read_answers` check theirs."""
+    return [row for _, row in _jsonl_lines(path, what)]
+
+
+def _unique_ids(path: str, lines: Sequence[tuple[int, dict[str, Any]]], what: str) -> None:
+    """Every line has a ``question_id`` (a string or an integer), all of one type, none twice: the scorers join on
+    ``str(question_id)``, so ``1`` and ``"1"``, or a repeated id, would silently let one line stand for another."""
+    seen: dict[str, int] = {}
+    kind: tuple[type, int] | None = None
+    for n, row in lines:
+        if "question_id" not in row:
+            raise EvalError(f"{path}:{n}: {what} has no 'question_id'")
+        qid = row["question_id"]
+        shown = reprlib.repr(qid)
+        if isinstance(qid, bool) or not isinstance(qid, str | int):
+            raise EvalError(f"{path}:{n}: question_id {shown} must be a string or an integer")
+        if kind is None:
+            kind = (type(qid), n)
+        elif type(qid) is not kind[0]:
+            raise EvalError(f"{path}:{n}: question_id {shown} is a {type(qid).__name__}, but line {kind[1]}'s is a "
+                            f"{kind[0].__name__}; ids of mixed types collide")
+        if str(qid) in seen:
+            raise EvalError(f"{path}:{n}: question_id {shown} repeats line {seen[str(qid)]}'s; each {what} needs its "
+                            "own id")
+        seen[str(qid)] = n
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _box_fields(value: Any, where: str) -> Iterator[tuple[str, Any, bool]]:
+    """``(field path, value, holds a list of boxes)`` for every box field (``*_xyxy_px`` / ``*_xyxy_norm``) in
+    ``value``, nested objects and lists of objects included."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and key.endswith(("_xyxy_px", "_xyxy_norm")):
+                yield name, v, "boxes" in key
+            else:
+                yield from _box_fields(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _box_fields(v, f"{where}[{i}]")
+
+
+def _question_problem(q: dict[str, Any]) -> str | None:
+    """The first field of question ``q`` that does not hold what it says, or None."""
+    for key in ("image", "text"):
+        if key in q and not isinstance(q[key], str):
+            return f"field {key!r} must be a string, got {reprlib.repr(q[key])}"
+    for key in ("width", "height"):
+        if key in q and not (_number(q[key]) and q[key] > 0 and float(q[key]).is_integer()):
+            return f"field {key!r} must be a positive integer, got {reprlib.repr(q[key])}"
+    if "box_frame" in q and q["box_frame"] not in FRAMES:
+        return f"field 'box_frame' is {reprlib.repr(q['box_frame'])}, not one of {', '.join(FRAMES)}"
+    for name, value, many in _box_fields(q, ""):
+        boxes = value if many and isinstance(value, list) else [value]
+        for i, box in enumerate(boxes):
+            if not (isinstance(box, list) and len(box) == 4 and all(map(_number, box))):
+                shown = f"{name}[{i}]" if many and isinstance(value, list) else name
+                want = "a list of boxes, each " if many else ""
+                return f"field {shown!r} must be {want}[x1, y1, x2, y2] of four numbers, got {reprlib.repr(box)}"
+    return None
+
+
+def read_questions(path: str, what: str = "question file") -> list[dict[str, Any]]:
+    """A question file, checked: ids present, of one type and unique; ``image``/``text`` strings; ``width``/
+    ``height`` positive integers; ``box_frame`` a frame; every box field four numbers (see :func:`read_jsonl`)."""
+    lines = list(_jsonl_lines(path, what))
+    _unique_ids(path, lines, "question")
+    for n, q in lines:
+        if problem := _question_problem(q):
+            raise EvalError(f"{path}:{n}: question {reprlib.repr(q['question_id'])}: {problem}")
+    return [q for _, q in lines]
+
+
+def read_answers(path: str, what: str = "answers file") -> list[dict[str, Any]]:
+    """An answers file, checked: each line answers one ``question_id`` (of one type), no question twice."""
+    lines = list(_jsonl_lines(path, what))
+    _unique_ids(path, lines, "answer")
+    return [a for _, a in lines]
 
 
 def default_result_file(answers_file: str) -> str:
@@ -51,7 +153,7 @@ def default_result_file(answers_file: str) -> str:
 
 
 def answers_by_id(answers: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Answers keyed by ``str(question_id)``; a later line for the same question wins."""
+    """Answers keyed by ``str(question_id)`` (:func:`read_answers` has refused a file answering one twice)."""
     return {str(a.get("question_id")): a for a in answers}
 
 
@@ -216,8 +318,7 @@ def scorer_main(
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         extra = {"protocol": args.protocol} if protocols else {}
-        result = score(read_jsonl(args.question_file, "question file"),
-                       read_jsonl(args.answers_file, "answers file"), args.box_frame, **extra)
+        result = score(read_questions(args.question_file), read_answers(args.answers_file), args.box_frame, **extra)
         result.pop("rows", None)
         return result
 

@@ -30,7 +30,8 @@ from llava_twist.eval.common import (
     format_metrics,
     group_key,
     ratio,
-    read_jsonl,
+    read_answers,
+    read_questions,
     result_target,
     write_result,
 )
@@ -142,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result_target(path, [args.question_file, args.base_answers, args.twist_answers], args.overwrite)
         result = score_retention(
-            read_jsonl(args.question_file, "question file"),
-            read_jsonl(args.base_answers, "base answers file"),
-            read_jsonl(args.twist_answers, "TWIST answers file"),
+            read_questions(args.question_file),
+            read_answers(args.base_answers, "base answers file"),
+            read_answers(args.twist_answers, "TWIST answers file"),
         )
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)

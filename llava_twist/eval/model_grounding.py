@@ -31,7 +31,7 @@ from typing import Any
 import shortuuid
 from tqdm import tqdm
 
-from llava_twist.eval.common import EvalError, atomic_write_text, read_jsonl
+from llava_twist.eval.common import EvalError, atomic_write_text, read_questions
 from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
 from llava_twist.model.builder import weights_fingerprint
 from llava_twist.model.routes import ROUTES
@@ -45,7 +45,7 @@ from llava_twist.serve.inference import (
     load_model,
 )
 from llava_twist.serve.result import InferenceError, InferenceResult
-from scout_data.output import describe_differences
+from scout_data.output import OutputError, describe_differences, output_lock
 from scout_data.validate import image_path_problem
 
 
@@ -207,7 +207,7 @@ def answer_questions(
 
 
 def eval_model(args: argparse.Namespace) -> dict[str, Any]:
-    questions = read_jsonl(os.path.expanduser(args.question_file), "question file")
+    questions = read_questions(os.path.expanduser(args.question_file))
     questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
     image_folder = os.path.expanduser(args.image_folder)
     check_questions(questions, image_folder, args.question_file)
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What the command line asks that cannot be right, as an :class:`EvalError`, before any model loads."""
-    from scout_data.output import OutputError, check_output
+    from scout_data.output import check_output
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise EvalError(f"--temperature {args.temperature}: expected a number of at least 0 (0: greedy)")
@@ -294,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
-        stats = eval_model(args)
-    except (EvalError, InferenceError) as exc:
+        with output_lock(os.path.expanduser(args.answers_file), "--answers-file"):  # one writer per answers file
+            stats = eval_model(args)
+    except (EvalError, InferenceError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rate = stats["answered"] / stats["seconds"] if stats["seconds"] > 0 else 0.0

@@ -149,20 +149,21 @@ def convert(scout_json: str, out_dir: str, limit: int | None = None, overwrite: 
             continue
         counts[got[0]] += 1
         lines.setdefault(got[0], []).append(json.dumps(got[1], ensure_ascii=False) + "\n")
-    from scout_data.output import OutputError, check_output
+    from scout_data.output import OutputError, check_output, output_lock
 
-    ours = written_here(out_dir)
     try:
-        for bench in lines:
-            check_output(os.path.join(out_dir, f"{bench}.jsonl"), [scout_json], overwrite, "--out-dir",
-                         made_here=lambda path: os.path.basename(path) in ours)
+        with output_lock(out_dir, "--out-dir"):  # one writer per folder: its files come from one input
+            ours = written_here(out_dir)
+            for bench in lines:
+                check_output(os.path.join(out_dir, f"{bench}.jsonl"), [scout_json], overwrite, "--out-dir",
+                             made_here=lambda path: os.path.basename(path) in ours)
+            for bench, rows in lines.items():
+                atomic_write_text(os.path.join(out_dir, f"{bench}.jsonl"), "".join(rows))
+            if lines:
+                atomic_write_text(os.path.join(out_dir, WRITTEN),
+                                  json.dumps({"files": sorted(ours | {f"{b}.jsonl" for b in lines})}) + "\n")
     except OutputError as exc:
         raise EvalError(str(exc)) from None
-    for bench, rows in lines.items():
-        atomic_write_text(os.path.join(out_dir, f"{bench}.jsonl"), "".join(rows))
-    if lines:
-        atomic_write_text(os.path.join(out_dir, WRITTEN),
-                          json.dumps({"files": sorted(ours | {f"{b}.jsonl" for b in lines})}) + "\n")
     return dict(counts)
 
 

@@ -12,7 +12,6 @@ metrics (all in [0, 1]).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -22,10 +21,23 @@ from typing import Any
 from llava_twist.eval.common import atomic_write_text
 
 
+def result_paths(folder: str) -> list[str]:
+    """Every ``*.json`` under ``folder``, recursively, each file once: symlinked folders are not entered (a link to
+    itself or a parent would loop), a file reached by two names counts once; hidden files and folders are skipped."""
+    found: dict[str, str] = {}
+    for root, dirs, names in os.walk(folder):  # followlinks=False: a symlinked folder is listed, never walked
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if name.endswith(".json") and not name.startswith(".") and os.path.isfile(path):
+                found.setdefault(os.path.realpath(path), path)
+    return sorted(found.values())
+
+
 def find_results(folder: str) -> list[dict[str, Any]]:
-    """Every result JSON under ``folder`` (recursively), each with its ``path``."""
+    """Every result JSON under ``folder`` (recursively, see :func:`result_paths`), each with its ``path``."""
     out = []
-    for path in sorted(glob.glob(os.path.join(folder, "**", "*.json"), recursive=True)):
+    for path in result_paths(folder):
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -47,18 +59,23 @@ def _cell(value: int | float | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+def _text(value: Any) -> str:
+    """A table cell holding ``value`` as text: ``|`` escaped and line breaks made spaces, so a row stays a row."""
+    return " ".join(str(value).replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     columns: list[str] = []
     for r in results:
         for key in [*(r.get("headline") or []), *_numeric(r["metrics"])]:
             if key not in columns and key in _numeric(r["metrics"]):
                 columns.append(key)
-    header = ["result", "benchmark", "protocol", "n", *columns]
+    header = ["result", "benchmark", "protocol", "n", *map(_text, columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for r in results:
         values = _numeric(r["metrics"])
         protocol = r.get("protocol") if isinstance(r.get("protocol"), dict) else {}
-        cells = [str(r.get("name") or r["path"]), str(r["benchmark"]), str(protocol.get("name", "")), str(r["n"])]
+        cells = [_text(v) for v in (r.get("name") or r["path"], r["benchmark"], protocol.get("name", ""), r["n"])]
         cells += [_cell(values.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

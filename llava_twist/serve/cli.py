@@ -31,11 +31,7 @@ from llava_twist.serve.inference import (
 from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.boxes import FRAMES
 from scout_data.chain import answer_line, step_line
-from scout_data.output import OutputError, atomic_write, check_output
-
-
-def image_format(path: str) -> str:
-    return "PNG" if path.lower().endswith(".png") else "JPEG"
+from scout_data.output import OutputError, atomic_write, check_output, image_format
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +89,8 @@ def format_result(result: InferenceResult) -> str:
 def run(args: argparse.Namespace) -> int:
     image = load_image(args.image_file)
     if args.save_image:
-        if not args.save_image.lower().endswith((".png", ".jpg", ".jpeg")):
-            raise InferenceError(f"--save-image {args.save_image}: use a .png or .jpg file name")
         try:
+            image_format(args.save_image, "--save-image")
             check_output(args.save_image, [args.image_file], args.overwrite, "--save-image")
         except OutputError as exc:
             raise InferenceError(str(exc)) from None

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scout_data.boxes import Box
+from scout_data.limits import PER_IMAGE
 from scout_data.schema import BOX_SLOT, Sample, Skip, Step
 from scout_data.sources._annot import (
     area,
@@ -65,14 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-instances",
-        type=int,
+        type=PER_IMAGE,
         default=10,
-        help="use a category in an image only up to this many instances (default 10)",
+        help=f"use a category in an image only up to this many instances (default 10; {PER_IMAGE})",
     )
     parser.add_argument(
-        "--max-superlatives", type=int, default=2, help="superlative samples per image (default 2)"
+        "--max-superlatives", type=PER_IMAGE, default=2, help=f"superlative samples per image (default 2; {PER_IMAGE})"
     )
-    parser.add_argument("--max-relations", type=int, default=2, help="relation samples per image (default 2)")
+    parser.add_argument("--max-relations", type=PER_IMAGE, default=2,
+                        help=f"relation samples per image (default 2; {PER_IMAGE})")
 
 
 def parse_tasks(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box
+from scout_data.limits import PER_IMAGE
 from scout_data.schema import BOX_SLOT, Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
@@ -131,9 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-candidates",
-        type=int,
+        type=PER_IMAGE,
         default=10,
-        help="at most this many candidate boxes listed per chain (default 10)",
+        help=f"at most this many candidate boxes listed per chain (default 10; {PER_IMAGE})",
     )
     parser.add_argument(
         "--kinds",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box, coco_xywh_to_xyxy, iou
+from scout_data.limits import PER_IMAGE
 from scout_data.schema import BOX_SLOT, Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
@@ -67,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-instances",
-        type=int,
+        type=PER_IMAGE,
         default=10,
-        help="use an object name in an image only up to this many objects (default 10)",
+        help=f"use an object name in an image only up to this many objects (default 10; {PER_IMAGE})",
     )
 
 

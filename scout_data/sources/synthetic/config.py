@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from scout_data.limits import WORKERS, Bounded
 from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, SIZES
 
 KINDS = ("refexp", "find_all", "count", "grounded_caption", "region", "qa", "region_caption")
 REFEXP_TYPES = ("attribute", "relation", "superlative")
 QA_TYPES = ("colour", "shape", "count", "exists", "relation", "caption")
 CHAIN_STYLES = ("full", "terse")
+# limits of the flags (stated in --help): a scene's cost grows with its area and its object count
+MIN_SIDE, MAX_SIDE = 32, 4096
+MIN_ASPECT, MAX_ASPECT = 0.125, 8.0
+MAX_WEIGHT = 1e6
+NUM = Bounded(int, 0, 10_000_000)
+OBJECTS = Bounded(int, 1, 64)
+UNIT = Bounded(float, 0, 1)
+GAP = Bounded(int, 0, MAX_SIDE)
+GRID = Bounded(int, 0, 64)
+JPEG_QUALITY = Bounded(int, 1, 100)
 
 
 
@@ -53,22 +64,22 @@ def parse_weights(text: str, allowed: tuple[str, ...], what: str) -> dict[str, f
             out[name] = float(w) if w else 1.0
         except ValueError:
             raise ValueError(f"bad weight {w!r} for {what} {name!r}") from None
-        if out[name] < 0:
-            raise ValueError(f"negative weight for {what} {name!r}")
+        if not 0 <= out[name] <= MAX_WEIGHT:
+            raise ValueError(f"weight {w} for {what} {name!r}: expected a number in [0, {MAX_WEIGHT:g}]")
     if not out or sum(out.values()) <= 0:
         raise ValueError(f"no {what} with a positive weight in {text!r}")
     return out
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """``"336"`` -> (336, 336); ``"448x336"`` -> (448, 336) (width x height)."""
+    """``"336"`` -> (336, 336); ``"448x336"`` -> (448, 336) (width x height); each side in [32, 4096]."""
     try:
         w, _, h = text.lower().partition("x")
         size = (int(w), int(h or w))
     except ValueError:
         raise ValueError(f"--image-size must be N or WxH, got {text!r}") from None
-    if min(size) < 32:
-        raise ValueError(f"--image-size must be at least 32 px, got {text!r}")
+    if not MIN_SIDE <= min(size) <= max(size) <= MAX_SIDE:
+        raise ValueError(f"--image-size {text}: each side must be in [{MIN_SIDE}, {MAX_SIDE}] px")
     return size
 
 
@@ -82,40 +93,41 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("synthetic scenes")
-    g.add_argument("--num", type=int, default=1000, help="records in all splits together")
+    g.add_argument("--num", type=NUM, default=1000, help=f"records in all splits together ({NUM})")
     g.add_argument(
         "--splits", default="train:0.9,val:0.05,test:0.05",
         help="split:fraction pairs, comma-separated, summing to 1 (default %(default)s)",
     )
-    g.add_argument("--image-size", default="336", help="N (square) or WxH")
+    g.add_argument("--image-size", default="336", help=f"N (square) or WxH, each side in [{MIN_SIDE}, {MAX_SIDE}]")
     g.add_argument("--random-aspect", action="store_true", help="random aspect ratio per scene, same area")
-    g.add_argument("--aspect-range", default="0.5,2.0", help="min,max width/height with --random-aspect")
+    g.add_argument("--aspect-range", default="0.5,2.0",
+                   help=f"min,max width/height with --random-aspect, both in [{MIN_ASPECT:g}, {MAX_ASPECT:g}]")
     g.add_argument(
         "--kinds",
         default="refexp:0.4,find_all:0.2,count:0.2,grounded_caption:0.2",
-        help=f"kind mix, from {', '.join(KINDS)}",
+        help=f"kind mix, from {', '.join(KINDS)} (weights in [0, {MAX_WEIGHT:g}], as for the other mixes)",
     )
     g.add_argument("--refexp-types", default="attribute:1,relation:1,superlative:1")
     g.add_argument("--qa-types", default=",".join(f"{t}:1" for t in QA_TYPES))
     g.add_argument("--shapes", default=",".join(SHAPES))
     g.add_argument("--colours", "--colors", dest="colours", default=",".join(COLOURS))
     g.add_argument("--sizes", default=",".join(SIZES))
-    g.add_argument("--min-objects", type=int, default=3)
-    g.add_argument("--max-objects", type=int, default=8)
-    g.add_argument("--max-overlap", type=float, default=0.0, help="max IoU of two objects (0: apart)")
-    g.add_argument("--min-gap", type=int, default=2, help="px between objects when --max-overlap is 0")
+    g.add_argument("--min-objects", type=OBJECTS, default=3, help=f"objects per scene, at least ({OBJECTS})")
+    g.add_argument("--max-objects", type=OBJECTS, default=8, help=f"objects per scene, at most ({OBJECTS})")
+    g.add_argument("--max-overlap", type=UNIT, default=0.0, help=f"max IoU of two objects (0: apart; {UNIT})")
+    g.add_argument("--min-gap", type=GAP, default=2, help=f"px between objects when --max-overlap is 0 ({GAP})")
     g.add_argument(
         "--distractor-rate",
-        type=float,
+        type=UNIT,
         default=0.5,
-        help="chance an object repeats the shape (and maybe colour) of another",
+        help=f"chance an object repeats the shape (and maybe colour) of another ({UNIT})",
     )
     g.add_argument("--clutter", default=",".join(CLUTTER), help=f"background styles drawn from {CLUTTER}")
-    g.add_argument("--clutter-strength", type=float, default=0.5)
+    g.add_argument("--clutter-strength", type=UNIT, default=0.5, help=f"how strong the clutter is ({UNIT})")
     g.add_argument(
-        "--grid", type=int, default=0,
+        "--grid", type=GRID, default=0,
         help="place objects centred in distinct cells of an N x N grid, so each box coordinate takes a few "
-        "values (0: anywhere, the default)",
+        f"values (0: anywhere, the default; {GRID})",
     )
     g.add_argument(
         "--chain-style", choices=CHAIN_STYLES, default="full",
@@ -123,18 +135,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "answer, for small worlds and models",
     )
     g.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    g.add_argument("--jpeg-quality", type=int, default=90)
-    g.add_argument("--workers", type=int, default=1, help="processes rendering scenes")
+    g.add_argument("--jpeg-quality", type=JPEG_QUALITY, default=90, help=f"with --image-format jpg ({JPEG_QUALITY})")
+    g.add_argument("--workers", type=WORKERS, default=1, help=f"processes rendering scenes ({WORKERS})")
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
     w, h = parse_image_size(str(args.image_size))
     lo, _, hi = str(args.aspect_range).partition(",")
+    try:
+        aspect_range = (float(lo), float(hi or lo))
+    except ValueError:
+        raise ValueError(f"--aspect-range must be min,max numbers, got {args.aspect_range!r}") from None
     cfg = SynthConfig(
         width=w,
         height=h,
         random_aspect=bool(args.random_aspect),
-        aspect_range=(float(lo), float(hi or lo)),
+        aspect_range=aspect_range,
         shapes=_names(args.shapes, tuple(SHAPES), "shape"),
         colours=_names(args.colours, tuple(COLOURS), "colour"),
         sizes=_names(args.sizes, tuple(SIZES), "size"),
@@ -155,8 +171,8 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     )
     if not 1 <= cfg.min_objects <= cfg.max_objects:
         raise ValueError("need 1 <= --min-objects <= --max-objects")
-    if not 0 < cfg.aspect_range[0] <= cfg.aspect_range[1]:
-        raise ValueError("--aspect-range must be min,max with 0 < min <= max")
+    if not MIN_ASPECT <= cfg.aspect_range[0] <= cfg.aspect_range[1] <= MAX_ASPECT:
+        raise ValueError(f"--aspect-range must be min,max with {MIN_ASPECT:g} <= min <= max <= {MAX_ASPECT:g}")
     if cfg.grid < 0 or (cfg.grid and cfg.grid * cfg.grid < cfg.max_objects):
         raise ValueError("--grid N needs N >= 0 and N * N >= --max-objects")
     if cfg.grid and min(w, h) < 8 * cfg.grid:

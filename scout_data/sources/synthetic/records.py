@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from scout_data.output import atomic_write
 from scout_data.schema import Sample, Skip
 from scout_data.sources.synthetic.config import SynthConfig, config_from_args, split_counts
 from scout_data.sources.synthetic.queries import _pick, build_query, check_built
@@ -74,14 +75,16 @@ def generate(seed: int, split: str, index: int, cfg: SynthConfig) -> tuple[Sampl
 
 
 def save_image(im: Image.Image, path: str, cfg: SynthConfig) -> None:
-    """Atomic write: temp file in the same folder, then ``os.replace``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    if cfg.image_format == "jpg":
-        im.save(tmp, format="JPEG", quality=cfg.jpeg_quality)
-    else:
-        im.save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    """Atomic write through the output guard's :func:`atomic_write` (its temporaries are the ones a resumed run
+    removes)."""
+
+    def write(tmp: str) -> None:
+        if cfg.image_format == "jpg":
+            im.save(tmp, format="JPEG", quality=cfg.jpeg_quality)
+        else:
+            im.save(tmp, format="PNG", compress_level=1)
+
+    atomic_write(path, write)
 
 
 def make_record(job: _Job, cfg: SynthConfig) -> Sample | Skip:
