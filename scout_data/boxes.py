@@ -11,7 +11,10 @@ the model is normalised ``xyxy`` in a *frame*:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import reprlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 Box = tuple[float, float, float, float]
 FRAMES = ("padded", "original")
@@ -128,3 +131,39 @@ def format_box(box_xyxy_norm: Sequence[float], decimals: int = 2) -> str:
     """LLaVA-1.5 box text: ``[x1, y1, x2, y2]``, normalised, ``decimals`` places, clamped to [0, 1]."""
     return "[" + ", ".join(f"{v:.{decimals}f}" for v in clamp_xyxy_norm(box_xyxy_norm)) + "]"
 
+
+
+BOX_FIELD_SUFFIXES = ("_xyxy_px", "_xyxy_norm")  # a record's box fields: one box, or a list of boxes ("boxes_...")
+
+
+def box_fields(value: Any, where: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """``(field path, value, holds a list of boxes)`` for every box field in ``value`` (a record, a question),
+    nested objects and lists of objects included."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            name = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and key.endswith(BOX_FIELD_SUFFIXES):
+                yield name, v, "boxes" in key
+            else:
+                yield from box_fields(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from box_fields(v, f"{where}[{i}]")
+
+
+def _is_box(box: Any) -> bool:
+    return isinstance(box, list) and len(box) == 4 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+
+
+def box_field_problem(value: Any) -> str | None:
+    """The first box field of ``value`` that is not ``[x1, y1, x2, y2]`` of four finite numbers (or, for a
+    ``boxes`` field, a list of them), or None."""
+    for name, field, many in box_fields(value):
+        if many and not isinstance(field, list):
+            return f"field {name!r} must be a list of boxes [x1, y1, x2, y2], got {reprlib.repr(field)}"
+        for i, box in enumerate(field if many else [field]):
+            if not _is_box(box):
+                shown = f"{name}[{i}]" if many else name
+                return f"field {shown!r} must be [x1, y1, x2, y2] of four numbers, got {reprlib.repr(box)}"
+    return None

@@ -30,7 +30,7 @@ from scout_data.output import (
     prepare_out_dir,
     write_dataset,
 )
-from scout_data.validate import DataError, load_records, validate_file
+from scout_data.validate import DataError, load_conversations, validate_file
 
 PROG = "scout-data"
 RUN_ONLY_FLAGS = {"out", "resume", "quiet", "shard_size", "no_check_images", "workers"}  # they change no record
@@ -156,8 +156,8 @@ def _mix(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     with output_lock(out, "--out"):
         check_output(out, [*args.scout, args.replay], args.overwrite)
-        scout = [r for f in args.scout for r in load_records(f)]
-        replay = load_records(args.replay)
+        scout = [r for f in args.scout for r in load_conversations(f)]
+        replay = load_conversations(args.replay)
         ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
         mixed = mix_records(
             scout,
@@ -192,7 +192,7 @@ def _stats(args: argparse.Namespace) -> int:
     from scout_data.stats import dataset_stats
 
     for path in args.files:
-        print(json.dumps({"file": path, **dataset_stats(load_records(path))}, indent=2))
+        print(json.dumps({"file": path, **dataset_stats(load_conversations(path))}, indent=2))
     return 0
 
 
@@ -201,7 +201,7 @@ def _preview(args: argparse.Namespace) -> int:
 
     from scout_data.preview import draw_record
 
-    records = load_records(args.file)
+    records = load_conversations(args.file)
     if args.id is not None:
         matches = [r for r in records if isinstance(r, dict) and str(r.get("id")) == args.id]
         if not matches:

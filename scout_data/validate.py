@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from scout_data.boxes import FRAMES
+from scout_data.boxes import FRAMES, box_field_problem
 from scout_data.parse import parse_chain
 
 IMAGE_TOKEN = "<image>"
@@ -59,6 +59,17 @@ def load_records(path: str) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def load_conversations(path: str) -> list[dict[str, Any]]:
+    """The file's records, each a LLaVA conversation record in shape (what mix, stats and preview read); the first
+    that is not is a :class:`DataError` naming the file, its index and id (``validate`` reports every problem)."""
+    records = load_records(path)
+    for index, record in enumerate(records):
+        if problems := _structure_problems(record):
+            record_id = record.get("id") if isinstance(record, dict) else None
+            raise DataError(f"{path}: record {index} (id {record_id!r}): {problems[0]}")
+    return records
 
 
 def image_path_problem(image: str) -> str | None:
@@ -140,6 +151,8 @@ def _field_problems(record: dict[str, Any]) -> list[str]:
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
     ):
         problems.append(f"image_size {size!r} must be [width, height], two positive integers")
+    if box := box_field_problem(record):
+        problems.append(box)
     return problems
 
 

@@ -11,17 +11,19 @@ from scout_data.cli import main
 from scout_data.mix import mix_records, replay_count
 
 
+def turns(image: bool = True) -> list[dict[str, str]]:
+    return [{"from": "human", "value": ("<image>\n" if image else "") + "What is it?"}, {"from": "gpt", "value": "A"}]
+
+
 def scout(n):
-    return [
-        {"id": f"s{i}", "image": f"train/s{i}.png", "task": "grounding", "conversations": []}
-        for i in range(n)
-    ]
+    return [{"id": f"s{i}", "image": f"train/s{i}.png", "task": "grounding", "conversations": turns()}
+            for i in range(n)]
 
 
 def replay(n):
-    recs = [{"id": f"r{i}", "image": f"coco/train2017/{i}.jpg", "conversations": []} for i in range(n)]
-    recs.append({"id": "s0", "conversations": []})  # clashes with a SCOUT id, and has no image
-    recs.append({"id": "t", "task": "grounding", "conversations": []})  # already tagged: kept
+    recs = [{"id": f"r{i}", "image": f"coco/train2017/{i}.jpg", "conversations": turns()} for i in range(n)]
+    recs.append({"id": "s0", "conversations": turns(image=False)})  # clashes with a SCOUT id, and has no image
+    recs.append({"id": "t", "task": "grounding", "conversations": turns(image=False)})  # already tagged: kept
     return recs
 
 

@@ -21,7 +21,7 @@ import torch
 from torchvision.ops import box_iou
 
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
-from scout_data.boxes import FRAMES, Box, is_degenerate
+from scout_data.boxes import FRAMES, Box, box_field_problem, is_degenerate
 from scout_data.output import atomic_write_text, reason_key
 
 MAX_EXAMPLES = 5
@@ -93,21 +93,6 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _box_fields(value: Any, where: str) -> Iterator[tuple[str, Any, bool]]:
-    """``(field path, value, holds a list of boxes)`` for every box field (``*_xyxy_px`` / ``*_xyxy_norm``) in
-    ``value``, nested objects and lists of objects included."""
-    if isinstance(value, dict):
-        for key, v in value.items():
-            name = f"{where}.{key}" if where else str(key)
-            if isinstance(key, str) and key.endswith(("_xyxy_px", "_xyxy_norm")):
-                yield name, v, "boxes" in key
-            else:
-                yield from _box_fields(v, name)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _box_fields(v, f"{where}[{i}]")
-
-
 def _question_problem(q: dict[str, Any]) -> str | None:
     """The first field of question ``q`` that does not hold what it says, or None."""
     for key in ("image", "text"):
@@ -118,14 +103,7 @@ def _question_problem(q: dict[str, Any]) -> str | None:
             return f"field {key!r} must be a positive integer, got {reprlib.repr(q[key])}"
     if "box_frame" in q and q["box_frame"] not in FRAMES:
         return f"field 'box_frame' is {reprlib.repr(q['box_frame'])}, not one of {', '.join(FRAMES)}"
-    for name, value, many in _box_fields(q, ""):
-        boxes = value if many and isinstance(value, list) else [value]
-        for i, box in enumerate(boxes):
-            if not (isinstance(box, list) and len(box) == 4 and all(map(_number, box))):
-                shown = f"{name}[{i}]" if many and isinstance(value, list) else name
-                want = "a list of boxes, each " if many else ""
-                return f"field {shown!r} must be {want}[x1, y1, x2, y2] of four numbers, got {reprlib.repr(box)}"
-    return None
+    return box_field_problem(q)
 
 
 def read_questions(path: str, what: str = "question file") -> list[dict[str, Any]]:
@@ -139,10 +117,31 @@ def read_questions(path: str, what: str = "question file") -> list[dict[str, Any
     return [q for _, q in lines]
 
 
+def _answer_problem(a: dict[str, Any]) -> str | None:
+    """The first field of answer ``a`` that does not hold what LLaVA's answer JSONL holds there, or None."""
+    if not isinstance(a.get("text"), str):
+        return f"field 'text' must be the answer's text, got {reprlib.repr(a.get('text'))}"
+    meta = a.get("metadata")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        return f"field 'metadata' must be an object, got {reprlib.repr(meta)}"
+    if meta.get("route") is not None and not isinstance(meta["route"], str):
+        return f"field 'metadata.route' must be a string, got {reprlib.repr(meta['route'])}"
+    prob = meta.get("router_prob")
+    if prob is not None and not (_number(prob) and 0 <= prob <= 1):
+        return f"field 'metadata.router_prob' must be a probability, got {reprlib.repr(prob)}"
+    return None
+
+
 def read_answers(path: str, what: str = "answers file") -> list[dict[str, Any]]:
-    """An answers file, checked: each line answers one ``question_id`` (of one type), no question twice."""
+    """An answers file, checked: each line answers one ``question_id`` (of one type), no question twice, with its
+    ``text`` and, where present, ``metadata`` (route, router probability) of the types LLaVA's answer JSONL has."""
     lines = list(_jsonl_lines(path, what))
     _unique_ids(path, lines, "answer")
+    for n, a in lines:
+        if problem := _answer_problem(a):
+            raise EvalError(f"{path}:{n}: answer to {reprlib.repr(a['question_id'])}: {problem}")
     return [a for _, a in lines]
 
 
@@ -318,7 +317,11 @@ def scorer_main(
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         extra = {"protocol": args.protocol} if protocols else {}
-        result = score(read_questions(args.question_file), read_answers(args.answers_file), args.box_frame, **extra)
+        questions, answers = read_questions(args.question_file), read_answers(args.answers_file)
+        try:
+            result = score(questions, answers, args.box_frame, **extra)
+        except EvalError as exc:  # a question the scorer cannot use ("question ID: ..."): name its file
+            raise EvalError(f"{args.question_file}: {exc}") from None
         result.pop("rows", None)
         return result
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from llava_twist.eval.common import atomic_write_text
+from llava_twist.eval.common import EvalError, atomic_write_text
 
 
 def result_paths(folder: str) -> list[str]:
@@ -43,10 +43,28 @@ def find_results(folder: str) -> list[dict[str, Any]]:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and {"benchmark", "n", "metrics"} <= set(data) and isinstance(data["metrics"], dict):
+        if isinstance(data, dict) and {"benchmark", "n", "metrics"} <= set(data):
+            if problem := result_problem(data):
+                raise EvalError(f"{path}: a result file whose {problem}")
             data["path"] = os.path.relpath(path, folder)
             out.append(data)
     return sorted(out, key=lambda r: (str(r["benchmark"]), str(r.get("name", "")), r["path"]))
+
+
+def result_problem(data: dict[str, Any]) -> str | None:
+    """The first field of a result (a JSON with ``benchmark``, ``n`` and ``metrics``) that a scorer would not have
+    written, or None."""
+    checks = {
+        "benchmark": isinstance(data["benchmark"], str),
+        "n": isinstance(data["n"], int) and not isinstance(data["n"], bool) and data["n"] >= 0,
+        "metrics": isinstance(data["metrics"], dict),
+        "headline": isinstance(data.get("headline", []), list) and all(
+            isinstance(k, str) for k in data.get("headline", [])),
+        "name": isinstance(data.get("name", ""), str),
+        "protocol": isinstance(data.get("protocol", {}), dict | str),
+    }
+    bad = next((k for k, ok in checks.items() if not ok), None)
+    return None if bad is None else f"{bad!r} is {json.dumps(data.get(bad))[:60]}"
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, int | float]:
@@ -160,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    md_path, png_path, n = summarize(args.folder, prefix)
+    try:
+        md_path, png_path, n = summarize(args.folder, prefix)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     with open(md_path, encoding="utf-8") as f:
         print(f.read())
     print(f"{n} results; wrote {md_path}" + (f" and {png_path}" if png_path else ""))
