@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
-from scout_data.output import OutputError, check_output
+from scout_data.output import OutputError, check_output, replace_folder
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -220,7 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    out = build_tiny_llava(args.out, spec_from_args(TinyLlavaSpec, args))
+    spec = spec_from_args(TinyLlavaSpec, args)
+    out = Path(args.out)
+
+    def write(tmp: str) -> None:
+        build_tiny_llava(tmp, spec)
+        config = Path(tmp) / "config.json"  # the tower's absolute path, where the folder ends up
+        values = json.loads(config.read_text())
+        values["mm_vision_tower"] = str((out / "clip-vision-tower").resolve())
+        config.write_text(json.dumps(values, indent=2) + "\n")
+
+    replace_folder(out, write)  # --overwrite replaces, never merges
     print(f"wrote a tiny LLaVA-1.5 checkpoint to {out} (vision tower: {out / 'clip-vision-tower'})")
 
 

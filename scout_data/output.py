@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -192,6 +193,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a new folder beside ``path``, which then replaces ``path`` whole: an ``--overwrite``
+    replaces, never merges (nothing of the old folder survives), and a failed or killed write leaves the old one."""
+    target = os.path.abspath(path)
+    parent, name = os.path.dirname(target), os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
+    for entry in _scandir(parent):  # the half-written folders of a killed run
+        if (_stale(entry.name, name) or _stale(entry.name, f"{name}.old")) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old = os.path.join(parent, f".{name}.old.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if os.path.lexists(target):
+            os.rename(target, old)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        elif os.path.lexists(old):
+            os.unlink(old)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -97,6 +97,14 @@ PROBES = [
           "is one of this command's inputs", ("answers",)),
     Probe("question files over the user's", "llava_twist.eval.scout_questions --scout-json {synth_train} "
           "--out-dir {user_questions}", "did not make it", ("user_question_file",)),
+    Probe("a negative top_p", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p -3 "
+          "--device cpu", "--top_p -3.0: expected a number in (0, 1]"),
+    Probe("training into its base's vision tower", TRAIN + " --output_dir {model}/clip-vision-tower "
+          "--data_path {train_json}", "which this command reads", ("model_config", "model_weights")),
+    Probe("validate with an answer box of one number", "scout_data validate {one_number_box_json} --image-folder "
+          "{images}", "'answer_boxes_xyxy_norm[0]' must be [x1, y1, x2, y2]", ("one_number_box_json",)),
+    Probe("mix of a JSON list of numbers", "scout_data mix --scout {numbers_json} --replay {synth_train} --out "
+          "{out}/mix.json --ratio 1", "record 0 (id None): record is a int", ("numbers_json", "synth_train")),
     Probe("summary over the user's summary.md", "llava_twist.eval.summary {user_summary}", "did not make it",
           ("user_summary_md",)),
 ]
@@ -168,6 +176,11 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
                              ("escape_json", "../images/0.png", "[0.10, 0.20, 0.30, 0.40]")]:
         f[name] = root / f"{name}.json"
         f[name].write_text(json.dumps([grounding_record(image, box)]))
+    f["one_number_box_json"] = root / "one_number_box.json"
+    f["one_number_box_json"].write_text(json.dumps([{**grounding_record("0.png", "[0.10, 0.20, 0.30, 0.40]"),
+                                                     "answer_boxes_xyxy_norm": [5]}]))
+    f["numbers_json"] = root / "numbers.json"
+    f["numbers_json"].write_text(json.dumps([1, 2, 3]))
     twist = convert_llava_to_twist(tiny_llava, twist_layers="all")
     f["delta_bare"] = save_twist_delta(twist, root / "delta-bare")
     config = json.loads((f["delta_bare"] / "config.json").read_text())

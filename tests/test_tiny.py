@@ -41,6 +41,21 @@ def test_cli_builds_with_coordinate_tokens(tmp_path: Path) -> None:
     assert not (tmp_path / "n").exists()
 
 
+def test_overwrite_replaces_the_folder_never_merges_into_it(tmp_path: Path) -> None:
+    """``--overwrite`` over a TWIST delta folder once left its ``twist_delta.safetensors`` beside the new weights,
+    and the new checkpoint loaded as a delta."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "twist_delta.safetensors").write_bytes(b"an old delta")
+    (out / "notes.txt").write_text("kept nowhere")
+    main(["--out", str(out), "--hidden-size", "16", "--intermediate-size", "32", "--overwrite"])
+    assert not (out / "twist_delta.safetensors").exists() and not (out / "notes.txt").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert Path(config["mm_vision_tower"]) == (out / "clip-vision-tower").resolve()
+    assert (out / "clip-vision-tower" / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left beside it
+
+
 def test_demo_vocabulary_gives_each_word_of_the_world_one_token(tmp_path: Path) -> None:
     """The full demo's vocabulary size is what keeps its records short: every word of its world is one piece."""
     from llava.conversation import conv_templates

@@ -278,10 +278,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     """What the command line asks that cannot be right, as an :class:`EvalError`, before any model loads."""
     from scout_data.output import check_output
 
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise EvalError(f"--temperature {args.temperature}: expected a number of at least 0 (0: greedy)")
-    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
-        raise EvalError(f"--top_p {args.top_p}: expected a number in (0, 1]")
+    try:
+        GenerationSettings(temperature=args.temperature, top_p=args.top_p)
+    except InferenceError as exc:
+        raise EvalError(str(exc)) from None
     try:  # resuming and --overwrite are the answers file's own rules; here only what it must never be
         check_output(os.path.expanduser(args.answers_file), [os.path.expanduser(args.question_file)],
                      overwrite=True, flag="--answers-file", inside=[

@@ -87,6 +87,15 @@ def format_result(result: InferenceResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = GenerationSettings(
+        conv_mode=args.conv_mode,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        route=args.route,
+        box_frame=args.box_frame,
+    )
     image = load_image(args.image_file)
     if args.save_image:
         try:
@@ -102,15 +111,6 @@ def run(args: argparse.Namespace) -> int:
             raise InferenceError(f"--save-image {args.save_image}: cannot write into {folder}")
     loaded = load_model(args.model_path, args.model_base, args.device, args.model_class,
                         load_8bit=args.load_8bit, load_4bit=args.load_4bit)
-    settings = GenerationSettings(
-        conv_mode=args.conv_mode,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        route=args.route,
-        box_frame=args.box_frame,
-    )
     if args.json or args.num_beams > 1:
         result = generate(loaded, [args.query], [image], settings)[0]
         if not args.json:

@@ -75,6 +75,24 @@ class GenerationSettings:
     route: str = "auto"  # TWIST only: auto | frozen | grounding
     box_frame: str | None = None  # frame of the model's box text; None: the model's default
 
+    def __post_init__(self) -> None:
+        if problem := self.problem():
+            raise InferenceError(problem)
+
+    def problem(self) -> str | None:
+        """What cannot be right in these settings (one line naming the flag), or None."""
+        if self.route not in ROUTES:
+            return f"--route {self.route!r}: expected one of {ROUTES}"
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            return f"--temperature {self.temperature}: expected a number of at least 0 (0: greedy)"
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            return f"--top_p {self.top_p}: expected a number in (0, 1]"
+        if self.num_beams < 1 or self.max_new_tokens < 1:
+            return (f"--num_beams {self.num_beams}, --max_new_tokens {self.max_new_tokens}: beams and new tokens "
+                    "must be at least 1")
+        return None
+
     def frame(self, loaded: LoadedModel) -> str:
         return self.box_frame or loaded.default_box_frame()
 
@@ -308,13 +326,8 @@ def _last_route(loaded: LoadedModel) -> Any:
 
 
 def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings) -> dict[str, Any]:
-    if settings.route not in ROUTES:
-        raise InferenceError(f"--route {settings.route!r}: expected one of {ROUTES}")
-    if settings.num_beams < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
-        raise InferenceError(
-            f"--num_beams {settings.num_beams}, --max-new-tokens {settings.max_new_tokens}, --temperature "
-            f"{settings.temperature}: beams and new tokens must be at least 1, the temperature at least 0"
-        )
+    if problem := settings.problem():  # a dataclass's fields can be reassigned after construction
+        raise InferenceError(problem)
     tokenizer = loaded.tokenizer
     kwargs: dict[str, Any] = {
         "do_sample": settings.temperature > 0,

@@ -133,8 +133,10 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     if twist_args.twist_router_lr is not None and ds_config is not None and "optimizer" in ds_config.config:
         warn("--twist_router_lr is ignored: the DeepSpeed config builds its own optimizer (one learning rate)")
     base = resolve_checkpoint(model_args.model_name_or_path, "--model_name_or_path", training_args.cache_dir)
-    check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir")
     base_config = read_checkpoint_config(base)
+    tower = base_config.get("mm_vision_tower")  # a folder of the base's (or a hub id, not a folder here)
+    check_output(training_args.output_dir, [base], overwrite=True, flag="--output_dir",
+                 inside=[base, tower if isinstance(tower, str) else None])
     match_base_vision_args(model_args, base_config, base)
     check_image_aspect_ratio(data_args.image_aspect_ratio, "--image_aspect_ratio")
     records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
