@@ -101,8 +101,6 @@ PROBES = [
           "--device cpu", "--top_p -3.0: expected a number in (0, 1]"),
     Probe("training into its base's vision tower", TRAIN + " --output_dir {model}/clip-vision-tower "
           "--data_path {train_json}", "which this command reads", ("model_config", "model_weights")),
-    Probe("validate with an answer box of one number", "scout_data validate {one_number_box_json} --image-folder "
-          "{images}", "'answer_boxes_xyxy_norm[0]' must be [x1, y1, x2, y2]", ("one_number_box_json",)),
     Probe("mix of a JSON list of numbers", "scout_data mix --scout {numbers_json} --replay {synth_train} --out "
           "{out}/mix.json --ratio 1", "record 0 (id None): record is a int", ("numbers_json", "synth_train")),
     Probe("summary over the user's summary.md", "llava_twist.eval.summary {user_summary}", "did not make it",
@@ -255,3 +253,14 @@ def test_help_names_the_command_a_user_types(module: str) -> None:
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     usage = proc.stdout[:200]
     assert proc.returncode == 0 and usage.startswith(("usage: python -m ", "usage: scout-data")), usage
+
+
+def test_validate_reports_an_answer_box_of_one_number_as_a_bad_record(files: dict[str, str]) -> None:
+    """``validate``'s verdict on bad records is its report and exit status 1 (it once raised a traceback here)."""
+    path = Path(files["one_number_box_json"])
+    before = path.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "scout_data", "validate", str(path), "--image-folder",
+                           files["images"]], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'answer_boxes_xyxy_norm[0]' must be [x1, y1, x2, y2] of four numbers, got 5" in proc.stdout
+    assert path.read_bytes() == before
