@@ -54,6 +54,9 @@ HELD_BY: dict[str, dict[str, str]] = {
         "serve.cli --top_p -3": "test_bad_inputs.py::a negative top_p",
         "synth --image-size 100000": f"{GUARDS}::test_synth_sizes_and_counts_are_bounded",
         "--model-base a delta": "test_checkpoint_checks.py::test_a_delta_is_not_a_base",
+        "training images that are 0-byte PNGs": "test_bad_inputs.py::training images that are 0-byte PNGs",
+        "a checkpoint-N of another base in --output_dir":
+            "test_bad_inputs.py::a checkpoint of another base in --output_dir",
     },
     "unbounded work": {
         "mix --ratio 1e9 or --replay-fraction 0.9999999": f"{GUARDS}::test_mix_amounts_are_bounded",

@@ -97,6 +97,10 @@ PROBES = [
           "is one of this command's inputs", ("answers",)),
     Probe("question files over the user's", "llava_twist.eval.scout_questions --scout-json {synth_train} "
           "--out-dir {user_questions}", "did not make it", ("user_question_file",)),
+    Probe("training images that are 0-byte PNGs", TRAIN + " --output_dir {out} --data_path {zero_png_json} "
+          "--image_folder {zero_png_dir}", "image does not open", ("zero_png_json",)),
+    Probe("a checkpoint of another base in --output_dir", TRAIN + " --output_dir {other_run} --data_path "
+          "{train_json}", "was trained on another base", ("other_run_config",)),
     Probe("a negative top_p", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p -3 "
           "--device cpu", "--top_p -3.0: expected a number in (0, 1]"),
     Probe("training into its base's vision tower", TRAIN + " --output_dir {model}/clip-vision-tower "
@@ -177,6 +181,15 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
     f["one_number_box_json"] = root / "one_number_box.json"
     f["one_number_box_json"].write_text(json.dumps([{**grounding_record("0.png", "[0.10, 0.20, 0.30, 0.40]"),
                                                      "answer_boxes_xyxy_norm": [5]}]))
+    f["zero_png_dir"] = root / "zero-png"
+    f["zero_png_dir"].mkdir()
+    (f["zero_png_dir"] / "0.png").write_bytes(b"")
+    f["zero_png_json"] = root / "zero_png.json"
+    f["zero_png_json"].write_text(json.dumps([grounding_record("0.png", "[0.10, 0.20, 0.30, 0.40]")]))
+    f["other_run"] = root / "other-run"  # a run's output folder whose last checkpoint was trained on another base
+    (f["other_run"] / "checkpoint-3").mkdir(parents=True)
+    f["other_run_config"] = f["other_run"] / "checkpoint-3" / "config.json"
+    f["other_run_config"].write_text(json.dumps({"model_type": "llava_twist", "twist_base_fingerprint": "0" * 64}))
     f["numbers_json"] = root / "numbers.json"
     f["numbers_json"].write_text(json.dumps([1, 2, 3]))
     twist = convert_llava_to_twist(tiny_llava, twist_layers="all")

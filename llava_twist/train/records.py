@@ -21,7 +21,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 
 from scout_data.parse import INVALID_BOX_PROBLEMS, parse_boxes
 from scout_data.schema import GROUNDING_TASK, TASKS, UNDERSTANDING_TASK
-from scout_data.validate import image_path_problem
+from scout_data.validate import ImageChecker, image_path_problem
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class BadRecordError(ValueError):
     """A training record that LLaVA's preprocessing would choke on (or silently mistrain on)."""
 
 
-def record_problem(record: Any, image_folder: str | None) -> str | None:
-    """Why ``record`` cannot be trained on, or None."""
+def record_problem(record: Any, image_folder: str | None, images: ImageChecker | None = None) -> str | None:
+    """Why ``record`` cannot be trained on, or None. With ``images`` the image's header must also read (a 0-byte or
+    non-image file would otherwise pass and stop the run at its first step); the pixels are decoded in training."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     conversations = record.get("conversations")
@@ -74,6 +75,8 @@ def record_problem(record: Any, image_folder: str | None) -> str | None:
         return f"expected one {DEFAULT_IMAGE_TOKEN} placeholder in the first human turn, found {placeholders} in all"
     if not os.path.isfile(os.path.join(image_folder or "", image)):
         return f"image {image!r} not found under --image_folder {image_folder}"
+    if images is not None and (problem := images.check(image)[0]):
+        return problem
     return None
 
 
@@ -115,9 +118,10 @@ def validated_records(
     with ``skip_bad`` it is dropped and the reason logged."""
     records = load_records(data_path)
     check_image_folder(records, image_folder)
+    images = ImageChecker(image_folder or "", verify=False)
     kept, skipped = [], 0
     for index, record in enumerate(records):
-        problem = record_problem(record, image_folder)
+        problem = record_problem(record, image_folder, images)
         if problem is None:
             kept.append(record)
             continue

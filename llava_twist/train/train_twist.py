@@ -22,11 +22,13 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import logging  # noqa: E402
+import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from llava import conversation as conversation_lib  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from llava_twist.model.builder import (  # noqa: E402
     base_fingerprint,
@@ -41,6 +43,7 @@ from llava_twist.model.checks import (  # noqa: E402
     check_tokenizer_fits,
     load_tokenizer,
     read_checkpoint_config,
+    read_config_json,
 )
 from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
@@ -186,6 +189,7 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     trainable, total = (freeze_for_twist_lora if lora else freeze_all_but_twist)(model)
     if model.config.twist_base_fingerprint is None:
         model.config.twist_base_fingerprint = base_fingerprint(model)
+    check_resumable(training_args.output_dir, model.config.twist_base_fingerprint)
     say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%): the TWIST weights")
 
     dataset = TwistSupervisedDataset(records, tokenizer, data_args)
@@ -201,6 +205,19 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
         twist_state_fn=merged_twist_state if lora else plain_twist_state,
     )
     return trainer
+
+
+def check_resumable(output_dir: str, fingerprint: str) -> None:
+    """The ``checkpoint-*`` a run would resume from was trained on this base (a folder of another run is refused
+    before training, not at its first resumed step)."""
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        return
+    recorded = read_config_json(last).get("twist_base_fingerprint") if os.path.isfile(
+        os.path.join(last, "config.json")) else None
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(f"--output_dir {output_dir}: {os.path.basename(last)} was trained on another base "
+                         "(its base fingerprint differs), so this run cannot resume it; use another --output_dir")
 
 
 def fit(trainer: TwistTrainer) -> None:
