@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_checks import assert_one_line  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SYNTH = ["scout_data", "synth", "--quiet", "--image-size", "64"]
@@ -39,15 +42,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_one_line(proc: subprocess.CompletedProcess[str], *names: str) -> str:
-    """Exit status 2 and a single stderr line naming each of ``names``, no traceback; returns the line."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    for name in names:
-        assert name in lines[0], lines[0]
-    return lines[0]
 
 
 def refused(cwd: Path, *argv: str | Path, names: tuple[str, ...] = ()) -> str:

@@ -109,12 +109,19 @@ def _question_problem(q: dict[str, Any]) -> str | None:
 def read_questions(path: str, what: str = "question file") -> list[dict[str, Any]]:
     """A question file, checked: ids present, of one type and unique; ``image``/``text`` strings; ``width``/
     ``height`` positive integers; ``box_frame`` a frame; every box field four numbers (see :func:`read_jsonl`)."""
+    return _checked_lines(path, what, "question", _question_problem)
+
+
+def _checked_lines(path: str, what: str, kind: str, problem_of: Callable[[dict[str, Any]], str | None]
+                   ) -> list[dict[str, Any]]:
+    """The lines of a JSONL file of ``kind`` (question or answer) records: unique ids, each line's fields checked by
+    ``problem_of``; the first problem is an :class:`EvalError` naming the file, line and id."""
     lines = list(_jsonl_lines(path, what))
-    _unique_ids(path, lines, "question")
-    for n, q in lines:
-        if problem := _question_problem(q):
-            raise EvalError(f"{path}:{n}: question {reprlib.repr(q['question_id'])}: {problem}")
-    return [q for _, q in lines]
+    _unique_ids(path, lines, kind)
+    for n, row in lines:
+        if problem := problem_of(row):
+            raise EvalError(f"{path}:{n}: {kind} {reprlib.repr(row['question_id'])}: {problem}")
+    return [row for _, row in lines]
 
 
 def _answer_problem(a: dict[str, Any]) -> str | None:
@@ -137,12 +144,7 @@ def _answer_problem(a: dict[str, Any]) -> str | None:
 def read_answers(path: str, what: str = "answers file") -> list[dict[str, Any]]:
     """An answers file, checked: each line answers one ``question_id`` (of one type), no question twice, with its
     ``text`` and, where present, ``metadata`` (route, router probability) of the types LLaVA's answer JSONL has."""
-    lines = list(_jsonl_lines(path, what))
-    _unique_ids(path, lines, "answer")
-    for n, a in lines:
-        if problem := _answer_problem(a):
-            raise EvalError(f"{path}:{n}: answer to {reprlib.repr(a['question_id'])}: {problem}")
-    return [a for _, a in lines]
+    return _checked_lines(path, what, "answer", _answer_problem)
 
 
 def default_result_file(answers_file: str) -> str:

@@ -221,14 +221,7 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
     todo = [q for q in questions if str(q["question_id"]) not in done]
     if done:
         print(f"resuming {answers_file}: {len(questions) - len(todo)} of {len(questions)} already answered")
-    settings = GenerationSettings(
-        conv_mode=args.conv_mode,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        route=args.route,
-    )
+    settings = GenerationSettings.from_args(args)
     with open(answers_file, "a", encoding="utf-8") as f:
 
         def write(records: list[dict[str, Any]]) -> None:

@@ -87,15 +87,7 @@ def format_result(result: InferenceResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = GenerationSettings(
-        conv_mode=args.conv_mode,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        route=args.route,
-        box_frame=args.box_frame,
-    )
+    settings = GenerationSettings.from_args(args)
     image = load_image(args.image_file)
     if args.save_image:
         try:

@@ -79,6 +79,14 @@ class GenerationSettings:
         if problem := self.problem():
             raise InferenceError(problem)
 
+    @classmethod
+    def from_args(cls, args: Any) -> GenerationSettings:
+        """The settings a command line's flags name (LLaVA's: ``--conv-mode``, ``--temperature``, ``--top_p``,
+        ``--num_beams``, ``--max_new_tokens``, and ``--route``, ``--box-frame`` where it has them)."""
+        return cls(conv_mode=args.conv_mode, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
+                   max_new_tokens=args.max_new_tokens, route=getattr(args, "route", "auto"),
+                   box_frame=getattr(args, "box_frame", None))
+
     def problem(self) -> str | None:
         """What cannot be right in these settings (one line naming the flag), or None."""
         if self.route not in ROUTES:
