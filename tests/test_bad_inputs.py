@@ -70,7 +70,7 @@ PROBES = [
     Probe("a PNG header claiming 20000x20000", "llava_twist.serve.cli --model-path {model} --image-file {bomb} "
           "--query q --device cpu", "cannot be read as an image"),
     Probe("no beams", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --num_beams 0 "
-          "--device cpu", "beams and new tokens must be at least 1"),
+          "--device cpu", "argument --num_beams: 0: must be an integer in [1, 32]"),
     Probe("4-bit without bitsandbytes or a GPU", "llava_twist.serve.cli --model-path {model} --image-file {image} "
           "--query q --load-4bit --device cpu", "need a CUDA GPU and the bitsandbytes package"),
     Probe("converter images folder that is not there", "scout_data refcoco --refs {notes} --instances {notes} "
@@ -87,7 +87,7 @@ PROBES = [
           "which this command reads", ("model_config",)),
     Probe("temperature not a number", "llava_twist.eval.model_grounding --model-path {model} --question-file "
           "{questions} --image-folder {images} --answers-file {out}/nan.jsonl --temperature nan --device cpu",
-          "--temperature nan"),
+          "argument --temperature: nan: must be a finite number in [0, 100]"),
     Probe("scorer's result file is its question file", "llava_twist.eval.eval_refexp --question-file {questions} "
           "--answers-file {answers} --result-file {questions}", "is one of this command's inputs", ("questions",)),
     Probe("scorer's result file is someone's notes", "llava_twist.eval.eval_refexp --question-file {questions} "
@@ -102,7 +102,9 @@ PROBES = [
     Probe("a checkpoint of another base in --output_dir", TRAIN + " --output_dir {other_run} --data_path "
           "{train_json}", "was trained on another base", ("other_run_config",)),
     Probe("a negative top_p", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p -3 "
-          "--device cpu", "--top_p -3.0: expected a number in (0, 1]"),
+          "--device cpu", "argument --top_p: -3: must be a finite number in [0, 1]"),
+    Probe("a top_p of 0", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p 0 "
+          "--device cpu", "--top_p 0.0: expected a number in (0, 1]"),
     Probe("training into its base's vision tower", TRAIN + " --output_dir {model}/clip-vision-tower "
           "--data_path {train_json}", "which this command reads", ("model_config", "model_weights")),
     Probe("mix of a JSON list of numbers", "scout_data mix --scout {numbers_json} --replay {synth_train} --out "

@@ -217,11 +217,20 @@ def scout_parsers() -> list[tuple[str, object]]:
     return found
 
 
+def eval_parsers() -> list[tuple[str, object]]:
+    """The actions of the commands that answer and score (their counts and sizes are bounded too)."""
+    from llava_twist.eval import model_grounding, scout_questions
+    from llava_twist.serve import cli
+
+    return [(f"{m.__name__} {'/'.join(a.option_strings)}", a)
+            for m in (model_grounding, scout_questions, cli) for a in m.build_parser()._actions]
+
+
 def test_every_number_a_scout_data_command_takes_has_a_stated_limit() -> None:
     from scout_data.limits import Bounded
 
     unbounded = {"--seed", "--index"}  # any integer is a seed; an index is checked against the file
-    for name, action in scout_parsers():
+    for name, action in [*scout_parsers(), *eval_parsers()]:
         if action.type in (int, float) and not set(action.option_strings) & unbounded:
             pytest.fail(f"{name} takes a number without a limit")
         if isinstance(action.type, Bounded):

@@ -40,11 +40,13 @@ from llava_twist.serve.inference import (
     MODEL_CLASSES,
     GenerationSettings,
     LoadedModel,
+    add_generation_arguments,
     generate,
     load_image,
     load_model,
 )
 from llava_twist.serve.result import InferenceError, InferenceResult
+from scout_data.limits import Bounded, OneLineParser
 from scout_data.output import OutputError, describe_differences, output_lock
 from scout_data.validate import image_path_problem
 
@@ -236,7 +238,7 @@ def eval_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m llava_twist.eval.model_grounding", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -249,13 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-file", required=True)
     p.add_argument("--answers-file", required=True)
     p.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
-    p.add_argument("--num-chunks", type=int, default=1)
-    p.add_argument("--chunk-idx", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-chunks", type=CHUNKS, default=1, help=f"{CHUNKS}: split the questions over this many runs")
+    p.add_argument("--chunk-idx", type=CHUNK_INDEX, default=0, help=f"{CHUNK_INDEX}, below --num-chunks")
+    add_generation_arguments(p)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=1, help=f"{BATCH_SIZE}")
     p.add_argument("--route", choices=ROUTES, default="auto")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="scout",
                    help="how a refexp question is asked: its own text (scout), LLaVA-1.5's REC prompt (llava) or "
@@ -265,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the answers file; without it an existing file is resumed only when it holds this "
                         "command's answers made with the same model and settings")
     return p
+
+
+CHUNKS = Bounded(int, 1, 100_000)
+CHUNK_INDEX = Bounded(int, 0, 99_999)
+BATCH_SIZE = Bounded(int, 1, 1024)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

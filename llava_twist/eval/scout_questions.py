@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llava_twist.eval.common import EvalError, atomic_write_text
+from scout_data.limits import Bounded, OneLineParser
 from scout_data.schema import BOX_SLOT
 from scout_data.writer import IMAGE_TOKEN, render_prompt
 
@@ -40,6 +41,9 @@ BENCHMARKS = {
     "qa": "vqa",
 }
 _BOX_SLOT_RE = re.compile(re.escape(BOX_SLOT))
+
+
+LIMIT = Bounded(int, 1, 10_000_000)
 
 
 def prompt_text(record: dict[str, Any]) -> str:
@@ -167,16 +171,21 @@ def convert(scout_json: str, out_dir: str, limit: int | None = None, overwrite: 
     return dict(counts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
         prog="python -m llava_twist.eval.scout_questions", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--scout-json", required=True, help="a SCOUT split file, e.g. DIR/test.json")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions per benchmark")
+    p.add_argument("--limit", type=LIMIT, default=None, help=f"at most this many questions per benchmark ({LIMIT})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace question files in --out-dir that this command did not write")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         counts = convert(args.scout_json, args.out_dir, args.limit, args.overwrite)

@@ -23,6 +23,7 @@ from llava_twist.serve.inference import (
     DEFAULT_CONV_MODE,
     MODEL_CLASSES,
     GenerationSettings,
+    add_generation_arguments,
     generate,
     load_image,
     load_model,
@@ -31,11 +32,12 @@ from llava_twist.serve.inference import (
 from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.boxes import FRAMES
 from scout_data.chain import answer_line, step_line
+from scout_data.limits import OneLineParser
 from scout_data.output import OutputError, atomic_write, check_output, image_format
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava_twist.serve.cli", description=__doc__,
+    p = OneLineParser(prog="python -m llava_twist.serve.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None, help="the LLaVA-1.5 base of a grounding-only TWIST delta")
@@ -44,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-file", required=True)
     p.add_argument("--query", required=True, help="the question (without <image>)")
     p.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_generation_arguments(p)
     p.add_argument("--route", choices=ROUTES, default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--box-frame", choices=FRAMES, default=None,

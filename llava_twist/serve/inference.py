@@ -12,6 +12,7 @@ for generation with a decoder-only model; :func:`generate` sets it to ``left`` f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -34,6 +35,7 @@ from llava_twist.model.routes import ROUTES
 from llava_twist.serve.images import ImageError, read_image
 from llava_twist.serve.result import InferenceError, InferenceResult, answer_box_spans, result_from_text
 from scout_data.boxes import model_frame
+from scout_data.limits import Bounded
 
 # The template LLaVA-1.5 trains with (``--version v1``) and its eval scripts use (``--conv-mode vicuna_v1``); LLaVA's
 # ``llava_v1`` differs in the system prompt ("human" for "user"), which a model trained on ``v1`` has never seen.
@@ -63,6 +65,21 @@ class LoadedModel:
     def default_box_frame(self) -> str:
         """The frame this model answers in (:func:`scout_data.boxes.model_frame`)."""
         return model_frame(getattr(self.model.config, "image_aspect_ratio", None))
+
+
+TEMPERATURE = Bounded(float, 0, 100)
+NUM_BEAMS = Bounded(int, 1, 32)
+MAX_NEW_TOKENS = Bounded(int, 1, 32768)
+TOP_P = Bounded(float, 0, 1)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """LLaVA's generation flags, each with its limit in ``--help`` (:class:`GenerationSettings` checks them too)."""
+    parser.add_argument("--temperature", type=TEMPERATURE, default=0.0, help=f"{TEMPERATURE}; 0: greedy")
+    parser.add_argument("--top_p", type=TOP_P, default=None, help=f"{TOP_P}, above 0; default: the model's")
+    parser.add_argument("--num_beams", type=NUM_BEAMS, default=1, help=f"{NUM_BEAMS}")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=MAX_NEW_TOKENS, default=512,
+                        help=f"{MAX_NEW_TOKENS}")
 
 
 @dataclass
