@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
-from scout_data.output import OutputError, check_output, replace_folder
+from scout_data.limits import OneLineParser
+from scout_data.output import OutputError, check_output, output_lock, replace_folder
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -209,7 +210,7 @@ def build_tiny_llava(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llava_twist.tiny", description=__doc__,
+    parser = OneLineParser(prog="python -m llava_twist.tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -230,7 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         values["mm_vision_tower"] = str((out / "clip-vision-tower").resolve())
         config.write_text(json.dumps(values, indent=2) + "\n")
 
-    replace_folder(out, write)  # --overwrite replaces, never merges
+    try:
+        with output_lock(out):
+            replace_folder(out, write)  # --overwrite replaces, never merges
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote a tiny LLaVA-1.5 checkpoint to {out} (vision tower: {out / 'clip-vision-tower'})")
 
 

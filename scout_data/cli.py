@@ -157,7 +157,7 @@ def _mix(args: argparse.Namespace) -> int:
     with output_lock(out, "--out"):
         check_output(out, [*args.scout, args.replay], args.overwrite)
         scout = [r for f in args.scout for r in load_conversations(f)]
-        replay = load_conversations(args.replay)
+        replay = load_conversations(args.replay, strict=False)  # replayed as LLaVA reads it
         ratio = args.ratio if args.ratio is not None or args.replay_fraction is not None else 0.2
         mixed = mix_records(
             scout,

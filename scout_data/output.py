@@ -197,12 +197,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def replace_folder(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a new folder beside ``path``, which then replaces ``path`` whole: an ``--overwrite``
-    replaces, never merges (nothing of the old folder survives), and a failed or killed write leaves the old one."""
+    replaces, never merges (nothing of the old folder survives), and a failed or killed write leaves the old one
+    (a run killed between the two renames leaves it aside, and the next run puts it back before it starts)."""
     target = os.path.abspath(path)
     parent, name = os.path.dirname(target), os.path.basename(target)
     os.makedirs(parent, exist_ok=True)
-    for entry in _scandir(parent):  # the half-written folders of a killed run
-        if (_stale(entry.name, name) or _stale(entry.name, f"{name}.old")) and entry.is_dir(follow_symlinks=False):
+    for entry in _scandir(parent):  # what a killed run left: its half-written folder, or the old one set aside
+        if entry.is_dir(follow_symlinks=False) and _stale(entry.name, f"{name}.old"):
+            if os.path.lexists(target):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.rename(entry.path, target)
+        elif entry.is_dir(follow_symlinks=False) and _stale(entry.name, name):
             shutil.rmtree(entry.path, ignore_errors=True)
     tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     old = os.path.join(parent, f".{name}.old.tmp{os.getpid()}")
@@ -211,13 +217,18 @@ def replace_folder(path: str | os.PathLike, write: Callable[[str], None]) -> Non
         write(tmp)
         if os.path.lexists(target):
             os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if os.path.lexists(old):
+                os.rename(old, target)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(old):
-            shutil.rmtree(old, ignore_errors=True)
-        elif os.path.lexists(old):
-            os.unlink(old)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    elif os.path.lexists(old):
+        os.unlink(old)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -61,12 +61,20 @@ def load_records(path: str) -> list[Any]:
     return data
 
 
-def load_conversations(path: str) -> list[dict[str, Any]]:
+def load_conversations(path: str, strict: bool = True) -> list[dict[str, Any]]:
     """The file's records, each a LLaVA conversation record in shape (what mix, stats and preview read); the first
-    that is not is a :class:`DataError` naming the file, its index and id (``validate`` reports every problem)."""
+    that is not is a :class:`DataError` naming the file, its index and id (``validate`` reports every problem).
+    ``strict=False`` (another dataset replayed as it is, e.g. LLaVA's mix665k, whose loader tolerates a leading gpt
+    turn): only an object with a ``conversations`` list."""
     records = load_records(path)
     for index, record in enumerate(records):
-        if problems := _structure_problems(record):
+        if strict:
+            problems = _structure_problems(record)
+        elif not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            problems = ["not an object with a 'conversations' list"]
+        else:
+            problems = []
+        if problems:
             record_id = record.get("id") if isinstance(record, dict) else None
             raise DataError(f"{path}: record {index} (id {record_id!r}): {problems[0]}")
     return records

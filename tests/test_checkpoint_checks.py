@@ -235,3 +235,23 @@ def test_training_refuses_an_image_aspect_ratio_the_loader_would(sources: dict[s
     proc = run_cli(case, sources["model"], None, sources["root"], tmp_path / "out")
     assert_one_line(proc, "--image_aspect_ratio: image_aspect_ratio 'weird' is not one LLaVA knows")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_as_llava_v1_5_was_released_loads_as_twist_and_as_llava(sources: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """liuhaotian/llava-v1.5-7b's config.json says ``"model_type": "llava"`` (it predates LLaVA's ``llava_llama``):
+    both loaders take it, and TWIST's experts start as exact copies (the grounding route answers as the frozen)."""
+    from llava_twist.serve.inference import GenerationSettings, generate, load_model
+
+    folder = tmp_path / "llava-v1.5-released"
+    shutil.copytree(sources["model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    image = Image.open(sources["root"] / "images" / "0.png")
+    twist = load_model(str(folder), device="cpu")
+    answers = {route: generate(twist, ["Where is it?"], [image], GenerationSettings(max_new_tokens=6, route=route))[0]
+               for route in ("frozen", "grounding")}
+    assert answers["frozen"].text == answers["grounding"].text
+    plain = load_model(str(folder), device="cpu", model_class="llava")
+    assert generate(plain, ["Where is it?"], [image], GenerationSettings(max_new_tokens=6))[0].text == answers[
+        "frozen"].text

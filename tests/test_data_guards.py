@@ -348,3 +348,27 @@ def test_every_reader_of_question_files_refuses_duplicates_and_bad_bytes(tmp_pat
         (tmp_path / "a.jsonl").write_bytes(SCHEMA["an answer line repeated"][1])
         refused(tmp_path, f"llava_twist.eval.{scorer}", "--question-file", "q.jsonl", *args,
                 names=("a.jsonl:3", "repeats"))
+
+
+def test_a_failed_folder_replacement_keeps_the_old_folder(tmp_path: Path) -> None:
+    """``replace_folder``: a write that fails leaves the old folder as it was, and an old folder a killed run set
+    aside (its target gone) is put back by the next run before anything else."""
+    from scout_data.output import replace_folder
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+
+    def failing(tmp: str) -> None:
+        Path(tmp).mkdir()
+        (Path(tmp) / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        replace_folder(target, failing)
+    assert (target / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target.rename(tmp_path / f".model.old.tmp{int(dead.stdout)}")  # killed between its two renames
+    with pytest.raises(OSError):
+        replace_folder(target, failing)
+    assert (target / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

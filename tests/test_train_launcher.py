@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -285,8 +286,8 @@ def workers_of(out: Path) -> list[int]:
 
 
 def kill_when(run: dict, out: Path, ready: Callable[[], bool], log: Path) -> None:
-    """Start the same run as the ``run`` fixture into ``out`` and SIGKILL its whole process group (launcher,
-    DeepSpeed's runner, both ranks) as soon as ``ready()``, as a machine that goes away would."""
+    """Start the same run as the ``run`` fixture into ``out`` and SIGKILL it all (the launcher's process group and
+    the session DeepSpeed's runner and both ranks run in) as soon as ``ready()``, as a machine that goes away would."""
     port = free_port()
     with log.open("w") as sink:
         env = launcher_env(run["base"], run["data"], run["images"], out, port)
@@ -298,9 +299,16 @@ def kill_when(run: dict, out: Path, ready: Callable[[], bool], log: Path) -> Non
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.002)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # scripts/_launcher.sh starts DeepSpeed in a session of its own: kill that group and the launcher's at once
+            groups = {proc.pid}
+            for pid in workers_of(out):
+                with contextlib.suppress(ProcessLookupError):
+                    groups.add(os.getpgid(pid))
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
             proc.wait(timeout=60)
-    for pid in workers_of(out):  # a rank that left the group
+    for pid in workers_of(out):  # anything that left both groups
         os.kill(pid, signal.SIGKILL)
     for buffer in shm_buffers(port):  # the launcher's clean-up trap never ran
         buffer.unlink()

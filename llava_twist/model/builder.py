@@ -29,7 +29,6 @@ from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llava_twist.model.checks import (
-    LLAVA_LLAMA_TYPE,
     VISION_TOWER_PREFIX,
     check_checkpoint_weights,
     check_delta_fits_base,
@@ -258,7 +257,7 @@ def load_twist_model(
     missing_twist = [k for k in missing if is_twist_param(k)]
     if raw["model_type"] == TWIST_MODEL_TYPE and missing_twist:
         raise ValueError(f"{model_path}: TWIST checkpoint lacks TWIST weights {missing_twist[:5]}")
-    if raw["model_type"] == LLAVA_LLAMA_TYPE:
+    if raw["model_type"] != TWIST_MODEL_TYPE:  # a LLaVA-1.5 checkpoint (llava_llama, or llava as released)
         init_twist_from_frozen(model)
         if config.twist_base_fingerprint is None:
             model.config.twist_base_fingerprint = base_fingerprint(model)

@@ -34,6 +34,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS_GLOB = "pytorch_model*.bin"
 TOKENIZER_MODEL = "tokenizer.model"
 LLAVA_LLAMA_TYPE = "llava_llama"
+# The type the released LLaVA-1.5 checkpoints (liuhaotian/llava-v1.5-7b, -13b) carry in their config.json: they
+# predate LLaVA's rename to llava_llama, and LLaVA's builder loads them as LlavaLlamaForCausalLM all the same.
+LLAVA_RELEASED_TYPE = "llava"
 VISION_TOWER_PREFIX = "model.vision_tower."
 # Sizes of the language model a checkpoint's config must state (transformers' defaults are a 7B model's).
 REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -98,7 +101,8 @@ def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
 def check_llava_llama(config: dict[str, Any], where: str) -> None:
     """Refuse a base that is not a LLaVA-1.5 Llama checkpoint (TWIST twins Llama decoder layers)."""
     model_type = config.get("model_type")
-    if model_type not in (LLAVA_LLAMA_TYPE, TWIST_MODEL_TYPE):
+    released = model_type == LLAVA_RELEASED_TYPE and "text_config" not in config  # not llava-hf's format
+    if model_type not in (LLAVA_LLAMA_TYPE, TWIST_MODEL_TYPE) and not released:
         raise CheckpointError(
             f"{where}: model_type {model_type!r} is not a LLaVA-1.5 Llama checkpoint ('llava_llama'); "
             "TWIST twins Llama decoder layers (MPT, Mistral and plain language models are not supported)"

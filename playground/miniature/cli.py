@@ -14,6 +14,7 @@ from playground.miniature.recipe import PROFILES, VARIANTS, Recipe, default_prof
 from playground.miniature.runner import StageResult, run_guarded, run_stages
 from playground.miniature.stages import build_stages
 from playground.pointer import read_pointer
+from scout_data.limits import OneLineParser
 
 
 def run_demo(recipe: Recipe, out: str | Path, force: Sequence[str] = (), progress: bool | None = None,
@@ -37,7 +38,7 @@ def playground_hint(out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m playground.miniature", description=miniature.__doc__,
+    p = OneLineParser(prog="python -m playground.miniature", description=miniature.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
                    help="full: make demo on CPU (from the released base); gpu: a larger model in bf16 with more "

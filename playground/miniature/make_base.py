@@ -28,6 +28,7 @@ from playground.miniature.recipe import PROFILES, get_recipe
 from playground.miniature.release import CARD_MD, acc_cell, write_release
 from playground.miniature.runner import Layout, read_json, run_guarded, run_stages
 from playground.miniature.stages import build_stages
+from scout_data.limits import OneLineParser
 
 PROG = "python -m playground.miniature.make_base"
 
@@ -67,7 +68,7 @@ def build_base(profile: str, out: Path, release: Path, force: Sequence[str] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = OneLineParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full", help="whose base (default %(default)s)")
     p.add_argument("--out", default=str(BASE_BUILD), help="the build's stages (default: %(default)s)")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from playground.miniature.checkout import RELEASE_DIR, REPO
 from playground.miniature.formatting import pct
+from scout_data.output import replace_folder
 
 CARD_JSON = "card.json"
 CARD_MD = "README.md"
@@ -33,16 +33,17 @@ def release_weights(folder: Path) -> Path:
     return folder / WEIGHTS
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def weight_checksums(folder: Path) -> dict[str, str]:
     """The sha256 of every weight file of a release (``*.safetensors``, the tower's too), by relative path."""
-    sums = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        sums[path.relative_to(folder).as_posix()] = digest.hexdigest()
-    return sums
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
 
 
 def check_weights(release: Path, card: dict[str, Any]) -> None:
@@ -107,12 +108,12 @@ def tower_reference(release: Path) -> str:
 
 def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, Any]:
     """Write the trained ``base`` folder and its tower as a release with its card, replacing ``release`` whole
-    only once the new one is complete. Returns the card as written."""
+    only once the new one is complete (``scout_data.output.replace_folder``). Returns the card as written."""
     tower = Path(json.loads((base / "config.json").read_text(encoding="utf-8"))["mm_vision_tower"])
-    release.parent.mkdir(parents=True, exist_ok=True)
-    tmp = release.with_name(f".{release.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    written: dict[str, Any] = {}
+
+    def write(folder: str) -> None:
+        tmp = Path(folder)
         tmp.mkdir()
         for f in sorted(base.iterdir()):
             if f.is_file() and f.name not in TRAINING_FILES:
@@ -124,17 +125,12 @@ def write_release(base: Path, release: Path, card: dict[str, Any]) -> dict[str, 
         if size > MAX_RELEASE_BYTES:
             raise ReleaseError(f"the release would be {size / 2**20:.1f} MB, over the {MAX_RELEASE_BYTES >> 20} MB "
                                "a committed base may take")
-        card = {**card, "release_bytes": size, "weights_sha256": weight_checksums(tmp)}
-        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
-        old = release.with_name(f".{release.name}.old-{os.getpid()}")
-        if release.exists():
-            release.rename(old)
-        tmp.rename(release)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return card
+        written.update(card, release_bytes=size, weights_sha256=weight_checksums(tmp))
+        (tmp / CARD_JSON).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_MD).write_text(card_markdown(written), encoding="utf-8")
+
+    replace_folder(release, write)
+    return written
 
 
 def acc_cell(figures: dict[str, Any], bench: str, level: str) -> str:

@@ -10,7 +10,6 @@ generator, pass ``--force`` with the stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from playground.miniature.checkout import REPO
 from playground.miniature.recipe import Recipe, config_hash
+from playground.miniature.release import sha256_file
 from scout_data.output import atomic_write_text
 
 T = TypeVar("T")
@@ -197,13 +197,7 @@ class StageResult:
 
 def file_digest(path: Path) -> str:
     """A file's content hash (an absent file hashes as absent: the stage then fails and says why)."""
-    if not path.is_file():
-        return "absent"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16] if path.is_file() else "absent"
 
 
 def stage_hash(recipe: Recipe, stage: Stage, stamps: dict[str, dict[str, Any]]) -> str:
@@ -295,13 +289,16 @@ def run_stages(stages: Sequence[Stage], recipe: Recipe, out: str | Path, force: 
 
 
 def run_guarded(body: Callable[[], T]) -> tuple[T | None, int]:
-    """``body()`` and exit status 0; a failed stage or a bad setting is one line on stderr (status 1), an
-    interrupt says how to go on (130)."""
+    """``body()`` and exit status 0; a failed stage is one line on stderr (status 1), a bad setting too (status 2),
+    an interrupt says how to go on (130)."""
     try:
         return body(), 0
-    except (StageError, ValueError) as exc:
+    except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None, 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
     except KeyboardInterrupt:
         print("interrupted; run again to continue (finished stages are cached)", file=sys.stderr)
         return None, 130
