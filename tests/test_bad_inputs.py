@@ -103,8 +103,6 @@ PROBES = [
           "{train_json}", "was trained on another base", ("other_run_config",)),
     Probe("a negative top_p", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p -3 "
           "--device cpu", "argument --top_p: -3: must be a finite number in [0, 1]"),
-    Probe("a top_p of 0", "llava_twist.serve.cli --model-path {model} --image-file {image} --query q --top_p 0 "
-          "--device cpu", "--top_p 0.0: expected a number in (0, 1]"),
     Probe("training into its base's vision tower", TRAIN + " --output_dir {model}/clip-vision-tower "
           "--data_path {train_json}", "which this command reads", ("model_config", "model_weights")),
     Probe("mix of a JSON list of numbers", "scout_data mix --scout {numbers_json} --replay {synth_train} --out "

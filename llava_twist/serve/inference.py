@@ -76,7 +76,7 @@ TOP_P = Bounded(float, 0, 1)
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """LLaVA's generation flags, each with its limit in ``--help`` (:class:`GenerationSettings` checks them too)."""
     parser.add_argument("--temperature", type=TEMPERATURE, default=0.0, help=f"{TEMPERATURE}; 0: greedy")
-    parser.add_argument("--top_p", type=TOP_P, default=None, help=f"{TOP_P}, above 0; default: the model's")
+    parser.add_argument("--top_p", type=TOP_P, default=None, help=f"{TOP_P}; default: the model's")
     parser.add_argument("--num_beams", type=NUM_BEAMS, default=1, help=f"{NUM_BEAMS}")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=MAX_NEW_TOKENS, default=512,
                         help=f"{MAX_NEW_TOKENS}")
@@ -111,8 +111,8 @@ class GenerationSettings:
         if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             return f"--temperature {self.temperature}: expected a number of at least 0 (0: greedy)"
-        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            return f"--top_p {self.top_p}: expected a number in (0, 1]"
+        if self.top_p is not None and not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            return f"--top_p {self.top_p}: expected a number in [0, 1] (transformers' range)"
         if self.num_beams < 1 or self.max_new_tokens < 1:
             return (f"--num_beams {self.num_beams}, --max_new_tokens {self.max_new_tokens}: beams and new tokens "
                     "must be at least 1")
