@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_checks import OWN_PROCESS, REPO, assert_one_line, run_module, run_process  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,32 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(probe: Probe, files: dict
     before = {name: Path(files[name]).read_bytes() for name in probe.untouched}
     argv = [a.format(**files) if "{" in a else a for a in probe.argv.split()]
     message = probe.message.format(**files)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WORLD_SIZE": "1"}
-    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line(run_module(argv, cwd=REPO, env={"WORLD_SIZE": "1"}), message)
     for name, content in before.items():
         assert Path(files[name]).read_bytes() == content, f"{name} was changed"
+
+
+LOADS_A_MODEL = ("llava_twist.serve.cli", "llava_twist.eval.model_grounding")
+
+
+def probes_to_run_for_real() -> list[Probe]:
+    """One probe of each command, and every probe of a command that loads a model (a fresh process is where a
+    library's own warnings would show)."""
+    chosen: dict[str, Probe] = {}
+    for probe in PROBES:
+        command = " ".join(probe.argv.split()[:2 if probe.argv.startswith("scout_data") else 1])
+        chosen.setdefault(probe.name if command in LOADS_A_MODEL else command, probe)
+    return [p for p in chosen.values() if p.argv.split()[0] not in OWN_PROCESS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", probes_to_run_for_real(), ids=lambda p: p.argv.split()[0] + ": " + p.name)
+def test_in_process_runs_match_real_processes(probe: Probe, files: dict[str, str]) -> None:
+    """The probes run commands in this process (``run_module``); a real ``python -m`` prints the same."""
+    argv = [a.format(**files) if "{" in a else a for a in probe.argv.split()]
+    here = run_module(argv, cwd=REPO, env={"WORLD_SIZE": "1"})
+    real = run_process(argv, cwd=REPO, env={"WORLD_SIZE": "1"})
+    assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
 
 
 def test_hub_ids_resolve_from_the_cache_as_llavas_loader_does(tiny_llava: Path, tmp_path: Path) -> None:
@@ -262,8 +280,7 @@ HELPED = ["llava_twist.tiny", "llava_twist.eval.model_grounding", "llava_twist.e
 
 @pytest.mark.parametrize("module", HELPED)
 def test_help_names_the_command_a_user_types(module: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = run_module([module, "--help"], cwd=REPO)
     usage = proc.stdout[:200]
     assert proc.returncode == 0 and usage.startswith(("usage: python -m ", "usage: scout-data")), usage
 
@@ -272,8 +289,7 @@ def test_validate_reports_an_answer_box_of_one_number_as_a_bad_record(files: dic
     """``validate``'s verdict on bad records is its report and exit status 1 (it once raised a traceback here)."""
     path = Path(files["one_number_box_json"])
     before = path.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "scout_data", "validate", str(path), "--image-folder",
-                           files["images"]], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = run_module(["scout_data", "validate", path, "--image-folder", files["images"]], cwd=REPO)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "'answer_boxes_xyxy_norm[0]' must be [x1, y1, x2, y2] of four numbers, got 5" in proc.stdout
     assert path.read_bytes() == before

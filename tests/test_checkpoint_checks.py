@@ -6,7 +6,6 @@ CASES and, if it needs a new kind of damage, one function."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cli_checks import assert_one_line  # noqa: E402
+from cli_checks import assert_one_line, run_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER = "clip-vision-tower"
@@ -168,10 +167,7 @@ def run_cli(
         argv = ["llava_twist.eval.model_grounding", "--model-path", str(model_path), *base, "--question-file",
                 str(root / "q.jsonl"), "--image-folder", str(root / "images"), "--answers-file", str(output),
                 "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WORLD_SIZE": "1"}
-    return subprocess.run([sys.executable, "-m", *argv, *case.extra], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=300)
+    return run_module([*argv, *case.extra], cwd=root, env={"WORLD_SIZE": "1"})
 
 
 

@@ -1,7 +1,8 @@
 """Nothing lost, nothing silently wrong (issue 38): one writer per output (locks), no stray temporaries after a
-kill, bounded work, and the scorers' input schema. Every check runs the real command in a subprocess and asserts
-exit status 2, one line naming the file, no traceback, and every file in the folder byte-identical afterwards
-(inputs untouched, nothing partial written)."""
+kill, bounded work, and the scorers' input schema. Every check runs the command (in this process, as
+``cli_checks.run_module`` does; the lock and kill checks as real processes) and asserts exit status 2, one line
+naming the file, no traceback, and every file in the folder byte-identical afterwards (inputs untouched, nothing
+partial written)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cli_checks import assert_one_line  # noqa: E402
+from cli_checks import assert_one_line, run_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -28,8 +29,8 @@ def command(*argv: str | Path) -> list[str]:
     return [sys.executable, "-m", *map(str, argv)]
 
 
-def run(cwd: Path, *argv: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command(*argv), capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
+def run(cwd: Path, *argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_module(argv, cwd=cwd, env=ENV)
 
 
 def start(cwd: Path, *argv: str | Path) -> subprocess.Popen[str]:
@@ -246,7 +247,7 @@ def test_summary_does_not_follow_symlink_cycles(tmp_path: Path) -> None:
     (results / "a" / "self").symlink_to(".")
     (results / "a" / "up").symlink_to("..")
     (results / "twin.json").symlink_to("a/x.result.json")  # the same file by another name
-    proc = run(tmp_path, "llava_twist.eval.summary", "results", timeout=120)
+    proc = run(tmp_path, "llava_twist.eval.summary", "results")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in (results / "summary.md").read_text().splitlines() if line.startswith("| x |")]
     assert len(rows) == 1 and "1 results" in proc.stdout
