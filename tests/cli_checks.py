@@ -17,8 +17,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # `python -m PACKAGE` runs the package's __main__, which calls this module's main
 ENTRY_POINTS = {"scout_data": "scout_data.cli"}
-# commands whose main ends the process itself (training's os._exit after DeepSpeed's teardown)
-OWN_PROCESS = {"llava_twist.train.train_twist"}
 
 
 def run_module(argv: Sequence[str | os.PathLike], *, cwd: str | os.PathLike | None = None,
@@ -26,13 +24,10 @@ def run_module(argv: Sequence[str | os.PathLike], *, cwd: str | os.PathLike | No
     """``python -m argv[0] argv[1:]``, run in this process through the module's ``main(argv)``: the exit status,
     stdout and stderr as the command line gives them (a ``sys.exit("text")`` prints its text and exits 1; an
     uncaught exception prints its traceback and exits 1). ``env`` is laid over ``os.environ`` for the call.
-    A command in ``OWN_PROCESS`` runs as a real process.
 
     Starting Python and importing torch costs seconds a command; the probes run hundreds of commands, so they run
     here. ``test_in_process_runs_match_real_processes`` holds this to what a real process prints."""
     module, *args = map(str, argv)
-    if module in OWN_PROCESS:
-        return run_process(argv, cwd=cwd, env=env)
     main = importlib.import_module(ENTRY_POINTS.get(module, module)).main
     out, err = io.StringIO(), io.StringIO()
     with _environment(env), contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), \

@@ -26,6 +26,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that launches DeepSpeed or drives a browser is slow too: ``-m "not slow"`` is the quick part."""
+    for item in items:
+        if item.get_closest_marker("deepspeed") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llava_twist.tiny import build_tiny_llava

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cli_checks import OWN_PROCESS, REPO, assert_one_line, run_module, run_process  # noqa: E402
+from cli_checks import REPO, assert_one_line, run_module, run_process  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def probes_to_run_for_real() -> list[Probe]:
     for probe in PROBES:
         command = " ".join(probe.argv.split()[:2 if probe.argv.startswith("scout_data") else 1])
         chosen.setdefault(probe.name if command in LOADS_A_MODEL else command, probe)
-    return [p for p in chosen.values() if p.argv.split()[0] not in OWN_PROCESS]
+    return list(chosen.values())
 
 
 @pytest.mark.slow

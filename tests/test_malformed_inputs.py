@@ -1,15 +1,14 @@
 """Property-based sweep: malformed records of every input format, fed to every reader of that format.
 
-Each reader runs as its command line does (``main(argv)``, in process). Whatever the damage, it either accepts the
-file (exit 0) or refuses it with exit 2 and one line naming the file; it never raises, every input stays
-byte-identical, and a refused run leaves no output behind."""
+Each reader runs as its command line does (``cli_checks.run_module``, in process). Whatever the damage, it either
+accepts the file (exit 0) or refuses it with exit 2 and one line naming the file; it never raises, every input
+stays byte-identical, and a refused run leaves no output behind."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llava_twist.eval import eval_localization, eval_refexp, eval_retention, summary
 from llava_twist.train.records import BadRecordError, validated_records
 from scout_data import cli as scout_cli
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_checks import run_module  # noqa: E402
 
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -116,15 +117,10 @@ def encode(records: list[Any], fmt: str) -> bytes:
 # ---------------------------------------------------------------- running a reader
 
 
-def run_cli(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
-    """``main(argv)`` as its command line runs it: the exit status and stderr. Any exception is a failure."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            status = main(argv)
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else 1
-    return int(status or 0), err.getvalue()
+def run_cli(module: str, argv: list[str]) -> tuple[int, str]:
+    """``python -m module argv`` as ``cli_checks.run_module`` runs it: the exit status and stderr."""
+    proc = run_module([module, *argv])
+    return proc.returncode, proc.stderr
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -197,7 +193,7 @@ def test_scout_json_readers_refuse_damage_in_one_line(scout: dict[str, Any], dat
                     "--ratio", "1"],
         }[command]
         before = snapshot(work)
-        status, err = run_cli(scout_cli.main, argv)
+        status, err = run_cli("scout_data", argv)
         if command == "validate" and status == 1:  # validate's own verdict: bad records, reported per record
             status = 0
         check_refusal(status, err, bad, before, work, [out / "p.png", out / "mix.json"])
@@ -229,8 +225,8 @@ def test_the_training_reader_refuses_damage_naming_file_and_record(scout: dict[s
 
 
 SCORERS = {
-    "refexp": (eval_refexp.main, "refexp"),
-    "localization": (eval_localization.main, "localization"),
+    "refexp": ("llava_twist.eval.eval_refexp", "refexp"),
+    "localization": ("llava_twist.eval.eval_localization", "localization"),
 }
 
 
@@ -239,7 +235,7 @@ SCORERS = {
 def test_scorers_refuse_damaged_question_and_answer_files_in_one_line(scout: dict[str, Any],
                                                                       data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(sorted(SCORERS)))
-    main, key = SCORERS[name]
+    module, key = SCORERS[name]
     questions = scout[key]
     answers = answers_for(questions, ANSWER_TEXT)
     which = data.draw(st.sampled_from(["questions", "answers"]))
@@ -250,7 +246,7 @@ def test_scorers_refuse_damaged_question_and_answer_files_in_one_line(scout: dic
         qfile.write_bytes(corrupt("jsonl") if which == "questions" else encode(questions, "jsonl"))
         afile.write_bytes(corrupt("jsonl") if which == "answers" else encode(answers, "jsonl"))
         before = snapshot(work)
-        status, err = run_cli(main, ["--question-file", str(qfile), "--answers-file", str(afile),
+        status, err = run_cli(module, ["--question-file", str(qfile), "--answers-file", str(afile),
                                      "--result-file", str(result)])
         check_refusal(status, err, qfile if which == "questions" else afile, before, work, [result])
     finally:
@@ -273,7 +269,7 @@ def test_retention_refuses_damaged_files_in_one_line(data: st.DataObject) -> Non
                 questions if role == "questions" else answers, "jsonl"))
         result = work / "r.json"
         before = snapshot(work)
-        status, err = run_cli(eval_retention.main, [
+        status, err = run_cli("llava_twist.eval.eval_retention", [
             "--question-file", str(files["questions"]), "--base-answers", str(files["base"]),
             "--twist-answers", str(files["twist"]), "--result-file", str(result)])
         check_refusal(status, err, files[which], before, work, [result])
@@ -297,7 +293,8 @@ def test_summary_refuses_or_skips_damaged_results_in_one_line(data: st.DataObjec
         raw = corrupt("json")
         bad.write_bytes(raw[raw.index(b"{"):raw.rindex(b"}") + 1] if raw.count(b"{") and raw.count(b"}") else raw)
         before = snapshot(work)
-        status, err = run_cli(summary.main, [str(work / "results"), "--out", str(work / "out" / "summary")])
+        status, err = run_cli("llava_twist.eval.summary",
+                              [str(work / "results"), "--out", str(work / "out" / "summary")])
         check_refusal(status, err, bad, before, work, [work / "out" / "summary.md"])
     finally:
         shutil.rmtree(work, ignore_errors=True)

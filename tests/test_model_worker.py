@@ -236,12 +236,14 @@ def test_a_client_gone_before_its_answer_frees_its_place(tiny_llava: Path) -> No
 
 
 # ----- the stack -----
+@pytest.mark.slow
 def test_controller_lists_both_workers(stack: dict[str, str]) -> None:
     assert set(list_models(stack["controller"])) >= {TWIST_NAME, PLAIN_NAME}
     assert worker_address(stack["controller"], TWIST_NAME) == stack["twist"]
     assert worker_address(stack["controller"], PLAIN_NAME) == stack["plain"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [TWIST_NAME, PLAIN_NAME])
 def test_llava_test_message_client_streams_from_each(stack: dict[str, str], model: str) -> None:
     """The client as LLaVA's ``llava/serve/test_message.py`` writes it: through the controller, a text-only
@@ -266,6 +268,7 @@ def test_llava_test_message_client_streams_from_each(stack: dict[str, str], mode
     assert outputs
 
 
+@pytest.mark.slow
 def test_understanding_prompt_is_the_plain_workers_answer(stack: dict[str, str]) -> None:
     payload = image_payload("What color is the square?")
     plain = [c for c in stream_chunks(stack["plain"], payload)]
@@ -277,6 +280,7 @@ def test_understanding_prompt_is_the_plain_workers_answer(stack: dict[str, str])
     assert final(twist)["router_prob"] < 0.01
 
 
+@pytest.mark.slow
 def test_grounding_route_streams_its_own_answer_and_parse(stack: dict[str, str]) -> None:
     payload = image_payload("Where is the red square? Answer step by step.", twist_route="grounding")
     chunks = list(stream_chunks(stack["twist"], payload))
@@ -290,6 +294,7 @@ def test_grounding_route_streams_its_own_answer_and_parse(stack: dict[str, str])
     assert chunks[-1]["text"] != plain["text"]  # the grounding experts, not the original layers
 
 
+@pytest.mark.slow
 def test_concurrency_limit_plus_three_all_complete(stack: dict[str, str]) -> None:
     payloads = [image_payload(f"What is in the picture, number {i}?", max_new_tokens=16) for i in range(LIMIT + 3)]
     seen: list[int] = []
@@ -311,6 +316,7 @@ def test_concurrency_limit_plus_three_all_complete(stack: dict[str, str]) -> Non
     assert max(seen) >= 1 and worker_status(stack["twist"])["queue_length"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("payload", "named"), [
     ({"prompt": "USER: <image>\nWhat is it? ASSISTANT:", "images": []}, "1 <image> token"),
     ({"prompt": "USER: <image>\nWhat is it? ASSISTANT:", "images": [base64.b64encode(b"nope").decode()]},
@@ -329,6 +335,7 @@ def test_bad_requests_get_an_error_chunk_and_the_worker_goes_on(stack: dict[str,
     assert after[-1]["error_code"] == 0 and after[-1]["done"]
 
 
+@pytest.mark.slow
 def test_a_body_that_is_not_json_gets_an_error_chunk(stack: dict[str, str]) -> None:
     response = requests.post(stack["twist"] + "/worker_generate_stream", data=b"{not json", timeout=30)
     chunk = json.loads(response.content.rstrip(b"\0"))
@@ -373,6 +380,7 @@ def scene() -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(image_b64())))
 
 
+@pytest.mark.slow
 def test_playground_compares_the_twist_worker_with_the_plain_one(stack: dict[str, str]) -> None:
     from playground import app
 
@@ -387,6 +395,7 @@ def test_playground_compares_the_twist_worker_with_the_plain_one(stack: dict[str
     assert twist["text"] == plain["text"]  # the router kept the original computation
 
 
+@pytest.mark.slow
 def test_playground_names_the_model_that_went_away(stack: dict[str, str]) -> None:
     import gradio as gr
 

@@ -249,6 +249,7 @@ def test_browser_picks_an_example_and_sees_the_boxes(served: tuple[str, app.Back
     assert shot.stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_a_cancelled_request_does_not_block_the_server(client: Client, served: tuple[str, app.Backend]) -> None:
     started = threading.Event()
     state = {"now": 0, "max": 0, "pieces": 0}

@@ -1,9 +1,9 @@
-"""The inference CLI end to end on the tiny LLaVA (subprocess), its report and its error messages."""
+"""The inference CLI end to end on the tiny LLaVA (``python -m`` as ``cli_checks.run_module`` runs it), its report
+and its error messages."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +14,14 @@ from llava_twist.serve import cli
 from llava_twist.serve.drawing import draw_boxes
 from llava_twist.serve.result import result_from_text
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_checks import run_module  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "llava_twist.serve.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return run_module(["llava_twist.serve.cli", *args], cwd=ROOT)
 
 
 def test_cli_json_and_saved_image(tiny_llava, tmp_path):

@@ -57,6 +57,7 @@ def runs(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             for name, seed in (("first", 0), ("again", 0), ("other_seed", 1))}
 
 
+@pytest.mark.slow
 def test_two_lora_runs_with_one_seed_train_the_same_adapters(runs: dict[str, dict[str, torch.Tensor]]) -> None:
     first, again = runs["first"], runs["again"]
     assert first and set(first) == set(again) and any("lora_A" in name for name in first)
@@ -64,6 +65,7 @@ def test_two_lora_runs_with_one_seed_train_the_same_adapters(runs: dict[str, dic
         assert torch.equal(again[name], tensor), name
 
 
+@pytest.mark.slow
 def test_the_adapters_start_from_the_seed(runs: dict[str, dict[str, torch.Tensor]]) -> None:
     lora_a = [name for name in runs["first"] if "lora_A" in name]
     assert not all(torch.equal(runs["first"][n], runs["other_seed"][n]) for n in lora_a)

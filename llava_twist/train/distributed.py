@@ -24,11 +24,12 @@ def exit_distributed(status: int = 0) -> None:
     """Destroy the process groups (after waiting for every rank when ``status`` is 0), run the exit handlers,
     flush what was printed and logged, and end the process with ``status`` without interpreter finalisation.
     Call it when every output is written, or when this rank failed (then without waiting: the others may not
-    come)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if status == 0:
-            torch.distributed.barrier()  # every rank done writing before any tears the group down
-        torch.distributed.destroy_process_group()
+    come). A process that never joined a group has no such threads, and exits as Python does."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        sys.exit(status)
+    if status == 0:
+        torch.distributed.barrier()  # every rank done writing before any tears the group down
+    torch.distributed.destroy_process_group()
     atexit._run_exitfuncs()  # what registered to run at exit (a wandb run's finish, log handlers) still runs
     logging.shutdown()
     sys.stdout.flush()
