@@ -302,6 +302,7 @@ def prepare_out_dir(out_dir: str, resume: bool, settings: dict[str, Any] | None 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"--out {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(os.path.join(out_dir, RUN_FILE))  # a run killed while it wrote its run file
     if not resume:
         if set(os.listdir(out_dir)) - {RUN_FILE}:
             raise OutputError(

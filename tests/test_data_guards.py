@@ -121,10 +121,10 @@ def test_sigkill_then_resume_is_byte_identical_and_leaves_no_temporaries(tmp_pat
     killed = None
     for _ in range(5):  # kill it while an image is half written (a temporary on disk)
         proc = start(tmp_path, *args, "--out", "D")
-        while proc.poll() is None:
-            if temporaries(tmp_path / "D"):
+        while proc.poll() is None:  # an image's temporary: the run's own record (.scout-run.json) is written by then
+            if temporaries(tmp_path / "D" / "images"):
                 proc.send_signal(signal.SIGSTOP)
-                if temporaries(tmp_path / "D"):
+                if temporaries(tmp_path / "D" / "images"):
                     proc.kill()
                     proc.wait()
                     killed = temporaries(tmp_path / "D")
@@ -160,6 +160,17 @@ def test_only_dead_writers_temporaries_of_its_own_output_are_removed(tmp_path: P
         p.write_text("x")
     assert sorted(remove_stale_temporaries(out, tree=True)) == sorted(map(str, stale))
     assert all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["run again", "resume"])
+def test_a_run_killed_while_writing_its_run_file_can_be_run_again_or_resumed(tmp_path: Path, resume: bool) -> None:
+    """Killed before its run file was whole, synth left only that file's temporary: the folder was neither
+    resumable ("did not make it") nor reusable ("not empty")."""
+    (tmp_path / "D").mkdir()
+    (tmp_path / "D" / f"..scout-run.json.tmp{2**22 + 12345}").write_text("{")  # its writer is gone
+    proc = run(tmp_path, *SYNTH, "--out", "D", "--num", "2", *(["--resume"] if resume else []))
+    assert proc.returncode == 0, proc.stderr
+    assert not temporaries(tmp_path / "D") and (tmp_path / "D" / "train.json").is_file()
 
 
 # --- 3. bounded work -----------------------------------------------------------------------------------------
