@@ -25,12 +25,23 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under `pytest -n N --dist loadgroup` (make test), a file's tests run on one worker, so its module fixtures are built
+# once; the demo's and the release's tests share one worker, and with it the session's ci demo (the release copies
+# the demo's folder, which the demo's tests run again).
+SHARED_WORKER = {"test_demo.py": "ci_demo", "test_release.py": "ci_demo"}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that launches DeepSpeed or drives a browser is slow too: ``-m "not slow"`` is the quick part. Each
+    test gets its file's worker group (``SHARED_WORKER``)."""
+    if item.get_closest_marker("deepspeed") or item.get_closest_marker("browser"):
+        item.add_marker(pytest.mark.slow)
+    item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that launches DeepSpeed or drives a browser is slow too: ``-m "not slow"`` is the quick part."""
-    for item in items:
-        if item.get_closest_marker("deepspeed") or item.get_closest_marker("browser"):
-            item.add_marker(pytest.mark.slow)
+    """The ci demo's group first: the longest (about 4 minutes), so a second worker takes the rest meanwhile."""
+    items.sort(key=lambda item: SHARED_WORKER.get(item.path.name) != "ci_demo")
 
 
 @pytest.fixture(scope="session")
