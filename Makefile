@@ -30,10 +30,11 @@ $(STAMP):
 browser:
 	bash scripts/install_browser.sh
 
-# Two workers (CI has two cores), a file's tests on one of them; `pytest tests` runs the same tests in one process.
+# Two workers (CI has two cores), a file's tests on one of them, in the order tests/conftest.py gives (the ci demo's
+# group first); `pytest tests` runs the same tests in one process.
 TEST_WORKERS ?= 2
 test: install browser
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=20 -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=20 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # The demo's base model, trained with the recipe in playground/miniature/recipe.py, measured, and released with its
 # card to playground/models/tiny-llava-v1.5 (replacing the committed one); stages cached in playground/data/base-build.

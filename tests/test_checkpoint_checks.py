@@ -1,7 +1,7 @@
 """A checkpoint is checked at the boundary before it loads (llava_twist.model.checks): each bad checkpoint below,
-given to a real CLI, stops it with exit status 2 and one line on stderr naming the file and the problem, no
-traceback, every file of the checkpoint byte-identical and no output written. A new case is one line in
-CASES and, if it needs a new kind of damage, one function."""
+given to a command (run as ``cli_checks.run_module`` runs it), stops it with exit status 2 and one line on stderr
+naming the file and the problem, no traceback, every file of the checkpoint byte-identical and no output written.
+A new case is one line in CASES and, if it needs a new kind of damage, one function."""
 
 from __future__ import annotations
 

@@ -129,7 +129,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def check_refusal(status: int, err: str, named: Path, before: dict[str, bytes], folder: Path,
                   outputs: list[Path]) -> None:
-    """Accepted (0), or refused (2) with one line naming ``named``; the inputs unchanged; no output when refused."""
+    """Accepted (0), or refused (2) with one line naming ``named``; the inputs unchanged; no output when refused;
+    never a traceback (``validate``'s own exit 1 is its verdict, an uncaught exception's is not)."""
+    assert "Traceback" not in err, err[-3000:]
     after = {k: v for k, v in snapshot(folder).items() if k in before}
     assert after == before, "an input changed"
     assert status in (0, 2), (status, err)

@@ -226,9 +226,8 @@ def apply_twist_delta(model: TwistLlavaLlamaForCausalLM, delta_dir: str | os.Pat
 
 
 @contextlib.contextmanager
-def quiet_logger(name: str) -> Iterator[None]:
-    """Only errors from the logger ``name`` while inside (a library warning our own check states better)."""
-    logger = logging.getLogger(name)
+def _quiet_missing_weight_warnings() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -246,7 +245,7 @@ def load_twist_model(
     raw = read_checkpoint_config(model_path)
     config = config or twist_config_for(model_path)
     check_checkpoint_weights(model_path, config.to_dict())
-    with quiet_logger("transformers.modeling_utils"):  # missing weights are checked below
+    with _quiet_missing_weight_warnings():
         model, info = TwistLlavaLlamaForCausalLM.from_pretrained(
             str(model_path), config=config, output_loading_info=True, **from_pretrained_kwargs
         )

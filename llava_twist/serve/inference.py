@@ -273,10 +273,9 @@ def prepare_prompts(loaded: LoadedModel, prompts: Sequence[str], images: Sequenc
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.mm_utils import process_images, tokenizer_image_token
 
-    from llava_twist.model.builder import quiet_logger
-
-    with quiet_logger("transformers.tokenization_utils_base"):  # its length warning: check_prompt_length says it
-        ids = [tokenizer_image_token(p, loaded.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts]
+    # the tokenizer's own "longer than the specified maximum" warning, once: check_prompt_length states the limit
+    loaded.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    ids = [tokenizer_image_token(p, loaded.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts]
     check_prompt_length(loaded, ids)
     width = max(len(x) for x in ids)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0

@@ -16,15 +16,17 @@ import atexit
 import logging
 import os
 import sys
+from typing import NoReturn
 
 import torch
 
 
-def exit_distributed(status: int = 0) -> None:
-    """Destroy the process groups (after waiting for every rank when ``status`` is 0), run the exit handlers,
-    flush what was printed and logged, and end the process with ``status`` without interpreter finalisation.
+def exit_distributed(status: int = 0) -> NoReturn:
+    """End the process with ``status``. A rank of a process group destroys the groups (after waiting for every
+    rank when ``status`` is 0), runs the exit handlers, flushes what was printed and logged, and ends before
+    interpreter finalisation. A process that never joined a group has no gloo threads and exits as Python does.
     Call it when every output is written, or when this rank failed (then without waiting: the others may not
-    come). A process that never joined a group has no such threads, and exits as Python does."""
+    come)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         sys.exit(status)
     if status == 0:
