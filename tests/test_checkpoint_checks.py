@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_checks import assert_one_line, run_module  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TOWER = "clip-vision-tower"
 
 
@@ -170,8 +169,6 @@ def run_cli(
     return run_module([*argv, *case.extra], cwd=root, env={"WORLD_SIZE": "1"})
 
 
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_checkpoint_is_one_line_naming_the_file(case: Case, sources: dict[str, Path], tmp_path: Path) -> None:
     folder = copy_checkpoint(sources["delta" if case.delta else "model"], tmp_path / "checkpoint")
@@ -191,7 +188,7 @@ def test_a_delta_is_not_a_base(sources: dict[str, Path], tmp_path: Path) -> None
     before = tree_bytes(delta)
     proc = run_cli(Case("delta as base", set_config(), "", ""), delta, delta, sources["root"], tmp_path / "a.jsonl")
     assert_one_line(proc, f"{delta}: holds no model weights, only ['twist_delta.safetensors']",
-                           "a base must be a full checkpoint: the plain LLaVA-1.5 checkpoint")
+                    "a base must be a full checkpoint: the plain LLaVA-1.5 checkpoint")
     assert tree_bytes(delta) == before
 
 

@@ -18,9 +18,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cli_checks import assert_one_line, run_module  # noqa: E402
+from cli_checks import REPO, assert_one_line, run_module  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SYNTH = ["scout_data", "synth", "--quiet", "--image-size", "64"]
 
@@ -30,7 +29,7 @@ def command(*argv: str | Path) -> list[str]:
 
 
 def run(cwd: Path, *argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return run_module(argv, cwd=cwd, env=ENV)
+    return run_module(argv, cwd=cwd)
 
 
 def start(cwd: Path, *argv: str | Path) -> subprocess.Popen[str]:
@@ -41,8 +40,6 @@ def start(cwd: Path, *argv: str | Path) -> subprocess.Popen[str]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 
 
 def refused(cwd: Path, *argv: str | Path, names: tuple[str, ...] = ()) -> str:
