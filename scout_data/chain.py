@@ -1,4 +1,12 @@
-"""The chain format's one owner: SCOUT's ``Step k: ...`` lines, then ``Answer: ...``.
+"""The chain format's one owner: SCOUT's ``Step k: ...`` lines, then ``Answer: ...``, and the step grammar.
+
+The step grammar (``decide`` chains, every source that has the boxes for it): each step is a sub-question the
+expression itself poses, in its own words, and the last step decides.
+
+- :func:`locate_step`: the objects a phrase of the expression names, with their boxes, left to right
+  (``the red square <box>``, ``the triangles <box>, <box>``): the anchor first, then the candidates;
+- :func:`decide_step`: the deciding fact and the box it picks (``nearest to the red square: <box>``,
+  ``the smallest: <box>``); the answer then copies that box.
 
 Writers build lines with :func:`step_line` and :func:`answer_line`; readers find markers with
 :data:`MARKER_RE` (anywhere, leniently: the parser of model output) or :data:`LINE_MARKER_RE` (at the start of
@@ -8,6 +16,8 @@ a line only: the span ids of training tokens). Box text is :func:`scout_data.box
 from __future__ import annotations
 
 import re
+
+from scout_data.schema import BOX_SLOT
 
 STEP_WORD, ANSWER_WORD = "Step", "Answer"
 MARKER_RE = re.compile(rf"(?<![A-Za-z])(?:{STEP_WORD}\s*(\d{{1,9}})\s*:|{ANSWER_WORD}\s*:)")
@@ -28,3 +38,22 @@ def answer_line(text: str) -> str:
     """``Answer: text``."""
     return f"{ANSWER_WORD}: {text}".rstrip()
 
+
+
+DECIDE_SEPARATOR = ":"
+
+
+def locate_step(phrase: str, boxes: int) -> str:
+    """``the triangles <box>, <box>``: a phrase of the expression, then one slot per object it names."""
+    return f"{phrase} {', '.join([BOX_SLOT] * boxes)}"
+
+
+def decide_step(fact: str, boxes: int = 1) -> str:
+    """``left of the red square: <box>``: the deciding fact, then the slot(s) of what it picks."""
+    return f"{fact}{DECIDE_SEPARATOR} {', '.join([BOX_SLOT] * boxes)}"
+
+
+def is_decide_step(text: str) -> bool:
+    """Whether a step's text (slots filled or not) states a deciding fact: its words end in ``:`` before a box."""
+    words = re.split(r"[\[<]", text, maxsplit=1)[0].rstrip()
+    return words.endswith(DECIDE_SEPARATOR)

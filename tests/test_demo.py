@@ -21,7 +21,7 @@ from PIL import Image
 from llava_twist.eval.answer_loss import MASS_KINDS
 from llava_twist.serve.inference import DEFAULT_CONV_MODE
 from playground.miniature.answering import evaluated_models
-from playground.miniature.recipe import BOX_LESSON, get_recipe
+from playground.miniature.recipe import BOX_LESSON, VARIANTS, get_recipe
 from playground.miniature.runner import STAMP, Context, Layout, Stage, StageError, run_stage
 from playground.miniature.stages import build_stages, stage_config
 
@@ -225,14 +225,38 @@ def test_paired_figures_agree_with_the_answers_counted_by_hand(demo: dict[str, A
         assert found["ci"][0] <= found["difference"] <= found["ci"][1]
 
 
-def test_misses_account_for_every_test_expression_as_the_scorer_does(demo: dict[str, Any]) -> None:
+def test_step_diagnostics_account_for_every_test_expression_as_the_scorer_does(demo: dict[str, Any]) -> None:
     for m in demo["results"]["models"].values():
-        misses, scores = m["misses"], m["headline"]
-        assert misses["n"] == scores["n"] == sum(misses["answer"].values())
-        assert misses["answer"]["right"] == round(scores["acc@0.5"] * scores["n"])  # the scorer's own count
-        steps = misses["steps"]
-        assert steps["boxes"] >= steps["on_an_object"] >= steps["on_the_named_object"] >= 0
-    assert "## How the chains miss" in (demo["out"] / "report.md").read_text()
+        for prompt in ("rec", "scout"):
+            misses, scores = m["misses"][prompt]["all"], m["refexp"][prompt]["test"]
+            answer = misses["answer"]
+            assert misses["n"] == scores["n"] == sum(a["k"] for a in answer.values())
+            assert answer["right"]["k"] == round(scores["acc@0.5"] * scores["n"])  # the scorer's own count
+            roles = misses["by_role"]
+            assert sum(r["n"] for r in roles.values()) == misses["step_accuracy"]["n"]
+            assert sum(r["k"] for r in roles.values()) == misses["step_accuracy"]["k"]
+            assert sum(m["misses"][prompt][t]["n"] for t in scores["by_type"]) == misses["n"]
+    report = (demo["out"] / "report.md").read_text()
+    assert "## Step diagnostics (step-by-step prompt, test split)" in report
+    both = report.split("## Both prompts, by expression type", 1)[1].split("##", 1)[0]
+    for model in MODELS:
+        assert sum(line.startswith(f"| {ROW_LABELS[model]} |") for line in both.splitlines()) == (
+            2 if model == "base" else 3), model
+
+
+def test_steps_against_one_shot_are_paired_within_each_type(demo: dict[str, Any]) -> None:
+    metrics = json.loads((demo["out"] / "work" / "eval" / "metrics.json").read_text())["models"]
+    for name in MODELS[1:]:
+        m = metrics[name]
+        paired = m["steps_vs_one_shot"]
+        types = m["refexp"]["scout"]["test"]["type_of"]
+        assert set(paired) == {"all", *types.values()}
+        for t, result in paired.items():
+            ids = [i for i, ti in types.items() if t in ("all", ti)]
+            steps, one_shot = (m["refexp"][p]["test"]["correct"] for p in ("scout", "rec"))
+            assert result["n"] == len(ids)
+            assert (result["only_a"], result["only_b"]) == (sum(steps[i] and not one_shot[i] for i in ids),
+                                                           sum(one_shot[i] and not steps[i] for i in ids))
 
 
 def test_chain_loss_is_split_into_coordinate_and_text_tokens_for_every_model(demo: dict[str, Any]) -> None:
@@ -390,12 +414,36 @@ def test_warmup_lessons_are_stages_in_order_and_optional() -> None:
     assert stage_config(replace(RECIPE, warmups=RECIPE.warmups[:1]), "data") != stage_config(RECIPE, "data")
 
 
+def test_lora_is_opt_in_where_the_profile_leaves_it_out() -> None:
+    full = get_recipe("full")
+    assert not full.run_lora and "lora" not in [s.name for s in build_stages(full)]
+    with_lora = replace(full, run_lora=True)
+    assert "lora" in [s.name for s in build_stages(with_lora)]
+    assert stage_config(with_lora, "twist-layer-all") == stage_config(full, "twist-layer-all")  # runs stay cached
+
+
+def test_the_one_shot_only_variant_sees_the_default_runs_one_shot_samples(tmp_path: Path) -> None:
+    from playground.miniature.data import training_set
+    from playground.miniature.launch import twist_spec
+
+    full, layout = get_recipe("full"), Layout(tmp_path)
+    layout.data.mkdir(parents=True)
+    one_shot, chain, replay = {"kind": "region"}, {"kind": "refexp"}, {"kind": "qa"}
+    training_set(layout, "mixed").write_text(json.dumps([one_shot] * 6 + [chain] * 3 + [replay] * 3))
+    training_set(layout, "rec").write_text(json.dumps([one_shot] * 6 + [replay] * 2))
+    rec = VARIANTS["rec"]
+    assert rec.match_one_shot and rec.data == "rec"
+    steps = twist_spec(full, layout, rec).steps  # 1000 steps at 6/12 one-shot = 500 steps' worth at 6/8
+    assert steps == round(full.twist.steps * (6 / 12) / (6 / 8))
+    assert twist_spec(full, layout, full.twist_variants[0]) == full.twist
+
+
 def test_full_starts_from_the_released_base_and_ci_trains_its_own() -> None:
     full, ci = get_recipe("full"), get_recipe("ci")
     assert full.shipped_base and not ci.shipped_base
     assert [w.name for w in full.warmups] == ["look", "boxes"]
     assert BOX_LESSON.data.kinds == "region:1" and BOX_LESSON.data.max_objects == 1
-    assert full.grounding_data.chain_style == "terse" and full.base_data.grid == full.grounding_data.grid == 4
+    assert full.grounding_data.chain_style == "decide" and full.base_data.grid == full.grounding_data.grid == 4
     # the base hash covers what makes the base's weights, and nothing the grounding runs read
     assert replace(full, full_ft=replace(full.full_ft, steps=1)).base_hash() == full.base_hash()
     assert replace(full, base=replace(full.base, steps=1)).base_hash() != full.base_hash()
@@ -407,7 +455,7 @@ def test_a_training_seed_redoes_the_grounding_runs_on_the_same_data_and_question
     from playground.miniature.cli import default_out
     from playground.miniature.launch import twist_launch
 
-    full = get_recipe("full")
+    full = replace(get_recipe("full"), run_lora=True)
     seeded = replace(full, train_seed=1)
     assert seeded.base_hash() == full.base_hash()  # the released base still fits
     for stage in ("data", "base", "eval"):

@@ -23,7 +23,7 @@ from scout_data.sources.synthetic.records import generate, image_folder, iter_sa
 from scout_data.sources.synthetic.referring import Desc, Query, resolve, unique_desc
 from scout_data.sources.synthetic.scenes import Obj, Scene, make_scene, render_scene
 from scout_data.sources.synthetic.vocabulary import vocabulary_text
-from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES
+from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, SUPERLATIVES, plural
 from scout_data.validate import record_problems
 from scout_data.writer import render_record
 
@@ -62,6 +62,8 @@ def dataset(tmp_path_factory):
         "none",
         "--splits",
         "train:0.8,val:0.1,test:0.1",
+        "--chain-style",
+        "full",
     )
     return out, summary, splits
 
@@ -295,7 +297,7 @@ def test_terse_chains_locate_each_candidate_as_a_one_shot_prompt_names_it(tmp_pa
     flags = ("--num", "200", "--image-size", "64", "--grid", "4", "--min-objects", "2", "--max-objects", "4",
              "--kinds", "refexp:4,find_all:1,count:1,region:1", "--clutter", "none", "--splits", "train:1")
     _, terse = generate_dir(tmp_path / "terse", *flags, "--chain-style", "terse")
-    _, full = generate_dir(tmp_path / "full", *flags)
+    _, full = generate_dir(tmp_path / "full", *flags, "--chain-style", "full")
     seen = set()
     for r, f in zip(terse["train"], full["train"], strict=True):
         assert r["image"] == f["image"]  # same scenes, other wording
@@ -318,6 +320,66 @@ def test_terse_chains_locate_each_candidate_as_a_one_shot_prompt_names_it(tmp_pa
         seen.add(r["kind"])
         assert len(r["conversations"][1]["value"]) < len(f["conversations"][1]["value"])
     assert {"refexp", "find_all", "count", "relation"} <= seen
+
+
+def _words(phrase: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", phrase))
+
+
+def _singular(words: set[str]) -> set[str]:
+    nouns = {**{plural(s): s for s in SHAPES}, "objects": "object"}
+    return {nouns.get(w, w) for w in words}
+
+
+def _desc_fits(words: set[str], o: dict) -> bool:
+    return _singular(words) - {"the", "object"} <= {o["shape"], o["colour"], o["size"]}
+
+
+def test_decide_chains_pose_the_expressions_own_sub_questions_and_the_last_step_decides(tmp_path):
+    """The default grammar: each step is a phrase of the expression (the anchor first, then the candidates, each
+    with the boxes of exactly the objects it names, left to right), the last step states the deciding fact with the
+    target's box, and the answer copies it."""
+    flags = ("--num", "300", "--image-size", "64", "--grid", "4", "--min-objects", "2", "--max-objects", "4",
+             "--kinds", "refexp:4,find_all:1", "--refexp-types", "attribute:1,relation:2,superlative:1",
+             "--clutter", "none", "--splits", "train:1")
+    summary, got = generate_dir(tmp_path / "d", *flags)
+    assert summary["skipped"]["total"] == 0
+    seen = Counter()
+    for r in got["train"]:
+        chain = parse_chain(r["conversations"][1]["value"])
+        objects = r["source_ids"]["objects"]
+        px = [[box_xyxy_norm_to_px(b, 64, 64, "padded") for b in s.boxes_xyxy_norm] for s in chain.steps]
+        on = [[max(range(len(objects)), key=lambda j: iou(b, objects[j]["box_xyxy_px"])) for b in boxes]
+              for boxes in px]
+        *locates, last = chain.steps
+        assert chain.answer_boxes_xyxy_norm == last.boxes_xyxy_norm  # the answer copies the deciding step
+        for idx in on:
+            b = [objects[j]["box_xyxy_px"] for j in range(len(objects))]
+            assert idx == sorted(idx, key=lambda j: (b[j][0] + b[j][2], b[j][1] + b[j][3]))  # centres, left to right
+        if r["kind"] == "find_all":
+            seen["find_all"] += 1
+            continue
+        expression, kind = r["expression"], r["source_ids"]["expression_type"]
+        target = r["source_ids"]["targets"][0]
+        phrase = re.split(r":", last.text)[0]
+        assert on[-1] == [target]
+        for step, idx in zip(locates, on[:-1], strict=True):  # a phrase of the expression, and every object it names
+            words = _words(step.text.split("[")[0])
+            assert _singular(words) <= _singular(_words(expression)), (expression, step.text)
+            assert all(_desc_fits(words, objects[j]) for j in idx), (step.text, objects)
+        if kind == "relation":
+            anchor_words = expression.split(" the ")[-1]
+            assert len(chain.steps) == 3 and chain.steps[0].text.startswith(f"the {anchor_words} [")
+            assert phrase.endswith(f" the {anchor_words}") and phrase.removesuffix(f" the {anchor_words}") in (
+                "left of", "right of", "above", "below", "nearest to")
+        elif kind == "superlative":
+            assert len(chain.steps) == 2 and phrase.split()[1] in SUPERLATIVES
+            noun_words = _words(chain.steps[0].text.split("[")[0])
+            assert len(on[0]) == sum(_desc_fits(noun_words, o) for o in objects) >= 2
+        else:
+            assert len(chain.steps) in (1, 2)
+        seen[kind] += 1
+    assert min(seen[k] for k in ("attribute", "relation", "superlative", "find_all")) >= 10, seen
 
 
 def test_understanding_questions_carry_their_type(tmp_path):

@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS), metavar="NAME",
                    help="also train and compare this TWIST variant (repeatable; "
                         + "; ".join(f"{k}: {' '.join(v.flags)}" for k, v in VARIANTS.items()) + ")")
+    p.add_argument("--lora", action="store_true",
+                   help="also train and score LoRA (LLaVA's own LoRA path) where the profile leaves it out")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads per process (default: cores over a stage's processes; not in the cache key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = get_recipe(args.profile or default_profile())
     extra = tuple(VARIANTS[n] for n in dict.fromkeys(args.variant) if VARIANTS[n] not in recipe.twist_variants)
     recipe = dataclasses.replace(recipe, twist_variants=recipe.twist_variants + extra)
+    if args.lora:
+        recipe = dataclasses.replace(recipe, run_lora=True)
     if args.threads is not None:
         recipe = dataclasses.replace(recipe, threads=max(1, args.threads))
     if args.seed:

@@ -48,7 +48,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
     seed = recipe.seed
     for m in models:
         s = scores[m.name]
-        s["misses"] = chain_misses(questions[HEADLINE_SET], answers[m.name][s["prompt"]], test_records)
+        s["misses"] = {p: chain_misses(questions[HEADLINE_SET], answers[m.name][p], test_records) for p in PROMPTS}
         s["chain_loss"] = chain_loss(ctx, m)
         if m.twist:
             s["router"] = router_scores(answers[m.name])
@@ -63,10 +63,23 @@ def evaluate(ctx: Context) -> dict[str, Any]:
             "vs_base": compare(s[UNDERSTANDING]["correct"], base[UNDERSTANDING]["correct"], seed)}
         if m.twist:
             s["vs_full_ft"] = compare(s["headline"]["correct"], scores["full-ft"]["headline"]["correct"], seed)
+        s["steps_vs_one_shot"] = steps_vs_one_shot(s, seed)
     counts = {name: len(rows) for name, rows in questions.items()}
     counts["test_by_type"] = dict(Counter(group_key(q, ("expression_type",)) for q in questions[HEADLINE_SET]))
     write_json(layout.eval / "metrics.json", {"questions": counts, "models": scores})
     return {"questions": counts, "prompts": {m.name: scores[m.name]["prompt"] for m in models}}
+
+
+def steps_vs_one_shot(scores: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A model's step-by-step answers against its own one-shot answers on the test split, paired, overall and within
+    each expression type."""
+    by = {p: scores["refexp"][p][HEADLINE_SET]["correct"] for p in PROMPTS}
+    types = scores["refexp"]["scout"][HEADLINE_SET].get("type_of", {})
+    out = {"all": compare(by["scout"], by["rec"], seed)}
+    for t in sorted(set(types.values())):
+        ids = [i for i, ti in types.items() if ti == t]
+        out[t] = compare({i: by["scout"][i] for i in ids}, {i: by["rec"][i] for i in ids}, seed)
+    return out
 
 
 def evaluate_base(ctx: Context) -> dict[str, Any]:

@@ -3,6 +3,8 @@ launchers users run (``scripts/finetune_twist_cpu.sh``, on CUDA ``scripts/finetu
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 from playground.miniature.checkout import LLAVA_DS_CONFIG, TRAIN_LLAVA, TWIST_ENTRY, TWIST_GPU_LAUNCHER, TWIST_LAUNCHER
@@ -85,12 +87,31 @@ def grounding_train_args(ctx: Context, out: Path, spec: TrainSpec, extra: list[s
                             seed=ctx.recipe.train_seed, grouped=True)
 
 
+ONE_SHOT_KIND = "region"  # LLaVA-1.5's REC form: a one-shot referring expression record
+
+
+def one_shot_share(data: Path) -> float:
+    """The share of one-shot (REC) records in a training set."""
+    records = json.loads(data.read_text(encoding="utf-8"))
+    return sum(r.get("kind") == ONE_SHOT_KIND for r in records) / max(1, len(records))
+
+
+def twist_spec(recipe: Recipe, layout: Layout, variant: TwistVariant) -> TrainSpec:
+    """The variant's training: the recipe's TWIST run, or (``match_one_shot``) as many steps as give it the
+    one-shot samples the default training set gives the recipe's steps."""
+    spec = recipe.twist
+    if not variant.match_one_shot:
+        return spec
+    ratio = one_shot_share(training_set(layout, "mixed")) / one_shot_share(training_set(layout, variant.data))
+    return replace(spec, steps=max(1, round(spec.steps * ratio)))
+
+
 def twist_launch(recipe: Recipe, layout: Layout, variant: TwistVariant, out: Path,
                  python: str) -> tuple[Path, dict[str, str], list[str]]:
     """The TWIST launcher a stage runs, its environment and its extra trainer flags: on CPU
     ``scripts/finetune_twist_cpu.sh`` (DeepSpeed, ZeRO-3, ``twist_nproc`` gloo processes, fp32); on CUDA
     ``scripts/finetune_twist.sh``, the launcher users run (ZeRO-3, bf16, one process per GPU)."""
-    spec, nproc = recipe.twist, recipe.twist_nproc
+    spec, nproc = twist_spec(recipe, layout, variant), recipe.twist_nproc
     base = layout.model("base")
     env = {
         "MODEL": str(base),

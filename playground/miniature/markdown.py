@@ -121,30 +121,51 @@ def chain_loss_section(recipe: Recipe, names: list[str], models: dict[str, dict[
             f"`llava_twist.eval.answer_loss`).{ref}", "", *lines, ""]
 
 
+def prompts_by_type_table(names: list[str], models: dict[str, dict[str, Any]], types: list[str]) -> list[str]:
+    """Test-split Acc@0.5 of every model under both prompts, by expression type, and each model's step-by-step
+    answers against its own one-shot ones (paired within each type): whether the steps pay."""
+    head = ["model", "prompt", "all", *types]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        for p, shown in PROMPT_LABELS.items():
+            test = dig(models[n], "refexp", p, "test") or {}
+            lines.append("| " + " | ".join([label(n), shown, pct(test.get("acc@0.5")),
+                                            *(pct(dig(test, "by_type", t, "acc@0.5")) for t in types)]) + " |")
+        paired = models[n].get("steps_vs_one_shot")
+        if paired:
+            lines.append("| " + " | ".join([label(n), "step-by-step - REC", paired_cell(paired.get("all")),
+                                            *(paired_cell(paired.get(t)) for t in types)]) + " |")
+    return ["## Both prompts, by expression type", "",
+            "Test-split Acc@0.5 under each prompt; \"step-by-step - REC\": the model's step-by-step answers against "
+            "its own one-shot answers on the same expressions (points, 95% bootstrap interval, exact McNemar p), "
+            "overall and within each type.", "", *lines, ""]
+
+
 def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[str]:
-    """Where each model's answer boxes land among its scene's objects, and whether its steps' boxes land on the
-    objects the steps name (``playground.miniature.chain_misses``): choosing wrong among found objects, or not
-    finding them."""
-    rows = [(f"{label(n)}, {PROMPT_LABELS[models[n]['prompt']]}", models[n].get("misses")) for n in names]
+    """Every model's step-by-step answers on the test split read step by step (``playground.miniature.chain_misses``):
+    where the answer lands, step accuracy by role (anchor, candidates, the deciding step) and consistency."""
+    rows = [(label(n), dig(models[n], "misses", "scout", "all")) for n in names]
     rows = [(name, m) for name, m in rows if m and m["n"]]
     if not rows:
         return []
 
-    def share(count: int, total: int) -> str:
-        return f"{count} ({pct(count / total)})" if total else "–"
+    def share(s: dict[str, Any] | None) -> str:
+        return f"{pct(s['rate'])} ({s['k']}/{s['n']})" if s and s["n"] else "–"
 
-    lines = ["| model | answer right | on another object | on no object | step boxes | on an object | "
-             "on the object the step names |", "|---|---|---|---|---|---|---|"]
+    head = ["model", "answer right", "on another object", "on no object", "step accuracy", "anchor", "candidates",
+            "deciding step", "consistency", "anchor first", "target among steps", "step boxes on an object"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows:
-        a, s = m["answer"], m["steps"]
-        lines.append(f"| {name} | {share(a['right'], m['n'])} | {share(a['another_object'], m['n'])} | "
-                     f"{share(a['no_object'], m['n'])} | {s['boxes']} | {share(s['on_an_object'], s['boxes'])} | "
-                     f"{share(s['on_the_named_object'], s['boxes'])} |")
-    return ["## How the chains miss", "",
-            f"Each first answer box of the {rows[0][1]['n']} test expressions against every object of "
-            "its scene (IoU >= 0.5; an answer without a box counts as on no object), and the box of each step that "
-            "has one against the object the step's words name (every attribute it names is the object's).", "",
-            *lines, ""]
+        cells = [m["answer"]["right"], m["answer"]["on_another_object"], m["answer"]["on_no_object"],
+                 m["step_accuracy"], *(m["by_role"][r] for r in ("anchor", "candidates", "decide")),
+                 m["consistency"], m["anchor_first"], m["target_among_steps"], m["step_boxes_on_an_object"]]
+        lines.append(f"| {name} | " + " | ".join(share(c) for c in cells) + " |")
+    return ["## Step diagnostics (step-by-step prompt, test split)", "",
+            f"Each model's {rows[0][1]['n']} step-by-step answers, each step read by its role: the *anchor* (a "
+            "relation's first phrase: its box on the anchor), the *candidates* (a phrase of the expression: its "
+            "boxes on exactly the objects its words name), the *deciding step* (\"left of the red square: [...]\": "
+            "its box on the target). *Consistency*: the answer's box is the box of the last step (the one that "
+            "decided). A box is on an object at IoU >= 0.5 (`playground.miniature.chain_misses`).", "", *lines, ""]
 
 
 def vision_line(stamp: dict[str, Any] | None) -> str:
@@ -238,7 +259,7 @@ def report_markdown(ctx: Context, names: list[str], models: dict[str, dict[str, 
     types = sorted(qcount["test_by_type"])
     order = [name for name in ctx.stamps if name != ctx.stage]  # the stages before this one, in run order
     forgetting = "; ".join(f"{label(n)} {paired_cell(dig(models[n], 'retention', 'vs_base'))}"
-                           for n in ("full-ft", "lora"))
+                           for n in ("full-ft", "lora") if n in models)
     by_type_n = ", ".join(f"{t} {qcount['test_by_type'][t]}" for t in types)
     md = [
         f"# TWIST & SCOUT demo ({recipe.profile} profile, training seed {recipe.train_seed})",
@@ -277,8 +298,9 @@ def report_markdown(ctx: Context, names: list[str], models: dict[str, dict[str, 
         "",
         vision_line(ctx.stamps.get("model") or ctx.stamps.get("base")),
         "",
-        *chain_loss_section(recipe, names, models),
+        *prompts_by_type_table(names, models, types),
         *misses_section(names, models),
+        *chain_loss_section(recipe, names, models),
         "## Test scenes",
         "",
         f"![grid](grid.png) ({rows} scenes; the ground-truth box is black in white; under each image, the steps "

@@ -22,7 +22,8 @@ def refexp_scores(questions: list[dict[str, Any]], answers: list[dict[str, Any]]
           for key, groups in result["by"].items()}
     return {"n": result["n"], **{k: result["metrics"][k] for k in ("acc@0.5", "mean_iou", "parse_failure_rate")},
             "by_type": by["expression_type"], **by["difficulty"],
-            "correct": {str(r["question_id"]): bool(r["correct"]) for r in result["rows"]}}
+            "correct": {str(r["question_id"]): bool(r["correct"]) for r in result["rows"]},
+            "type_of": {str(q["question_id"]): str(q.get("expression_type") or "other") for q in questions}}
 
 
 def understanding_scores(questions: list[dict[str, Any]], answers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,5 +91,5 @@ def identical_rate(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> d
 
 
 def summary(scores: dict[str, Any]) -> dict[str, Any]:
-    """Scores without the per-question right/wrong (which ``metrics.json`` keeps)."""
-    return {k: v for k, v in scores.items() if k != "correct"}
+    """Scores without the per-question right/wrong and types (which ``metrics.json`` keeps)."""
+    return {k: v for k, v in scores.items() if k not in ("correct", "type_of")}

@@ -69,7 +69,7 @@ def base_eval_config(r: Recipe) -> dict[str, Any]:
 
 def twist_config(v: TwistVariant) -> Callable[[Recipe], dict[str, Any]]:
     return lambda r: {**_grounding_run(r), "train": asdict(r.twist), "flags": [*r.twist_flags, *v.flags],
-                      "data": v.data, "nproc": r.twist_nproc}
+                      "data": v.data, "nproc": r.twist_nproc, **({"match_one_shot": True} if v.match_one_shot else {})}
 
 
 def full_ft_config(r: Recipe) -> dict[str, Any]:
@@ -110,12 +110,13 @@ def build_stages(recipe: Recipe, base_only: bool = False) -> list[Stage]:
                              clean=False)]
     twist = [Stage(v.stage, folder(v.stage), ("base", "data"), train_twist, twist_config(v))
              for v in recipe.twist_variants]
-    trained = ("base", "full-ft", "lora", *(v.stage for v in recipe.twist_variants))
+    lora = [Stage("lora", folder("lora"), ("base", "data"), train_lora, lora_config)] if recipe.run_lora else []
+    trained = ("base", "full-ft", *(s.name for s in lora), *(v.stage for v in recipe.twist_variants))
     return [
         *head,
         *twist,
         Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft, full_ft_config),
-        Stage("lora", folder("lora"), ("base", "data"), train_lora, lora_config),
+        *lora,
         Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, eval_config, clean=False, code=EVAL_CODE),
         Stage("report", lambda lay: lay.work / "report", ("eval", *trained), write_report, report_config,
               code=REPORT_CODE),

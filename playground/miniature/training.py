@@ -119,4 +119,5 @@ def train_twist(ctx: Context) -> dict[str, Any]:
     delta = ctx.folder / DELTA_WEIGHTS
     if not delta.is_file():
         raise StageError(ctx.stage, f"the launcher exited 0 but wrote no {DELTA_WEIGHTS}", ctx.log)
-    return {**trainer_summary(ctx.folder), "trainable_params": tensor_numel(delta), "flags": list(variant.flags)}
+    return {**trainer_summary(ctx.folder), "trainable_params": tensor_numel(delta), "flags": list(variant.flags),
+            "data": variant.data}

@@ -1,9 +1,11 @@
-"""The chain steps of a query: worded (``full``) or one located object per step (``terse``)."""
+"""The chain steps of a query: worded (``full``), one located object per step (``terse``), or the expression's
+own sub-questions ending in the step that decides (``decide``, the grammar of :mod:`scout_data.chain`)."""
 
 from __future__ import annotations
 
 import random
 
+from scout_data.chain import decide_step, locate_step
 from scout_data.schema import BOX_SLOT, Step
 from scout_data.sources.synthetic.referring import Desc, Query, ref_text, unique_desc
 from scout_data.sources.synthetic.scenes import Scene
@@ -23,7 +25,6 @@ def _candidate_step(rng: random.Random, scene: Scene, idx: list[int]) -> Step:
 
 
 
-
 def object_name(scene: Scene, j: int, rng: random.Random) -> str:
     """How a terse step and a region caption name object ``j``: ``the red circle``, the shortest description
     that picks it alone (as a one-shot region prompt names it), else all its attributes."""
@@ -38,6 +39,61 @@ def _located(scene: Scene, idx: list[int], rng: random.Random) -> list[Step]:
             for j in sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy))]
 
 
+def left_to_right(scene: Scene, idx: list[int]) -> list[int]:
+    objs = scene.objects
+    return sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy))
+
+
+def locate(scene: Scene, desc: Desc, idx: list[int]) -> Step:
+    """A ``decide`` step naming objects in the expression's words: ``the triangle <box>`` for one,
+    ``the triangles <box>, <box>`` for several, left to right."""
+    idx = left_to_right(scene, idx)
+    words = desc.words() if len(idx) == 1 else desc.plural()
+    return Step(locate_step(f"the {words}", len(idx)), [scene.objects[j].box for j in idx])
+
+
+def decide(fact: str, boxes: list) -> Step:
+    """A ``decide`` step: the deciding fact and what it picks."""
+    return Step(decide_step(fact, len(boxes)), list(boxes))
+
+
+def _category(desc: Desc) -> Desc:
+    """The candidates' phrase of an attribute expression: its noun alone (``circle``; ``object`` without one)."""
+    return Desc(shape=desc.shape)
+
+
+def _decided_refexp(scene: Scene, q: Query, anchor_desc: Desc | None, target: int) -> list[Step]:
+    """A ``decide`` chain. Relation: the anchor, the candidates, then the relation to the anchor picks one.
+    Superlative: the candidates, then the superlative picks. Attribute: the objects of its noun, then its other
+    words pick (a single step when the noun alone picks it)."""
+    objs = scene.objects
+    box = objs[target].box
+    if q.relation and q.anchor is not None and anchor_desc is not None:
+        cands = [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
+        return [locate(scene, anchor_desc, [q.anchor]), locate(scene, q.desc, cands),
+                decide(f"{REL_WORDS[q.relation]} the {anchor_desc.words()}", [box])]
+    if q.superlative:
+        cands = [j for j, o in enumerate(objs) if q.desc.matches(o)]
+        return [locate(scene, q.desc, cands), decide(f"the {q.superlative}", [box])]
+    noun = _category(q.desc)
+    cands = [j for j, o in enumerate(objs) if noun.matches(o)]
+    if cands == [target]:
+        return [locate(scene, q.desc, [target])]
+    return [locate(scene, noun, cands), decide(f"the {q.desc.words()}", [box])]
+
+
+def decided_group(scene: Scene, d: Desc, targets: list[int]) -> list[Step]:
+    """A ``decide`` chain of find-all and count: the objects of the description's noun, then its other words pick
+    (one step when the noun is all it says)."""
+    objs = scene.objects
+    noun = _category(d)
+    cands = [j for j, o in enumerate(objs) if noun.matches(o)]
+    if sorted(cands) == sorted(targets):
+        return [locate(scene, d, targets)]
+    return [locate(scene, noun, cands), decide(f"the {d.plural() if len(targets) > 1 else d.words()}",
+                                                [objs[j].box for j in left_to_right(scene, targets)])]
+
+
 def _refexp_candidates(scene: Scene, q: Query, target: int) -> list[int]:
     objs = scene.objects
     if q.relation:
@@ -50,14 +106,16 @@ def _refexp_candidates(scene: Scene, q: Query, target: int) -> list[int]:
 
 
 def _refexp_steps(
-    rng: random.Random, scene: Scene, q: Query, anchor_desc: Desc | None, target: int, terse: bool = False
+    rng: random.Random, scene: Scene, q: Query, anchor_desc: Desc | None, target: int, style: str = "full"
 ) -> list[Step]:
-    """The chain of a referring expression. Terse: the anchor (relations), then every candidate, each located;
-    the answer line then picks the target."""
+    """The chain of a referring expression in ``style``. Terse: the anchor (relations), then every candidate,
+    each located; the answer line then picks the target. Decide: :func:`_decided_refexp`."""
+    if style == "decide":
+        return _decided_refexp(scene, q, anchor_desc, target)
     objs = scene.objects
     box = objs[target].box
     cands = _refexp_candidates(scene, q, target)
-    if terse:
+    if style == "terse":
         anchor = [q.anchor] if q.relation and q.anchor is not None else []
         return _located(scene, anchor, rng) + _located(scene, cands, rng)
     steps = [Step(phrase(rng, "asks", target=ref_text(q, scene, anchor_desc)))]

@@ -11,7 +11,7 @@ from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, SIZES
 KINDS = ("refexp", "find_all", "count", "grounded_caption", "region", "qa", "region_caption")
 REFEXP_TYPES = ("attribute", "relation", "superlative")
 QA_TYPES = ("colour", "shape", "count", "exists", "relation", "caption")
-CHAIN_STYLES = ("full", "terse")
+CHAIN_STYLES = ("decide", "terse", "full")
 # limits of the flags (stated in --help): a scene's cost grows with its area and its object count
 MIN_SIDE, MAX_SIDE = 32, 4096
 MIN_ASPECT, MAX_ASPECT = 0.125, 8.0
@@ -50,7 +50,7 @@ class SynthConfig:
     jpeg_quality: int = 90
     max_attempts: int = 20
     grid: int = 0  # > 0: objects centred in distinct cells of a grid x grid layout (few box values)
-    chain_style: str = "full"  # terse: a step per described object with its box, then the answer
+    chain_style: str = "decide"  # see --chain-style
 
 
 def parse_weights(text: str, allowed: tuple[str, ...], what: str) -> dict[str, float]:
@@ -130,9 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"values (0: anywhere, the default; {GRID})",
     )
     g.add_argument(
-        "--chain-style", choices=CHAIN_STYLES, default="full",
-        help="full: worded steps (the default); terse: one step per described object with its box, then the "
-        "answer, for small worlds and models",
+        "--chain-style", choices=CHAIN_STYLES, default="decide",
+        help="decide (the default): each step a sub-question the expression poses in its own words (the anchor, "
+        "the candidates, each with its boxes), the last step the deciding fact and its box, which the answer "
+        "copies; terse: one step per object the query is about, named by its shortest unique description, then "
+        "the answer; full: worded steps",
     )
     g.add_argument("--image-format", choices=("png", "jpg"), default="png")
     g.add_argument("--jpeg-quality", type=JPEG_QUALITY, default=90, help=f"with --image-format jpg ({JPEG_QUALITY})")

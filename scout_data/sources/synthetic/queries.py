@@ -12,6 +12,7 @@ from scout_data.sources.synthetic.chains import (
     _located,
     _refexp_steps,
     _same_category,
+    decided_group,
     object_name,
 )
 from scout_data.sources.synthetic.config import SynthConfig
@@ -148,7 +149,7 @@ def _build_refexp(rng: random.Random, scene: Scene, cfg: SynthConfig, region: bo
         return Built("region", ref, [], targets, difficulty=difficulty, expression_type=t)
     query = rng.choice(REFEXP_QUERIES).format(ref=ref)
     return Built(
-        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0], cfg.chain_style == "terse"), targets,
+        "refexp", query, _refexp_steps(rng, scene, q, anchor_desc, targets[0], cfg.chain_style), targets,
         difficulty=difficulty,
         expression=ref,
         expression_type=t,
@@ -167,7 +168,7 @@ def _group_desc(rng: random.Random, scene: Scene, min_count: int) -> Desc | None
     return good[0] if good else None
 
 
-def _build_group(rng: random.Random, scene: Scene, kind: str, terse: bool = False) -> Built | None:
+def _build_group(rng: random.Random, scene: Scene, kind: str, style: str = "full") -> Built | None:
     objs = scene.objects
     d = _group_desc(rng, scene, 2 if kind == "find_all" else 1)
     if d is None:
@@ -181,7 +182,9 @@ def _build_group(rng: random.Random, scene: Scene, kind: str, terse: bool = Fals
         cands = list(range(len(objs)))
     hard = len(cands) > len(targets)
     boxes = [objs[j].box for j in targets]
-    if terse:
+    if style == "decide":
+        steps = decided_group(scene, d, targets)
+    elif style == "terse":
         steps = _located(scene, cands, rng)
     elif kind == "find_all":
         steps = [
@@ -293,7 +296,7 @@ def build_query(rng: random.Random, scene: Scene, kind: str, cfg: SynthConfig) -
     if kind in ("refexp", "region"):
         return _build_refexp(rng, scene, cfg, region=kind == "region")
     if kind in ("find_all", "count"):
-        return _build_group(rng, scene, kind, cfg.chain_style == "terse")
+        return _build_group(rng, scene, kind, cfg.chain_style)
     if kind == "grounded_caption":
         return _build_caption(rng, scene)
     if kind == "region_caption":
