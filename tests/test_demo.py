@@ -570,3 +570,20 @@ def test_gpu_profile_runs_the_same_pipeline_larger_in_bf16_through_the_users_lau
         with pytest.MonkeyPatch.context() as mp:  # the suite hides CUDA itself: look at what the profile sets
             mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
             assert ctx.env().get("CUDA_VISIBLE_DEVICES") == (None if bf16 else "")  # a CPU profile never takes a GPU
+
+
+def test_cpu_runs_use_the_same_kernels_on_every_x86_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX-512 and AVX2 kernels round GELU differently: every subprocess of a CPU run is capped at AVX2, so a
+    training reproduces across machines; a value the user set wins."""
+    from playground.miniature.runner import PORTABLE_CPU_KERNELS
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    env = Context(RECIPE, Layout(tmp_path), "data", tmp_path, {}).env()
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["MKL_CBWR"] == "COMPATIBLE"
+    assert set(PORTABLE_CPU_KERNELS) <= set(env)
+    if os.uname().machine == "x86_64":
+        code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "AVX2"

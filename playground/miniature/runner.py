@@ -31,6 +31,10 @@ from scout_data.output import atomic_write_text
 
 T = TypeVar("T")
 
+# The same CPU kernels on every x86 machine with AVX2, so that a run's trainings and answers are the same there:
+# PyTorch's own kernels, MKL's (its conditional numerical reproducibility) and oneDNN's, capped at AVX2. Without it
+# an AVX-512 machine rounds some ops (GELU among them) otherwise than an AVX2 one, and trainings drift apart.
+PORTABLE_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 STAMP = ".done.json"
 STAMP_VERSION = 1
 LOG_TAIL_LINES = 30
@@ -147,6 +151,8 @@ class Context:
         )
         if self.recipe.device == "cpu":  # on a CUDA host, HF's Trainer and DeepSpeed would take the GPU
             env["CUDA_VISIBLE_DEVICES"] = ""
+            for name, value in PORTABLE_CPU_KERNELS.items():
+                env.setdefault(name, value)
         return env
 
     def run(self, cmd: Sequence[str], *, threads: int | None = None, env: dict[str, str] | None = None,
