@@ -31,6 +31,9 @@ RECIPE = get_recipe("ci")
 STAGES = [s.name for s in build_stages(RECIPE)]
 TWIST = ["twist", *(f"twist-{v.name}" for v in RECIPE.twist_variants[1:])]
 MODELS = ["base", "full-ft", "lora", *TWIST]
+# per TWIST: identical answers, router, gain, its significance, against full FT, steps against one-shot; the default
+# run also against the one-shot-only variant
+CHECKS = {t: 6 + (t == "twist" and any(v.data == "rec" for v in RECIPE.twist_variants)) for t in TWIST}
 ROW_LABELS = {"base": "base (LLaVA-1.5)", "full-ft": "full FT", "lora": "LoRA", "twist": "TWIST",
               **{t: f"TWIST ({t.removeprefix('twist-')})" for t in TWIST[1:]}}
 
@@ -109,7 +112,7 @@ def test_report_has_the_tables_the_checks_and_the_settings(demo: dict[str, Any])
     checks = report.split("## What it must show", 1)[1].split("##", 1)[0]
     for twist in TWIST:
         marks = re.findall(rf"^- \*\*(PASS|FAIL|n/a)\*\* {re.escape(ROW_LABELS[twist])}: (.+)$", checks, flags=re.M)
-        assert len(marks) == 5, checks
+        assert len(marks) == CHECKS[twist], checks
     assert "identical to the base" in checks and "router" in checks and "McNemar p" in checks
     assert "Forgetting (understanding against the base, paired): full FT " in understanding
     for section in ("## Test scenes", "## Files", "## Settings", "## Time per stage"):
@@ -205,7 +208,7 @@ def test_results_hold_every_metric(demo: dict[str, Any]) -> None:
     for twist in TWIST:
         router = results["models"][twist]["router"]
         assert router["n"] == 2 * (counts["dev"] + counts["test"]) + counts["understanding"]
-    assert len(results["checks"]) == 5 * len(TWIST)
+    assert len(results["checks"]) == sum(CHECKS.values())
     assert set(results["stages"]) == set(STAGES) - {"report"}
 
 
@@ -420,6 +423,15 @@ def test_lora_is_opt_in_where_the_profile_leaves_it_out() -> None:
     with_lora = replace(full, run_lora=True)
     assert "lora" in [s.name for s in build_stages(with_lora)]
     assert stage_config(with_lora, "twist-layer-all") == stage_config(full, "twist-layer-all")  # runs stay cached
+
+
+def test_twist_only_trains_no_baseline_and_keeps_twists_stamp() -> None:
+    full = get_recipe("full")
+    alone = replace(full, run_full_ft=False)
+    names = [s.name for s in build_stages(alone)]
+    assert "full-ft" not in names and "lora" not in names and "twist-layer-all" in names
+    assert stage_config(alone, "twist-layer-all") == stage_config(full, "twist-layer-all")
+    assert [m.name for m in evaluated_models(alone, Layout(Path("x")))] == ["base", "twist"]
 
 
 def test_the_one_shot_only_variant_sees_the_default_runs_one_shot_samples(tmp_path: Path) -> None:

@@ -54,7 +54,9 @@ class Evaluated:
 
 def evaluated_models(recipe: Recipe, layout: Layout) -> list[Evaluated]:
     """In report order: base, full FT, LoRA (merged), TWIST (the recipe's first variant), then ``twist-NAME``."""
-    models = [Evaluated("base", "base", layout.model("base")), Evaluated("full-ft", "full-ft", layout.model("full-ft"))]
+    models = [Evaluated("base", "base", layout.model("base"))]
+    if recipe.run_full_ft:
+        models.append(Evaluated("full-ft", "full-ft", layout.model("full-ft")))
     if recipe.run_lora:
         models.append(Evaluated("lora", "lora", layout.model("lora") / "merged"))
     for name, v in zip(twist_names(recipe), recipe.twist_variants, strict=True):

@@ -39,6 +39,12 @@ def twist_checks(recipe: Recipe, name: str, models: dict[str, dict[str, Any]]) -
     acc, acc_full = dig(m, "headline", "acc@0.5"), dig(models, "full-ft", "headline", "acc@0.5")
     ratio = None if acc is None or not acc_full else acc / acc_full
     significant = None if vs_base is None else vs_base["ci"][0] > 0 and vs_base["mcnemar_p"] < c.max_p_value
+    paired = m.get("steps_vs_one_shot") or {}
+    pays = [paired.get(t) for t in ("all", *c.steps_pay_types)]
+    steps_pay = None if None in pays else all(r["difference"] > 0 and r["mcnemar_p"] < c.max_p_value for r in pays)
+    chains = [Check(name, f"one-shot Acc@0.5 against {label(other)} (the one-shot records alone, as many one-shot "
+                          "samples)", r["difference"] >= 0, describe(r), ">= 0 points")
+              for other, r in (m.get("one_shot_vs_rec_variant") or {}).items()]
     return [
         Check(name, "understanding answers identical to the base's",
               None if identical is None else identical >= c.identical_rate, pct(identical), pct(c.identical_rate)),
@@ -55,6 +61,11 @@ def twist_checks(recipe: Recipe, name: str, models: dict[str, dict[str, Any]]) -
               None if ratio is None else ratio >= c.ratio_to_full_ft,
               f"{pct(acc)} vs {pct(acc_full)} ({'–' if ratio is None else f'{ratio:.2f}x'}"
               + ("" if vs_full is None else f"; paired {describe(vs_full)}") + ")", f">= {c.ratio_to_full_ft:g}x"),
+        Check(name, "step-by-step answers against its own one-shot answers, overall / "
+              + " / ".join(c.steps_pay_types), steps_pay,
+              "; ".join("–" if r is None else describe(r) for r in pays),
+              f"better, McNemar p < {c.max_p_value:g}, each"),
+        *chains,
     ]
 
 

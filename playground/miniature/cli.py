@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         + "; ".join(f"{k}: {' '.join(v.flags)}" for k, v in VARIANTS.items()) + ")")
     p.add_argument("--lora", action="store_true",
                    help="also train and score LoRA (LLaVA's own LoRA path) where the profile leaves it out")
+    p.add_argument("--twist-only", action="store_true",
+                   help="train TWIST (and its variants) alone beside the base, without full fine-tuning or LoRA "
+                        "(e.g. with --seed N: a second training seed of TWIST, scored on the same questions)")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads per process (default: cores over a stage's processes; not in the cache key)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = dataclasses.replace(recipe, twist_variants=recipe.twist_variants + extra)
     if args.lora:
         recipe = dataclasses.replace(recipe, run_lora=True)
+    if args.twist_only:
+        recipe = dataclasses.replace(recipe, run_full_ft=False, run_lora=False)
     if args.threads is not None:
         recipe = dataclasses.replace(recipe, threads=max(1, args.threads))
     if args.seed:

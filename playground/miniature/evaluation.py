@@ -24,6 +24,7 @@ from playground.miniature.answering import (
     region_questions,
 )
 from playground.miniature.chain_misses import chain_misses
+from playground.miniature.recipe import Recipe
 from playground.miniature.runner import Context, write_json
 from playground.miniature.scoring import (
     compare,
@@ -61,13 +62,24 @@ def evaluate(ctx: Context) -> dict[str, Any]:
         s["retention"] = {
             **identical_rate(answers["base"][UNDERSTANDING], answers[m.name][UNDERSTANDING]),
             "vs_base": compare(s[UNDERSTANDING]["correct"], base[UNDERSTANDING]["correct"], seed)}
-        if m.twist:
+        if m.twist and "full-ft" in scores:
             s["vs_full_ft"] = compare(s["headline"]["correct"], scores["full-ft"]["headline"]["correct"], seed)
         s["steps_vs_one_shot"] = steps_vs_one_shot(s, seed)
+    rec_only = {m.name for m in models if m.twist and variant_data(recipe, m.stage) == "rec"}
+    for m in models:
+        if m.twist and variant_data(recipe, m.stage) == "mixed":
+            scores[m.name]["one_shot_vs_rec_variant"] = {
+                other: compare(scores[m.name]["refexp"]["rec"][HEADLINE_SET]["correct"],
+                               scores[other]["refexp"]["rec"][HEADLINE_SET]["correct"], seed) for other in rec_only}
     counts = {name: len(rows) for name, rows in questions.items()}
     counts["test_by_type"] = dict(Counter(group_key(q, ("expression_type",)) for q in questions[HEADLINE_SET]))
     write_json(layout.eval / "metrics.json", {"questions": counts, "models": scores})
     return {"questions": counts, "prompts": {m.name: scores[m.name]["prompt"] for m in models}}
+
+
+def variant_data(recipe: Recipe, stage: str) -> str:
+    """The training set of the TWIST variant that ``stage`` trains (``mixed`` or ``rec``)."""
+    return next(v.data for v in recipe.twist_variants if v.stage == stage)
 
 
 def steps_vs_one_shot(scores: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def report_markdown(ctx: Context, names: list[str], models: dict[str, dict[str, 
     types = sorted(qcount["test_by_type"])
     order = [name for name in ctx.stamps if name != ctx.stage]  # the stages before this one, in run order
     forgetting = "; ".join(f"{label(n)} {paired_cell(dig(models[n], 'retention', 'vs_base'))}"
-                           for n in ("full-ft", "lora") if n in models)
+                           for n in ("full-ft", "lora") if n in models) or "no baseline in this run"
     by_type_n = ", ".join(f"{t} {qcount['test_by_type'][t]}" for t in types)
     md = [
         f"# TWIST & SCOUT demo ({recipe.profile} profile, training seed {recipe.train_seed})",
@@ -292,7 +292,8 @@ def report_markdown(ctx: Context, names: list[str], models: dict[str, dict[str, 
         "## What it must show",
         "",
         f"Best TWIST: **{label(best)}** (the playground opens it; its examples are the first {examples['n']} test "
-        f"expressions with its {PROMPT_LABELS[examples['prompt']]}, of which it got {examples['correct']} right).",
+        f"expressions with the {PROMPT_LABELS[examples['prompt']]}: its answers are right on "
+        f"**{examples['correct']} of {examples['n']}**).",
         "",
         *(c.line() for cs in checks.values() for c in cs),
         "",

@@ -136,9 +136,12 @@ class Checks:
 
     identical_rate: float = 1.0
     router_accuracy: float = 0.99
-    gain_over_base: float = 0.15  # Acc@0.5 points over the base, test split, each model's prompt chosen on dev
+    gain_over_base: float = 0.20  # Acc@0.5 points over the base, test split, each model's prompt chosen on dev
     max_p_value: float = 0.01  # exact McNemar of that gain; its 95% interval must also lie above 0
-    ratio_to_full_ft: float = 0.9
+    ratio_to_full_ft: float = 1.0
+    # step-by-step answers beat the same model's one-shot answers (paired, exact McNemar p < max_p_value) overall and
+    # within each of these expression types, where a step (the anchor, the candidates) should help
+    steps_pay_types: tuple[str, ...] = ("relation", "superlative")
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class Recipe:
     # or "cuda" (bf16; TWIST through scripts/finetune_twist.sh, LLaVA-1.5's launcher settings).
     device: str = "cpu"
     train_seed: int = 0  # the grounding runs' seed (data order, LoRA's adapters); the base and data keep ``seed``
+    run_full_ft: bool = True  # False (``--twist-only``): TWIST beside the base alone, e.g. a second training seed
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -75,15 +75,18 @@ def write_report(ctx: Context) -> dict[str, Any]:
             "checks_passed": sum(bool(c.passed) for cs in checks.values() for c in cs)}
 
 
+EXAMPLE_PROMPT = "scout"  # the playground streams a chain's steps and draws each step's boxes
+
+
 def playground_examples(layout: Layout, model: str, metrics: dict[str, Any], out: Path, n: int) -> dict[str, Any]:
-    """The first ``n`` test expressions (not picked by outcome), asked with ``model``'s chosen prompt, as the
-    playground's examples; with how many of them the model got right in the evaluation."""
-    style = PROMPTS[metrics["prompt"]]
-    correct = metrics["headline"]["correct"]
+    """The first ``n`` test expressions (not picked by outcome), asked step by step, as the playground's examples;
+    with how many of them the model's step-by-step answers got right in the evaluation."""
+    style = PROMPTS[EXAMPLE_PROMPT]
+    correct = metrics["refexp"][EXAMPLE_PROMPT][HEADLINE_SET]["correct"]
     questions = {q["question_id"]: q for q in
                  read_jsonl(str(question_dir(layout) / f"refexp-{HEADLINE_SET}.jsonl"), "questions")}
     records = [r for r in heldout_records(layout, HEADLINE_SET) if f"{HEADLINE_SET}/{r['id']}" in correct][:n]
     ids = [f"{HEADLINE_SET}/{r['id']}" for r in records]
     write_record_examples(records, heldout_folder(layout, HEADLINE_SET) / "images", out,
                           queries=[question_prompt(questions[i], style) for i in ids])
-    return {"folder": out, "n": len(records), "correct": sum(correct[i] for i in ids), "prompt": metrics["prompt"]}
+    return {"folder": out, "n": len(records), "correct": sum(correct[i] for i in ids), "prompt": EXAMPLE_PROMPT}

@@ -111,11 +111,13 @@ def build_stages(recipe: Recipe, base_only: bool = False) -> list[Stage]:
     twist = [Stage(v.stage, folder(v.stage), ("base", "data"), train_twist, twist_config(v))
              for v in recipe.twist_variants]
     lora = [Stage("lora", folder("lora"), ("base", "data"), train_lora, lora_config)] if recipe.run_lora else []
-    trained = ("base", "full-ft", *(s.name for s in lora), *(v.stage for v in recipe.twist_variants))
+    full_ft = [Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft, full_ft_config)
+               ] if recipe.run_full_ft else []
+    trained = ("base", *(s.name for s in (*full_ft, *lora)), *(v.stage for v in recipe.twist_variants))
     return [
         *head,
         *twist,
-        Stage("full-ft", folder("full-ft"), ("base", "data"), train_full_ft, full_ft_config),
+        *full_ft,
         *lora,
         Stage("eval", lambda lay: lay.eval, ("data", *trained), evaluate, eval_config, clean=False, code=EVAL_CODE),
         Stage("report", lambda lay: lay.work / "report", ("eval", *trained), write_report, report_config,
