@@ -16,8 +16,10 @@ a line only: the span ids of training tokens). Box text is :func:`scout_data.box
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-from scout_data.schema import BOX_SLOT
+from scout_data.boxes import Box
+from scout_data.schema import BOX_SLOT, Step
 
 STEP_WORD, ANSWER_WORD = "Step", "Answer"
 MARKER_RE = re.compile(rf"(?<![A-Za-z])(?:{STEP_WORD}\s*(\d{{1,9}})\s*:|{ANSWER_WORD}\s*:)")
@@ -57,3 +59,14 @@ def is_decide_step(text: str) -> bool:
     """Whether a step's text (slots filled or not) states a deciding fact: its words end in ``:`` before a box."""
     words = re.split(r"[\[<]", text, maxsplit=1)[0].rstrip()
     return words.endswith(DECIDE_SEPARATOR)
+
+
+def locate(one: str, many: str, boxes: Sequence[Box]) -> Step:
+    """A step that names objects with their boxes: ``one`` (``the red square``) for one box, ``many``
+    (``the triangles``) for several; the boxes in the order given (sources give them left to right)."""
+    return Step(locate_step(one if len(boxes) == 1 else many, len(boxes)), list(boxes))
+
+
+def decide(fact: str, boxes: Sequence[Box]) -> Step:
+    """The step that decides: ``fact`` and the box(es) it picks, which the answer then copies."""
+    return Step(decide_step(fact, len(boxes)), list(boxes))

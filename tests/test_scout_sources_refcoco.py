@@ -95,18 +95,20 @@ def test_each_sentence_becomes_a_sample_with_official_split(tmp_path):
     assert '"tallest person"' in samples["refcoco_1_4"].query
 
 
-def test_boxes_are_exact_and_chain_lists_candidates_then_referent(tmp_path):
+def test_boxes_are_exact_and_chain_locates_the_candidates_then_the_expression_decides(tmp_path):
     samples, _ = _run(_refs_file(tmp_path))
     s = samples["refcoco_0_1"]
     assert s.kind == "refexp" and s.source == "refcoco"
     assert (s.image, s.width, s.height) == ("COCO_train2014_000000581857.jpg", 640, 427)
     assert s.answer_boxes_xyxy_px == [PERSON_LEFT]
-    assert "person" in s.steps[0].text and '"guy in red shirt"' in s.steps[0].text
-    assert s.steps[1].boxes_xyxy_px == [PERSON_LEFT, PERSON_MIDDLE, PERSON_RIGHT], (
+    # SCOUT's step grammar: the referent's category with every candidate's box, then the expression decides
+    assert [st.text for st in s.steps] == [f"the people {BOX_SLOT}, {BOX_SLOT}, {BOX_SLOT}",
+                                           f"guy in red shirt: {BOX_SLOT}"]
+    assert s.steps[0].boxes_xyxy_px == [PERSON_LEFT, PERSON_MIDDLE, PERSON_RIGHT], (
         "crowd region 1004 is no candidate"
     )
-    assert s.steps[2].boxes_xyxy_px == [PERSON_LEFT]
-    assert samples["refcoco_1_3"].steps[2].boxes_xyxy_px == [PERSON_RIGHT]
+    assert s.steps[1].boxes_xyxy_px == [PERSON_LEFT]
+    assert samples["refcoco_1_3"].steps[1].boxes_xyxy_px == [PERSON_RIGHT]
     assert samples["refcoco_4_8"].answer_boxes_xyxy_px == [PERSON_MIDDLE]
     for step in s.steps:
         assert step.text.count(BOX_SLOT) == len(step.boxes_xyxy_px)
@@ -119,8 +121,11 @@ def test_boxes_are_exact_and_chain_lists_candidates_then_referent(tmp_path):
         "candidate_ann_ids": [1001, 1003, 1002],
         "sent_id": 1,
     }
+    capped, _ = _run(_refs_file(tmp_path / "capped"), max_candidates=2)  # the referent and the largest other
+    assert capped["refcoco_0_1"].steps[0].text == f"2 of the 3 people {BOX_SLOT}, {BOX_SLOT}"
     giraffe = samples["refcoco_3_6"]
-    assert giraffe.difficulty == "simple" and giraffe.steps[1].boxes_xyxy_px == [(60.0, 30.0, 380.0, 620.0)]
+    assert giraffe.difficulty == "simple" and [st.text for st in giraffe.steps] == [f"the giraffe {BOX_SLOT}"]
+    assert giraffe.steps[0].boxes_xyxy_px == giraffe.answer_boxes_xyxy_px == [(60.0, 30.0, 380.0, 620.0)]
     for x in samples.values():
         assert record_problems(render_record(x)) == [], x.id
 

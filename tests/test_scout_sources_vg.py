@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scout_data.schema import Sample, Skip
+from scout_data.schema import BOX_SLOT, Sample, Skip
 from scout_data.sources import vg
 from scout_data.validate import record_problems
 from scout_data.writer import render_record
@@ -61,8 +61,9 @@ def test_duplicate_and_ambiguous_regions_are_skipped():
 def test_refexp_region_kind_adds_a_chain():
     samples, _ = _run(regions=REGIONS, region_kind="refexp")
     s = samples["vg_region_11"]
-    assert s.kind == "refexp" and len(s.steps) == 2
-    assert s.steps[1].boxes_xyxy_px == s.answer_boxes_xyxy_px == [(200.0, 100.0, 500.0, 500.0)]
+    assert s.kind == "refexp" and len(s.steps) == 1  # no candidates annotated: the description decides
+    assert s.steps[0].text == f"{s.expression}: {BOX_SLOT}"
+    assert s.steps[0].boxes_xyxy_px == s.answer_boxes_xyxy_px == [(200.0, 100.0, 500.0, 500.0)]
     assert record_problems(render_record(s)) == []
 
 
@@ -72,6 +73,7 @@ def test_objects_find_all_and_count_per_name():
     assert find.kind == "find_all" and find.answer_boxes_xyxy_px == [MAN_A, MAN_B]
     assert count.answer_text == "2" and count.answer_boxes_xyxy_px == [MAN_A, MAN_B]
     assert find.source_ids == {"image_id": 1, "name": "man", "object_ids": [101, 102]}
+    assert [st.text for st in find.steps] == [st.text for st in count.steps] == [f"the men {BOX_SLOT}, {BOX_SLOT}"]
     assert samples["vg_1_count_horse"].answer_boxes_xyxy_px == [(180.0, 250.0, 480.0, 500.0)]
     assert "duplicate of object 101" in skips["objects.json:object 103"]
     assert "outside" in skips["objects.json:object 106"]

@@ -28,20 +28,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scout_data.boxes import Box
+from scout_data.chain import decide, locate
 from scout_data.limits import PER_IMAGE
-from scout_data.schema import BOX_SLOT, Sample, Skip, Step
+from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
     area,
     center,
     coco_ann_box,
-    count_phrase,
     image_problem,
     image_size_problem,
     load_coco,
     plural,
     rng_for,
 )
-from scout_data.writer import item_list, phrase
 
 TASKS = ("find_all", "count", "superlative", "relation")
 SUPERLATIVES = ("largest", "leftmost", "rightmost")
@@ -300,9 +299,9 @@ def _boxes(insts: Sequence[Instance]) -> list[Box]:
     return [b for _, b in insts]
 
 
-def _candidates_step(rng, name: str, insts: Sequence[Instance]) -> Step:
-    key = "candidates_one" if len(insts) == 1 else "candidates"
-    return Step(phrase(rng, key, items=item_list([name] * len(insts))), _boxes(insts))
+def _named(name: str, insts: Sequence[Instance]) -> Step:
+    """SCOUT's step that names objects in the query's words (``the dog``, ``the dogs``), with their boxes."""
+    return locate(f"the {name}", f"the {plural(name)}", _boxes(insts))
 
 
 def _find_all(name: str, insts: list[Instance], rng, **kw) -> Sample:
@@ -314,7 +313,7 @@ def _find_all(name: str, insts: list[Instance], rng, **kw) -> Sample:
             f"Locate each {name} in the picture.",
         ]
     )
-    steps = [Step(phrase(rng, "asks_all", target=name, targets=pl)), _candidates_step(rng, name, insts)]
+    steps = [_named(name, insts)]
     return Sample(query=query, kind="find_all", steps=steps, answer_boxes_xyxy_px=_boxes(insts), **kw)
 
 
@@ -327,11 +326,7 @@ def _count(name: str, insts: list[Instance], rng, **kw) -> Sample:
             f"How many {pl} can you see?",
         ]
     )
-    steps = [
-        Step(phrase(rng, "asks_count", target=name, targets=pl)),
-        _candidates_step(rng, name, insts),
-        Step(phrase(rng, "count_total", count=count_phrase(n, name))),
-    ]
+    steps = [_named(name, insts)]
     return Sample(
         query=query, kind="count", steps=steps, answer_boxes_xyxy_px=_boxes(insts), answer_text=str(n), **kw
     )
@@ -353,11 +348,7 @@ def _superlative(name: str, sup: str, insts: list[Instance], win: Instance, rng,
     query = rng.choice(
         [f"Where is the {sup} {name}?", f"Find the {sup} {name} in the image.", f"Locate the {sup} {name}."]
     )
-    steps = [
-        Step(phrase(rng, "asks", target=f"the {sup} {name}")),
-        _candidates_step(rng, name, insts),
-        Step(phrase(rng, "pick_superlative", superlative=sup, box=BOX_SLOT), [win[1]]),
-    ]
+    steps = [_named(name, insts), decide(f"the {sup}", [win[1]])]
     return Sample(
         query=query, kind="refexp", steps=steps, answer_boxes_xyxy_px=[win[1]], difficulty="hard", **kw
     )
@@ -393,12 +384,7 @@ def _relation(
             f"Locate the {tname} that is {rel_text} the {aname}.",
         ]
     )
-    steps = [
-        Step(phrase(rng, "asks", target=f"the {tname} {rel_text} the {aname}")),
-        Step(phrase(rng, "anchor", anchor=aname, box=BOX_SLOT), [anchor[1]]),
-        _candidates_step(rng, tname, insts),
-        Step(phrase(rng, "pick_relation", relation=rel_text, anchor=aname, box=BOX_SLOT), [win[1]]),
-    ]
+    steps = [_named(aname, [anchor]), _named(tname, insts), decide(f"{rel_text} the {aname}", [win[1]])]
     return Sample(
         query=query, kind="refexp", steps=steps, answer_boxes_xyxy_px=[win[1]], difficulty="hard", **kw
     )

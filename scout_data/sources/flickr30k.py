@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scout_data.boxes import Box
-from scout_data.schema import BOX_SLOT, Sample, Skip, Step
+from scout_data.chain import locate
+from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
     check_box,
     image_problem,
     image_size_problem,
-    quote,
     require_dir,
     rng_for,
 )
-from scout_data.writer import phrase, slots
+from scout_data.writer import slots
 
 PHRASE_RE = re.compile(r"\[/EN#(\d+)((?:/[^\s/\[\]]+)+)\s+([^\[\]]*?)\s*\]")
 _SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([.,!?;:])")
@@ -259,7 +259,7 @@ def _caption_sample(
 ) -> Sample | Skip:
     sid = f"flickr30k_{image_id}_{k}"
     rng = rng_for(seed, sid)
-    steps = [Step(phrase(rng, "asks_caption"))]
+    steps: list[Step] = []
     caption_parts: list[str] = []
     answer_boxes: list[Box] = []
     grounded: list[dict[str, object]] = []
@@ -272,13 +272,7 @@ def _caption_sample(
             continue
         caption_parts.append(" " + slots(len(boxes)))
         answer_boxes.extend(boxes)
-        q = quote(p.text)
-        text = (
-            f"{q} is at {BOX_SLOT}."
-            if len(boxes) == 1
-            else f"{q} covers {len(boxes)} regions: {slots(len(boxes))}."
-        )
-        steps.append(Step(text, list(boxes)))
+        steps.append(locate(p.text, p.text, boxes))  # each phrase of the caption with its boxes
         grounded.append(
             {"entity_id": p.entity_id, "phrase": p.text, "types": p.types, "num_boxes": len(boxes)}
         )

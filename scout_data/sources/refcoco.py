@@ -28,22 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box
+from scout_data.chain import decide, locate
 from scout_data.limits import PER_IMAGE
-from scout_data.schema import BOX_SLOT, Sample, Skip, Step
+from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
     area,
     coco_ann_box,
-    count_phrase,
     image_problem,
     image_size_problem,
     is_id,
     load_coco,
+    plural,
     quote,
     rng_for,
-    with_article,
 )
-from scout_data.writer import item_list, phrase
 
 DATASETS = {"refcoco": "refcoco", "refcoco+": "refcocop", "refcocop": "refcocop", "refcocog": "refcocog"}
 _FILE_SUFFIX_RE = re.compile(r"_\d+(\.[A-Za-z0-9]+)$")
@@ -217,6 +216,18 @@ def _iter_refs(
         )
 
 
+def decided_chain(category: str, candidates: list[Box], total: int, expression: str, target: Box) -> list[Step]:
+    """SCOUT's step grammar (:mod:`scout_data.chain`) as far as RefCOCO's annotations go: the objects of the
+    referent's category (its candidates; the largest ones when there are more than the cap, and the step says how
+    many of how many), then the expression itself decides. RefCOCO annotates no anchor, so no anchor step. With one
+    object of its category, locating it is the chain."""
+    if total == 1:
+        return [locate(f"the {category}", "", [target])]
+    many = plural(category)
+    named = f"the {many}" if len(candidates) == total else f"{len(candidates)} of the {total} {many}"
+    return [locate(named, named, candidates), decide(expression, [target])]
+
+
 def _ref_samples(
     ref: dict,
     rref: str,
@@ -306,21 +317,7 @@ def _ref_samples(
                 f"Give the box of {q}.",
             ]
         )
-        items = item_list([cat] * len(cand_boxes))
-        if len(cand_boxes) == total:
-            cand_step = Step(
-                phrase(rng, "candidates_one" if total == 1 else "candidates", items=items), cand_boxes
-            )
-        else:
-            cand_step = Step(
-                f"There are {count_phrase(total, cat)} in the image; the main candidates are {items}.",
-                cand_boxes,
-            )
-        steps = [
-            Step(f"The expression {q} refers to {with_article(cat)}."),
-            cand_step,
-            Step(f"The one that matches {q} is {BOX_SLOT}.", [target]),
-        ]
+        steps = decided_chain(cat, cand_boxes, total, text.strip(), target)
         common = dict(image=file_name, width=width, height=height, expression=text.strip(),
                       answer_boxes_xyxy_px=[target], difficulty="simple" if total == 1 else "hard",
                       split=str(ref["split"]), source=name, source_ids=dict(base_ids, sent_id=sent_id))

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box, coco_xywh_to_xyxy, iou
+from scout_data.chain import decide, locate
 from scout_data.limits import PER_IMAGE
-from scout_data.schema import BOX_SLOT, Sample, Skip, Step
+from scout_data.schema import Sample, Skip
 from scout_data.sources._annot import (
     InputFileError,
     check_box,
-    count_phrase,
     image_size_problem,
     is_id,
     is_number,
@@ -42,7 +42,6 @@ from scout_data.sources._annot import (
     quote,
     rng_for,
 )
-from scout_data.writer import item_list, phrase
 
 REGION_DUP_IOU = 0.9
 OBJECT_DUP_IOU = 0.8
@@ -259,10 +258,7 @@ def _region_samples(path, index: ImageIndex, split: str, kind: str, seed: int) -
             else:
                 rng = rng_for(seed, sid)
                 q = quote(text)
-                steps = [
-                    Step(phrase(rng, "asks", target=q)),
-                    Step(f"The region {q} describes is {BOX_SLOT}.", [box]),
-                ]
+                steps = [decide(text, [box])]  # VG annotates the region alone: its description decides
                 yield Sample(
                     query=rng.choice([f"Where is {q}?", f"Find the region described as {q}."]),
                     kind="refexp",
@@ -313,7 +309,6 @@ def _object_samples(
                 continue
             same.append((oid, box))
 
-        rng = rng_for(seed, f"vg:{image_id}")
         used: set[str] = set()
         for name in sorted(by_name):
             insts = sorted(by_name[name], key=lambda o: (o[1][0], o[1][1]))
@@ -338,14 +333,13 @@ def _object_samples(
                 "source_ids": {"image_id": image_id, "name": name, "object_ids": [o for o, _ in insts]},
                 "answer_boxes_xyxy_px": boxes,
             }
-            key = "candidates_one" if n == 1 else "candidates"
-            cand_text = phrase(rng, key, items=item_list([name] * n))
+            step = locate(f"the {name}", f"the {pl}", boxes)
             slug = re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "object"
             while slug in used:
                 slug += "_"
             used.add(slug)
             if "find_all" in tasks:
-                steps = [Step(phrase(rng, "asks_all", target=name, targets=pl)), Step(cand_text, list(boxes))]
+                steps = [step]
                 yield Sample(
                     id=f"vg_{image_id}_find_{slug}",
                     query=f"Find every {name} in the image.",
@@ -354,11 +348,7 @@ def _object_samples(
                     **base,
                 )
             if "count" in tasks:
-                steps = [
-                    Step(phrase(rng, "asks_count", target=name, targets=pl)),
-                    Step(cand_text, list(boxes)),
-                    Step(phrase(rng, "count_total", count=count_phrase(n, name))),
-                ]
+                steps = [step]
                 yield Sample(
                     id=f"vg_{image_id}_count_{slug}",
                     query=f"How many {pl} are there in the image?",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from scout_data.chain import decide_step, locate_step
+from scout_data.chain import decide, locate
 from scout_data.schema import BOX_SLOT, Step
 from scout_data.sources.synthetic.referring import Desc, Query, ref_text, unique_desc
 from scout_data.sources.synthetic.scenes import Scene
@@ -44,17 +44,11 @@ def left_to_right(scene: Scene, idx: list[int]) -> list[int]:
     return sorted(idx, key=lambda j: (objs[j].cx, objs[j].cy))
 
 
-def locate(scene: Scene, desc: Desc, idx: list[int]) -> Step:
+def named(scene: Scene, desc: Desc, idx: list[int]) -> Step:
     """A ``decide`` step naming objects in the expression's words: ``the triangle <box>`` for one,
     ``the triangles <box>, <box>`` for several, left to right."""
-    idx = left_to_right(scene, idx)
-    words = desc.words() if len(idx) == 1 else desc.plural()
-    return Step(locate_step(f"the {words}", len(idx)), [scene.objects[j].box for j in idx])
-
-
-def decide(fact: str, boxes: list) -> Step:
-    """A ``decide`` step: the deciding fact and what it picks."""
-    return Step(decide_step(fact, len(boxes)), list(boxes))
+    boxes = [scene.objects[j].box for j in left_to_right(scene, idx)]
+    return locate(f"the {desc.words()}", f"the {desc.plural()}", boxes)
 
 
 def _category(desc: Desc) -> Desc:
@@ -70,16 +64,16 @@ def _decided_refexp(scene: Scene, q: Query, anchor_desc: Desc | None, target: in
     box = objs[target].box
     if q.relation and q.anchor is not None and anchor_desc is not None:
         cands = [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
-        return [locate(scene, anchor_desc, [q.anchor]), locate(scene, q.desc, cands),
+        return [named(scene, anchor_desc, [q.anchor]), named(scene, q.desc, cands),
                 decide(f"{REL_WORDS[q.relation]} the {anchor_desc.words()}", [box])]
     if q.superlative:
         cands = [j for j, o in enumerate(objs) if q.desc.matches(o)]
-        return [locate(scene, q.desc, cands), decide(f"the {q.superlative}", [box])]
+        return [named(scene, q.desc, cands), decide(f"the {q.superlative}", [box])]
     noun = _category(q.desc)
     cands = [j for j, o in enumerate(objs) if noun.matches(o)]
     if cands == [target]:
-        return [locate(scene, q.desc, [target])]
-    return [locate(scene, noun, cands), decide(f"the {q.desc.words()}", [box])]
+        return [named(scene, q.desc, [target])]
+    return [named(scene, noun, cands), decide(f"the {q.desc.words()}", [box])]
 
 
 def decided_group(scene: Scene, d: Desc, targets: list[int]) -> list[Step]:
@@ -89,8 +83,8 @@ def decided_group(scene: Scene, d: Desc, targets: list[int]) -> list[Step]:
     noun = _category(d)
     cands = [j for j, o in enumerate(objs) if noun.matches(o)]
     if sorted(cands) == sorted(targets):
-        return [locate(scene, d, targets)]
-    return [locate(scene, noun, cands), decide(f"the {d.plural() if len(targets) > 1 else d.words()}",
+        return [named(scene, d, targets)]
+    return [named(scene, noun, cands), decide(f"the {d.plural() if len(targets) > 1 else d.words()}",
                                                 [objs[j].box for j in left_to_right(scene, targets)])]
 
 
