@@ -171,10 +171,11 @@ def vision_tower_config(name: str, mm_hidden_size: int | None) -> Tower:
 # ---------------------------------------------------------------------------------------------- the meta model
 
 
-def build_meta_model(config: Any, tower: Tower, lora_r: int = 0, all_trainable: bool = False) -> Any:
-    """The TWIST model on the meta device with the vision tower LLaVA's training attaches, frozen as training
-    freezes it (only ``twist_`` weights, or LoRA adapters, train; ``all_trainable``: everything, for comparing
-    with DeepSpeed's estimator)."""
+def build_twist_model(config: Any, tower: Tower, lora_r: int = 0, all_trainable: bool = False,
+                      init: contextlib.AbstractContextManager | None = None) -> Any:
+    """The TWIST model with the vision tower LLaVA's training attaches, frozen as training freezes it (only
+    ``twist_`` weights, or LoRA adapters, train; ``all_trainable``: everything, for comparing with DeepSpeed's
+    estimator), built under ``init``: the meta device (the planner), or ``deepspeed.zero.Init`` (a GPU check)."""
     import torch
     from transformers import CLIPVisionModel
 
@@ -182,7 +183,7 @@ def build_meta_model(config: Any, tower: Tower, lora_r: int = 0, all_trainable: 
     from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM
 
     config = copy.deepcopy(config)
-    with tempfile.TemporaryDirectory() as tower_dir, torch.device("meta"), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tower_dir, init or torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tower.config.save_pretrained(tower_dir)
         config.mm_vision_tower = tower_dir  # LLaVA's CLIPVisionTower reads the tower's config from a path
@@ -197,6 +198,7 @@ def build_meta_model(config: Any, tower: Tower, lora_r: int = 0, all_trainable: 
             freeze_for_twist_lora(model)
         else:
             freeze_all_but_twist(model)
+    model.config.mm_vision_tower = tower.name
     if all_trainable:
         model.requires_grad_(True)
     return model
@@ -374,7 +376,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         zero_path = ZERO3_OFFLOAD
     zero = read_zero3(zero_path, config.hidden_size)
     tower = vision_tower_config(config.mm_vision_tower, getattr(config, "mm_hidden_size", None))
-    model = build_meta_model(config, tower, args.twist_lora_r, args.all_trainable)
+    model = build_twist_model(config, tower, args.twist_lora_r, args.all_trainable)
     counts = count_parameters(model, zero.param_persistence_threshold)
     states = model_states(counts.trainable, counts.largest_trainable, counts.frozen, counts.largest_frozen, args.gpus,
                           args.nodes, zero.offload_optimizer, zero.offload_param)

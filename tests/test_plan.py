@@ -115,11 +115,11 @@ def test_every_other_mlp_twins_on_the_7b_add_the_issue_s_count(tmp_path: Path) -
 def test_nothing_is_allocated_and_training_s_freezing_applies(tmp_path: Path) -> None:
     from llava_twist.model.builder import twist_config_for
     from llava_twist.model.modeling import is_twist_param
-    from llava_twist.plan import build_meta_model, vision_tower_config
+    from llava_twist.plan import build_twist_model, vision_tower_config
 
     write_llava_config(tmp_path, "13b")
     config = twist_config_for(tmp_path, twist_expert="layer", twist_layers="all")
-    model = build_meta_model(config, vision_tower_config(config.mm_vision_tower, MM_HIDDEN))
+    model = build_twist_model(config, vision_tower_config(config.mm_vision_tower, MM_HIDDEN))
     params = dict(model.named_parameters())
     assert all(p.is_meta for p in params.values())
     assert all(p.is_meta for p in model.buffers())
