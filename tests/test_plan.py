@@ -248,3 +248,37 @@ def test_bad_model_paths_are_one_line(tmp_path: Path) -> None:
     assert_one_line(run_module([PLAN, "--model-path", str(tmp_path / "missing")]), "missing")
     assert_one_line(run_module([PLAN, "--model-path", "liuhaotian/llava-v1.5-7b"], env={"HF_HUB_OFFLINE": "1"}),
                     "liuhaotian/llava-v1.5-7b", "hub")
+
+
+@pytest.mark.parametrize(("expert", "layers"), [("mlp", "every_other"), ("mlp", "all"), ("layer", "all")])
+def test_layer_activations_are_what_autograd_keeps(expert: str, layers: str) -> None:
+    """The per-layer estimate against the tensors autograd saves on a small bf16 TWIST model (SDPA attention with no
+    mask, so the flash kernel, as the estimate assumes), input gradients on as training enables them."""
+    import torch
+
+    from llava_twist.model.builder import freeze_all_but_twist
+    from llava_twist.model.config import TwistConfig
+    from llava_twist.model.modeling import TwistLlavaLlamaForCausalLM
+    from llava_twist.plan import activation_bytes
+
+    vocab, hidden, batch, length = 256, 128, 2, 96
+    config = TwistConfig(hidden_size=hidden, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=vocab, twist_expert=expert, twist_layers=layers, _attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = TwistLlavaLlamaForCausalLM(config).to(torch.bfloat16).train()
+    freeze_all_but_twist(model)
+    ids = torch.randint(0, vocab, (batch, length))
+    embeds = model.get_model().embed_tokens(ids).detach().requires_grad_(True)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=embeds, labels=ids, twist_route=torch.ones(batch, dtype=torch.bool), use_cache=False)
+    head = batch * length * (4 * vocab + 4 * hidden)  # what the head's autograd keeps: log-softmax, final norm
+    estimate = activation_bytes(model.config, batch, length, checkpointing=False)["layers"]
+    assert 0.95 <= (sum(kept.values()) - head) / estimate <= 1.08  # measured: 1.04 for each
