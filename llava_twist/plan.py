@@ -367,13 +367,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the planner prints, as one JSON-ready dict; bad input raises :class:`PlanError` (or a
     ValueError of the checks it calls, one line each)."""
     from llava_twist.model.builder import twist_config_for
-    from llava_twist.train.zero3 import ZERO3, ZERO3_OFFLOAD, read_zero3
+    from llava_twist.train.zero3 import ZERO3, read_zero3
 
     folder, source = config_folder(args.model_path)
     config = twist_config_for(folder, **twist_settings(args))
     zero_path = args.zero3_offload or args.zero3 or ZERO3
-    if args.zero3_offload is None and args.zero3 is None and args.offload:
-        zero_path = ZERO3_OFFLOAD
     zero = read_zero3(zero_path, config.hidden_size)
     tower = vision_tower_config(config.mm_vision_tower, getattr(config, "mm_hidden_size", None))
     model = build_twist_model(config, tower, args.twist_lora_r, args.all_trainable)
@@ -462,14 +460,11 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _true_or_false(text: str) -> bool:
+def build_parser() -> argparse.ArgumentParser:
     from transformers.hf_argparser import string_to_bool
 
-    return string_to_bool(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
     from llava_twist.model.config import USER_SETTINGS
+    from llava_twist.train.zero3 import ZERO3, ZERO3_OFFLOAD
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       epilog="How each figure is computed: pydoc llava_twist.plan; docs/scale-notes.md")
@@ -478,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     counted = ("twist_layers", "twist_expert", "twist_head", "twist_mix", "twist_router", "twist_router_hidden")
     for setting in USER_SETTINGS:
         if setting.name in counted:
-            kind = _true_or_false if setting.kind is bool else setting.kind
+            kind = string_to_bool if setting.kind is bool else setting.kind
             p.add_argument(f"--{setting.name}", type=kind, default=None, choices=setting.choices or None,
                            nargs="?" if setting.kind is bool else None, const=True if setting.kind is bool else None,
                            help=f"{setting.help} (unset: {setting.default})")
@@ -487,14 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=GPUS, default=8, help=f"GPUs per node ({GPUS}; default 8)")
     p.add_argument("--nodes", type=NODES, default=1, help=f"nodes ({NODES}; default 1)")
     zero = p.add_mutually_exclusive_group()
-    zero.add_argument("--zero3", nargs="?", const=None, default=None, metavar="JSON",
-                      help="DeepSpeed config (default: the checkout's scripts/zero3.json)")
-    zero.add_argument("--zero3-offload", nargs="?", const="", default=None, metavar="JSON",
-                      help="DeepSpeed config with CPU offload (default: scripts/zero3_offload.json)")
+    zero.add_argument("--zero3", nargs="?", const=ZERO3, default=None, metavar="JSON",
+                      help="a ZeRO-3 DeepSpeed config (default: the checkout's scripts/zero3.json)")
+    zero.add_argument("--zero3-offload", nargs="?", const=ZERO3_OFFLOAD, default=None, metavar="JSON",
+                      help="the same, LLaVA's with CPU offload by default (scripts/zero3_offload.json); what a "
+                           "config offloads is read from it")
     p.add_argument("--batch-per-gpu", type=BATCH, default=16, help=f"sequences per GPU ({BATCH}; default 16, LLaVA's)")
     p.add_argument("--max-length", type=LENGTH, default=2048,
                    help=f"tokens per sequence, image tokens included ({LENGTH}; default 2048, LLaVA's)")
-    p.add_argument("--gradient-checkpointing", type=_true_or_false, nargs="?", const=True, default=True,
+    p.add_argument("--gradient-checkpointing", type=string_to_bool, nargs="?", const=True, default=True,
                    help="True (default, LLaVA's recipe) or False")
     p.add_argument("--all-trainable", action="store_true",
                    help="count every parameter as trainable (what DeepSpeed's estimator assumes), to compare")
@@ -503,10 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    args.offload = args.zero3_offload is not None
-    args.zero3_offload = args.zero3_offload or None
-    return args
+    return build_parser().parse_args(argv)
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
