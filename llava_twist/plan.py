@@ -105,10 +105,6 @@ def _cached_config(name: str, local_only: bool) -> Path | None:
     return Path(found).parent if found else None
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".json")
-
-
 def config_folder(model_path: str) -> tuple[Path, str]:
     """The folder holding ``model_path``'s ``config.json`` and where it came from: a checkpoint folder, a
     ``config.json`` file, or a hub id resolved as LLaVA's loader resolves it (the cache, else the hub)."""
@@ -119,7 +115,9 @@ def config_folder(model_path: str) -> tuple[Path, str]:
         if path.name != "config.json":
             raise PlanError(f"--model-path {model_path}: a file must be a checkpoint's config.json")
         return path.parent, "config.json"
-    if not _looks_like_hub_id(model_path):
+    from llava_twist.model.builder import looks_like_hub_id
+
+    if not looks_like_hub_id(model_path):
         raise PlanError(f"--model-path {model_path}: no such folder or config.json")
     folder = _cached_config(model_path, local_only=False)
     if folder is None:

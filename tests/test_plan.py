@@ -226,6 +226,7 @@ def test_the_table_names_the_assumed_tower_and_its_estimates(tmp_path: Path) -> 
     (["--twist_layers", "evens"], ["twist_layers"]),
     (["--zero3", "scripts/zero2.json"], ["zero2.json", "ZeRO-3"]),
     (["--batch-per-gpu", "0"], ["--batch-per-gpu"]),
+    (["--zero3", "--zero3-offload"], ["--zero3-offload", "not allowed"]),
 ])
 def test_bad_flags_are_one_line(tmp_path: Path, argv: list[str], pieces: list[str]) -> None:
     from cli_checks import REPO
