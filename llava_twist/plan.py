@@ -77,9 +77,6 @@ class PlanError(ValueError):
     """An input the planner cannot use; the message is one line naming it."""
 
 
-# ---------------------------------------------------------------------------------------------- the config
-
-
 def _quiet_hub() -> contextlib.AbstractContextManager:
     """The hub client's retry warnings off: a failed lookup is reported in one line of our own."""
     stack = contextlib.ExitStack()
@@ -164,9 +161,6 @@ def vision_tower_config(name: str, mm_hidden_size: int | None) -> Tower:
         where = "CLIP ViT-L/14-336, assumed," if assumed else f"the vision tower {name}"
         raise PlanError(f"mm_hidden_size {mm_hidden_size} disagrees with {where} (hidden_size {config.hidden_size})")
     return Tower(name=name, config=config, assumed=assumed)
-
-
-# ---------------------------------------------------------------------------------------------- the meta model
 
 
 def build_twist_model(config: Any, tower: Tower, lora_r: int = 0, all_trainable: bool = False,
@@ -268,9 +262,6 @@ def delta_file_bytes(model: Any) -> int:
     return 8 + text + (-text) % 8 + offset
 
 
-# ---------------------------------------------------------------------------------------------- memory
-
-
 def model_states(trainable: int, largest_trainable: int, frozen: int, largest_frozen: int, gpus_per_node: int,
                  nodes: int, offload_optimizer: bool, offload_param: bool) -> dict[str, int]:
     """Per-GPU and per-node CPU bytes of the model states: DeepSpeed's estimator for the trainable parameters, the
@@ -356,9 +347,6 @@ def buffer_bytes(zero: Any, persistent: int) -> dict[str, int]:
 def smallest_card(per_gpu: int) -> int | None:
     """The smallest of :data:`CARDS_GB` whose memory the run fits in (90% of it), or None."""
     return next((gb for gb in CARDS_GB if per_gpu <= CARD_HEADROOM * gb * GIB), None)
-
-
-# ---------------------------------------------------------------------------------------------- the plan
 
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
