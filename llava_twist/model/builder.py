@@ -45,6 +45,11 @@ from llava_twist.model.twin_layer import TwistOutputHead
 DELTA_WEIGHTS = "twist_delta.safetensors"
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether a path that is not on this machine could be a hub id (``liuhaotian/llava-v1.5-7b``)."""
+    return name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_checkpoint(name: str | os.PathLike, flag: str = "--model-path", cache_dir: str | None = None) -> str:
     """A local checkpoint folder for ``name``: the folder itself, or a hub id (``liuhaotian/llava-v1.5-7b``)
     resolved as LLaVA's own loader resolves it (``from_pretrained``'s download and cache; with
@@ -52,7 +57,7 @@ def resolve_checkpoint(name: str | os.PathLike, flag: str = "--model-path", cach
     if os.path.isdir(name):
         return str(name)
     name = str(name)
-    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+    if not looks_like_hub_id(name):
         raise FileNotFoundError(f"{flag} {name}: no such folder (and not a hub id such as liuhaotian/llava-v1.5-7b)")
     try:
         from huggingface_hub import snapshot_download

@@ -51,6 +51,7 @@ from llava_twist.train.distributed import exit_distributed  # noqa: E402
 from llava_twist.train.lora import add_twist_lora, freeze_for_twist_lora, merged_twist_state  # noqa: E402
 from llava_twist.train.records import BadRecordError, validated_records  # noqa: E402
 from llava_twist.train.trainer import TwistTrainer  # noqa: E402
+from llava_twist.train.zero3 import hidden_size_autos  # noqa: E402
 from scout_data.output import OutputError, check_output  # noqa: E402
 
 logger = logging.getLogger("llava_twist.train")
@@ -81,16 +82,11 @@ def match_base_vision_args(model_args: Any, base_config: dict[str, Any], where: 
 
 
 def fill_deepspeed_hidden_size_autos(training_args: Any, hidden_size: int) -> None:
-    """Fill DeepSpeed's hidden-size based ``auto`` buckets with integers: transformers 4.37.2 writes
-    ``0.9 * hidden**2`` (a float), which DeepSpeed >= 0.15 rejects for ``stage3_prefetch_bucket_size``."""
+    """Fill DeepSpeed's hidden-size based ``auto`` buckets with integers
+    (:func:`llava_twist.train.zero3.hidden_size_autos`)."""
     ds_config = getattr(training_args, "hf_deepspeed_config", None)
     zero = ds_config.config.get("zero_optimization", {}) if ds_config is not None else {}
-    values = {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    for key, value in values.items():
+    for key, value in hidden_size_autos(hidden_size).items():
         if zero.get(key) == "auto":
             zero[key] = value
 
