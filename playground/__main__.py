@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from playground.app import MAX_FILE_SIZE, build_demo, create_backend, create_remote_backend, launch
+from playground.app import MAX_BATCH, MAX_FILE_SIZE, build_demo, create_backend, create_remote_backend, launch
 from playground.models import PlaygroundError
 
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="upload size limit, e.g. 10mb")
+    p.add_argument("--limit-model-concurrency", type=int, default=MAX_BATCH,
+                   help="users whose answers are generated together (local model; LLaVA's worker flag)")
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--load-4bit", action="store_true")
     return p
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.controller_url:
             backend = create_remote_backend(args.controller_url)
         else:
-            backend = create_backend(args.model_path, args.model_base, args.device,
+            backend = create_backend(args.model_path, args.model_base, args.device, args.limit_model_concurrency,
                                      load_8bit=args.load_8bit, load_4bit=args.load_4bit)
     except (PlaygroundError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)

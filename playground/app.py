@@ -29,10 +29,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from llava_twist.model.routes import AUTO, FROZEN, GROUNDING  # noqa: E402
+from llava_twist.model.routes import AUTO, FROZEN, GROUNDING, Route  # noqa: E402
+from llava_twist.serve.batching import Batcher  # noqa: E402
 from llava_twist.serve.drawing import draw_boxes  # noqa: E402
+from llava_twist.serve.generation import GenerationSettings  # noqa: E402
 from llava_twist.serve.images import image_size_problem, to_rgb  # noqa: E402
-from llava_twist.serve.inference import GenerationSettings, LoadedModel, load_model, stream_generate  # noqa: E402
+from llava_twist.serve.loading import LoadedModel, load_model  # noqa: E402
+from llava_twist.serve.prompting import build_prompt  # noqa: E402
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text  # noqa: E402
 from playground.make_examples import EXAMPLES_DIR, EXAMPLES_FILE  # noqa: E402
 from playground.models import (  # noqa: E402
@@ -48,6 +51,8 @@ from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
+MAX_BATCH = 5  # users whose answers are generated together (LLaVA's --limit-model-concurrency default)
+MAX_QUEUE = 32  # users waiting beyond those (Gradio's queue)
 UPDATE_EVERY_S = 0.25
 MIN_DRAWN_WIDTH = 320  # a smaller image is drawn on an enlarged copy: its boxes' labels would cover its objects
 SERVED_ID = "llava-twist-output"  # PNG text key of each output image (see served_image)
@@ -81,8 +86,9 @@ def check_query(query: str | None) -> str:
 
 
 class Backend:
-    """The model behind the UI (loaded here, or the models of a LLaVA controller: ``remote``); one generation at a
-    time (a lock, besides Gradio's queue)."""
+    """The model behind the UI: loaded here, whose concurrent users' answers are generated together (a
+    :class:`Batcher`, as the model worker's), or the models of a LLaVA controller (``remote``) or a test's
+    ``generate_fn``, one generation at a time (a lock, besides Gradio's queue)."""
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class Backend:
         box_frame: str | None = None,
         examples_dir: str | Path | None = None,
         remote: RemoteModels | None = None,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         if loaded is None and generate_fn is None and remote is None:
             raise ValueError("Backend needs a loaded model, a generate_fn or a controller's models")
@@ -102,14 +109,29 @@ class Backend:
         self.generate_fn = generate_fn
         self.box_frame = box_frame or (loaded.default_box_frame() if loaded is not None else DEFAULT_FRAME)
         self.lock = threading.Lock()
+        self.batcher = None
+        if loaded is not None and generate_fn is None:
+            self.batcher = Batcher(loaded, max_batch=max_batch, max_waiting=MAX_QUEUE)
+
+    @property
+    def concurrency(self) -> int:
+        """How many requests the UI runs at once: the batch's size when generations are shared, else 1."""
+        return self.batcher.max_batch if self.batcher is not None else 1
+
+    def _job_lock(self) -> threading.Lock:
+        """What a request's generations hold: a lock of its own when the batcher shares the model, else the one."""
+        return threading.Lock() if self.batcher is not None else self.lock
 
     def _generator(self) -> TextGenerator:
         if self.generate_fn is not None:
             return self.generate_fn
-        loaded = self.loaded
+        loaded, batcher = self.loaded, self.batcher
+        mm_start_end = bool(getattr(loaded.model.config, "mm_use_im_start_end", False))
 
         def real(query: str, image: Image.Image, settings: GenerationSettings) -> Iterator[str | InferenceResult]:
-            return stream_generate(loaded, query, image, settings)
+            prompt = build_prompt(query, settings.conv_mode, mm_start_end)
+            for item in batcher.stream(prompt, image, settings, label=query):
+                yield item if isinstance(item, InferenceResult) else item[0]
 
         return real
 
@@ -176,9 +198,10 @@ class Backend:
         try:
             image = check_image(image)
             query = check_query(query)
-            route = ROUTE_CHOICES.get(route_label, route_label)
-            if route not in ROUTE_LABELS:
-                raise PlaygroundError(f"Unknown route {route_label!r}; choose one of {list(ROUTE_CHOICES)}.")
+            try:
+                route = Route.parse(ROUTE_CHOICES.get(route_label, route_label))
+            except ValueError:
+                raise PlaygroundError(f"Unknown route {route_label!r}; choose one of {list(ROUTE_CHOICES)}.") from None
             settings = dict(temperature=float(temperature), max_new_tokens=max(1, int(max_new_tokens)))
         except PlaygroundError as exc:
             raise gr.Error(str(exc)) from exc
@@ -187,7 +210,7 @@ class Backend:
         runs = [GenerationSettings(route=route, **settings)] + (
             [GenerationSettings(route=FROZEN, **settings)] if second else [])
         models = [model, other][: len(runs)]
-        job = GenerationJob(self.lock, [functools.partial(self.start, query, image, s, m)
+        job = GenerationJob(self._job_lock(), [functools.partial(self.start, query, image, s, m)
                                         for s, m in zip(runs, models, strict=True)])
         try:
             yield from self._panels(job, runs, query, image, compare)
@@ -351,7 +374,7 @@ def build_demo(backend: Backend, examples_dir: str | Path | None = None) -> gr.B
         outputs = [out_image, out_steps, out_info, out_data, base_image, base_steps, base_info, base_data]
         ask.click(backend.run, inputs, outputs, api_name="ask")
         query.submit(backend.run, inputs, outputs, api_visibility="private")
-    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.queue(default_concurrency_limit=backend.concurrency, max_size=MAX_QUEUE)
     return demo
 
 
@@ -421,11 +444,12 @@ def create_remote_backend(controller_url: str) -> Backend:
 
 
 def create_backend(
-    model_path: str | None = None, model_base: str | None = None, device: str = "auto", **load_kwargs: Any
+    model_path: str | None = None, model_base: str | None = None, device: str = "auto", max_batch: int = MAX_BATCH,
+    **load_kwargs: Any
 ) -> Backend:
     """Resolve and load the model (the demo's or the tiny one by default) behind a :class:`Backend`, with the
-    example scenes of its world when it has them."""
+    example scenes of its world when it has them; ``max_batch`` users' answers are generated together."""
     source = resolve_model_source(model_path, model_base)
     loaded = load_model(source.model_path, source.model_base, device, **load_kwargs)
     examples = servable_examples(source.examples) if source.examples else None
-    return Backend(loaded, describe_model(source, loaded), examples_dir=examples)
+    return Backend(loaded, describe_model(source, loaded), examples_dir=examples, max_batch=max_batch)

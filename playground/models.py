@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_twist.serve.inference import LoadedModel
+from llava_twist.serve.loading import LoadedModel
 from playground.pointer import PointerError, read_pointer
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent

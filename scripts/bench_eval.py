@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from llava_twist.eval.model_grounding import answer_questions
-from llava_twist.serve.inference import GenerationSettings, LoadedModel, load_model
+from llava_twist.serve.generation import GenerationSettings
+from llava_twist.serve.loading import LoadedModel, load_model
 
 QUERIES = (
     "Where is the red circle left of the blue square? Answer step by step.",

@@ -101,8 +101,8 @@ def router_probs(model_dir: Path, base: Path | None, data: Path, images: Path) -
     grounding, understanding = [], []
     for record in json.loads(data.read_text()):
         with torch.no_grad():
-            model(**prompt_batch(tokenizer, processor, model.config, record, images), twist_route="auto")
-        prob = model.twist_last_route.prob.item()
+            out = model(**prompt_batch(tokenizer, processor, model.config, record, images), twist_route="auto")
+        prob = out.twist_decision.prob.item()
         (grounding if record.get("task") == "grounding" else understanding).append(prob)
     return grounding, understanding
 

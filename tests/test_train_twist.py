@@ -240,7 +240,7 @@ def test_gradient_checkpointing_keeps_the_router_trainable(tiny_llava: Path, dat
         gradient_checkpointing_kwargs = {"use_reentrant": True}
 
     with pytest.raises(ValueError, match="router without gradient"):
-        setup_gradient_checkpointing(Args(), "prompt")
+        setup_gradient_checkpointing(Args(), router_learns=True)
 
 
 def test_no_empty_optimizer_group(tiny_llava: Path) -> None:

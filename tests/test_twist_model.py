@@ -272,13 +272,15 @@ def test_auto_route_follows_the_router(tiny_llava: Path) -> None:
         frozen = twist(**batch, twist_route="frozen").logits
         grounding = twist(**batch, twist_route="grounding").logits
         set_router_bias(twist, -6.0)
-        assert torch.equal(twist(**batch, twist_route="auto").logits, frozen)
-        assert twist.twist_last_route.routes() == ["frozen", "frozen"]
-        assert not twist.twist_last_route.forced
+        out = twist(**batch, twist_route="auto")
+        assert torch.equal(out.logits, frozen)
+        assert out.twist_decision.routes() == ["frozen", "frozen"]
+        assert not out.twist_decision.forced.any()
         set_router_bias(twist, 6.0)
-        assert torch.equal(twist(**batch).logits, grounding)
-        assert twist.twist_last_route.routes() == ["grounding", "grounding"]
-        assert float(twist.twist_last_route.prob.min()) > 0.99
+        out = twist(**batch)
+        assert torch.equal(out.logits, grounding)
+        assert out.twist_decision.routes() == ["grounding", "grounding"]
+        assert float(out.twist_decision.prob.min()) > 0.99
         mixed = twist(**batch, twist_route=torch.tensor([False, True])).logits
     assert torch.equal(mixed[0], frozen[0])
     torch.testing.assert_close(mixed[1], grounding[1], rtol=1e-5, atol=1e-5)
@@ -291,13 +293,11 @@ def test_router_reads_only_the_prompt_after_the_image(tiny_llava: Path) -> None:
         twist.get_model().twist_router.net[-1].weight.normal_()
     batch = make_batch(tiny_llava, QUERIES[:1])
     with torch.no_grad():
-        twist(**batch)
-        p_prompt = twist.twist_last_route.prob.clone()
+        p_prompt = twist(**batch).twist_decision.prob
         answer = torch.tensor([[34, 56, 78, 2]])
         ids = torch.cat([batch["input_ids"], answer], dim=1)
         labels = torch.cat([torch.full_like(batch["input_ids"], -100), answer], dim=1)
-        twist(input_ids=ids, images=batch["images"], labels=labels)
-        p_with_answer = twist.twist_last_route.prob.clone()
+        p_with_answer = twist(input_ids=ids, images=batch["images"], labels=labels).twist_decision.prob
     torch.testing.assert_close(p_prompt, p_with_answer)
 
 
@@ -316,8 +316,9 @@ def test_generate_with_kv_cache_matches_recompute(tiny_llava: Path, kwargs: dict
     frozen = twist.generate(batch["input_ids"], twist_route="frozen", **common)
     assert not torch.equal(grounding, frozen)  # the forced route changes what is generated
     set_router_bias(twist, 6.0)
-    assert torch.equal(twist.generate(batch["input_ids"], **common), grounding)
-    assert twist.twist_last_route.routes() == ["grounding", "grounding"]
+    out = twist.generate(batch["input_ids"], return_dict_in_generate=True, **common)
+    assert torch.equal(out.sequences, grounding)
+    assert out.twist_decision.routes() == ["grounding", "grounding"]
 
 
 def test_beam_search_runs_on_the_twist_cache(tiny_llava: Path) -> None:
@@ -376,8 +377,9 @@ def test_plain_llava_checkpoint_loads_converted(tiny_llava: Path) -> None:
     assert isinstance(model, TwistLlavaLlamaForCausalLM)
     batch = make_batch(tiny_llava, QUERIES)
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, load_base(tiny_llava)(**batch).logits)
-    assert model.twist_last_route.routes() == ["frozen", "frozen"]  # an untrained router keeps the original
+        out = model(**batch)
+        assert torch.equal(out.logits, load_base(tiny_llava)(**batch).logits)
+    assert out.twist_decision.routes() == ["frozen", "frozen"]  # an untrained router keeps the original
 
 
 def test_llavas_own_loader_reads_the_tiny_checkpoint(tiny_llava: Path) -> None:
@@ -472,7 +474,9 @@ def test_route_decision_survives_decode_steps(tiny_llava: Path) -> None:
     batch = make_batch(tiny_llava, QUERIES)
     common = {"images": batch["images"], "attention_mask": batch["attention_mask"], "do_sample": False,
               "pad_token_id": 0}
-    twist.generate(batch["input_ids"], max_new_tokens=1, **common)
-    after_prefill = twist.twist_last_route.prob.clone()
-    twist.generate(batch["input_ids"], max_new_tokens=6, min_new_tokens=6, **common)
-    assert torch.equal(twist.twist_last_route.prob, after_prefill)
+    with torch.no_grad():
+        after_prefill = twist(**batch).twist_decision.prob
+    out = twist.generate(batch["input_ids"], max_new_tokens=6, min_new_tokens=6, return_dict_in_generate=True,
+                         **common)
+    assert torch.equal(out.twist_decision.prob, after_prefill)
+    assert not hasattr(twist, "twist_last_route") and not hasattr(twist.get_model(), "twist_last_decision")

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from llava_twist.eval.common import EvalError, write_result
 from llava_twist.model.loss import StepWeights, stepwise_lm_loss
-from llava_twist.model.routes import ROUTES
-from llava_twist.serve.inference import MODEL_CLASSES, load_model
+from llava_twist.model.routes import ROUTE_METAVAR, Route, route_flag
+from llava_twist.serve.loading import MODEL_CLASSES, load_model
 from llava_twist.serve.result import InferenceError
 from llava_twist.tiny import COORDINATES
 
@@ -164,13 +164,15 @@ def spliced(model: Any, batch: dict[str, Any], is_twist: bool) -> tuple[dict[str
 
 
 def answer_loss(model_path: str, data: str, image_folder: str, model_base: str | None = None,
-                model_class: str = "twist", route: str = "auto", num: int = 64, batch_size: int = 16,
+                model_class: str = "twist", route: Route | str = Route.AUTO, num: int = 64, batch_size: int = 16,
                 device: str = "cpu") -> dict[str, Any]:
     """Mean loss per answer token of the first ``num`` records of ``data`` with an image, by token kind."""
     from llava.train.train import DataCollatorForSupervisedDataset
 
-    if route not in ROUTES:
-        raise EvalError(f"--route {route!r}: expected one of {ROUTES}")
+    try:
+        route = Route.parse(route, "--route")
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     loaded = load_model(model_path, model_base, device=device, model_class=model_class)
     tokenizer, model = loaded.tokenizer, loaded.model
     dataset, picked = llava_records(data, image_folder, tokenizer, loaded.image_processor, num)
@@ -203,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None, help="the base of a TWIST delta checkpoint")
     p.add_argument("--model-class", choices=MODEL_CLASSES, default="twist")
-    p.add_argument("--route", choices=ROUTES, default="auto", help="TWIST's route (plain LLaVA: ignored)")
+    p.add_argument("--route", type=route_flag, default=Route.AUTO, metavar=ROUTE_METAVAR,
+                   help="TWIST's route (plain LLaVA: ignored)")
     p.add_argument("--data", required=True, help="LLaVA conversation JSON")
     p.add_argument("--image-folder", required=True)
     p.add_argument("--num", type=int, default=64, help="records read (the first ones with an image)")

@@ -34,17 +34,10 @@ from tqdm import tqdm
 from llava_twist.eval.common import EvalError, atomic_write_text, read_questions
 from llava_twist.eval.prompts import PROMPT_STYLES, prompt_code_version, question_prompt
 from llava_twist.model.builder import weights_fingerprint
-from llava_twist.model.routes import ROUTES
-from llava_twist.serve.inference import (
-    DEFAULT_CONV_MODE,
-    MODEL_CLASSES,
-    GenerationSettings,
-    LoadedModel,
-    add_generation_arguments,
-    generate,
-    load_image,
-    load_model,
-)
+from llava_twist.model.routes import ROUTE_METAVAR, Route, route_flag
+from llava_twist.serve.generation import GenerationSettings, add_generation_arguments, generate
+from llava_twist.serve.loading import MODEL_CLASSES, LoadedModel, load_model
+from llava_twist.serve.prompting import DEFAULT_CONV_MODE, load_image
 from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.limits import Bounded, OneLineParser
 from scout_data.output import OutputError, describe_differences, output_lock
@@ -255,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-idx", type=CHUNK_INDEX, default=0, help=f"{CHUNK_INDEX}, below --num-chunks")
     add_generation_arguments(p)
     p.add_argument("--batch-size", type=BATCH_SIZE, default=1, help=f"{BATCH_SIZE}")
-    p.add_argument("--route", choices=ROUTES, default="auto")
+    p.add_argument("--route", type=route_flag, default=Route.AUTO, metavar=ROUTE_METAVAR)
     p.add_argument("--prompt", choices=PROMPT_STYLES, default="scout",
                    help="how a refexp question is asked: its own text (scout), LLaVA-1.5's REC prompt (llava) or "
                         "lmms-eval's (lmms-eval); the last two use the question's 'expression'")

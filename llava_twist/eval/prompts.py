@@ -16,7 +16,7 @@ from typing import Any
 
 from llava_twist.eval.common import EvalError
 from llava_twist.eval.protocols import LMMS_EVAL_REC_PROMPT
-from llava_twist.serve.inference import build_prompt
+from llava_twist.serve.prompting import build_prompt
 from scout_data.writer import render_prompt
 
 PROMPT_STYLES = ("scout", "llava", "lmms-eval")

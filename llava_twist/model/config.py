@@ -9,13 +9,13 @@ from typing import Any
 from llava.model.language_model.llava_llama import LlavaConfig
 
 from llava_twist.model.loss import StepWeights
-from llava_twist.model.routes import ROUTES
+from llava_twist.model.routers import ROUTER_KINDS, router_for
+from llava_twist.model.routes import Route
 
 TWIST_MODEL_TYPE = "llava_twist"
 LAYER_PRESETS = ("all", "every_other")
 EXPERT_KINDS = ("mlp", "layer")
 MIX_KINDS = ("learned", "fixed")
-ROUTER_KINDS = ("prompt", "token", "none")
 
 
 def _same(value: Any) -> Any:
@@ -56,9 +56,10 @@ TWIST_SETTINGS: tuple[TwistSetting, ...] = (
         "a = sigmoid(logit)) or fixed")),
     TwistSetting("twist_mix_init", float, 0.5, convert=float, help=(
         "initial (or fixed) a in [0, 1]; 0 runs the grounding expert alone")),
-    TwistSetting("twist_router", str, "prompt", choices=ROUTER_KINDS, help=(
-        "prompt (one learned decision per prompt), token (a per-token soft gate in every twin layer, an ablation "
-        "that gives up exactness) or none (routes must be forced)")),
+    TwistSetting("twist_router", str, "prompt", help=(
+        f"the router kind ({', '.join(ROUTER_KINDS)}; llava_twist.model.routers): prompt (one learned decision per "
+        "prompt), token (a per-token soft gate in every twin layer, an ablation that gives up exactness) or none "
+        "(routes must be forced)")),
     TwistSetting("twist_router_layer", int, None, help=(
         "index of the decoder layer whose input hidden states the router reads, pooled over the prompt's text "
         "after the image; unset: the first twin layer (decided in the same pass), a later layer costs a second "
@@ -78,7 +79,8 @@ TWIST_SETTINGS: tuple[TwistSetting, ...] = (
     TwistSetting("twist_head", bool, False, convert=bool, help=(
         "also give the output layer (lm_head) a grounding copy, used by the grounding route; for bases whose "
         "frozen output rows cannot reach the chains' words (see TwistOutputHead)")),
-    TwistSetting("twist_route", str, "auto", user=False, choices=ROUTES, help=(
+    TwistSetting("twist_route", str, Route.AUTO.value, user=False,
+                 convert=lambda value: Route.parse(value, "twist_route").value, help=(
         "the route forward/generate take when none is passed")),
     TwistSetting("twist_base_fingerprint", str, None, user=False, help=(
         "fingerprint of the base LLaVA weights a grounding delta applies onto (set by training)")),
@@ -158,13 +160,9 @@ class TwistConfig(LlavaConfig):
             raise ValueError(f"twist_router_layer={self.twist_router_layer}: must lie in [0, {n - 1}]")
         if not 0.0 < self.twist_router_threshold < 1.0:
             raise ValueError(f"twist_router_threshold={self.twist_router_threshold}: must lie in (0, 1)")
-        if self.twist_head and self.twist_router == "token":
-            raise ValueError("twist_head=True needs one route per prompt; the per-token gate (twist_router='token') "
-                             "has none")
         if self.twist_head and getattr(self, "pretraining_tp", 1) > 1:
             raise ValueError(f"twist_head=True needs pretraining_tp=1 (got {self.pretraining_tp})")
-        if self.twist_router == "none" and self.twist_route == "auto":
-            raise ValueError("twist_router='none' needs a forced default route: set twist_route to frozen|grounding")
+        router_for(self).validate()
 
     @classmethod
     def from_llava_config(cls, llava_config: LlavaConfig, **twist_kwargs: Any) -> TwistConfig:

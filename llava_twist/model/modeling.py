@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +15,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.utils import ModelOutput
 
 from llava_twist.model.config import TWIST_MODEL_TYPE, TwistConfig
 from llava_twist.model.loss import align_span_ids, stepwise_lm_loss
-from llava_twist.model.routes import AUTO, FROZEN, GROUNDING
+from llava_twist.model.routers import router_for
+from llava_twist.model.routes import Route
 from llava_twist.model.routing import (
     RouteContext,
     RouteDecision,
@@ -25,11 +28,13 @@ from llava_twist.model.routing import (
     TwistRouter,
     class_balanced_weights,
     mark_router_positions,
+    requested_routes,
+    route_codes,
     split_router_marks,
 )
 from llava_twist.model.twin_layer import TwinMix, TwistDecoderLayer, TwistOutputHead
 
-RouteArg = str | torch.Tensor | None
+RouteArg = Route | str | Sequence[Route | str] | torch.Tensor | None
 
 
 @dataclass
@@ -37,6 +42,7 @@ class TwistModelOutput(BaseModelOutputWithPast):
     router_logits: torch.Tensor | None = None
     route: torch.Tensor | None = None
     gate_logits: tuple[torch.Tensor, ...] | None = None
+    twist_decision: RouteDecision | None = None  # the prefill's decision (None at decode steps)
 
 
 @dataclass
@@ -51,6 +57,7 @@ class TwistCausalLMOutput(CausalLMOutputWithPast):
     token_losses: torch.Tensor | None = None
     token_spans: torch.Tensor | None = None
     token_supervised: torch.Tensor | None = None
+    twist_decision: RouteDecision | None = None  # the prefill's decision (None at decode steps)
 
 
 @dataclass
@@ -78,38 +85,38 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
     def __init__(self, config: TwistConfig) -> None:
         super().__init__(config)
         self.twist_context = RouteContext()
+        self.router_kind = router_for(config)
         router_layer = config.router_layer_index()
         self.twin_layers = config.twin_layer_indices()
         for i in self.twin_layers:
-            self.layers[i] = TwistDecoderLayer(config, i, self.twist_context, is_router_layer=i == router_layer)
+            self.layers[i] = TwistDecoderLayer(config, i, self.twist_context, is_router_layer=i == router_layer,
+                                               router_kind=self.router_kind)
         self.router_in_pass = router_layer == self.twin_layers[0]
-        self.twist_router = (
-            TwistRouter(config.hidden_size, config.twist_router_hidden) if config.twist_router == "prompt" else None
-        )
-        self.twist_last_decision: RouteDecision | None = None
+        self.twist_router = self.router_kind.build_head()
 
     def twin_decoder_layers(self) -> list[TwistDecoderLayer]:
         return [self.layers[i] for i in self.twin_layers]
 
     def reset_twist_router_and_mix(self) -> None:
         if self.twist_router is not None:
-            self.twist_router.reset()
+            self.router_kind.reset_head(self.twist_router)
         for layer in self.twin_decoder_layers():
             for mix in layer.mixes():
                 mix.reset(self.config)
 
-    def _forced_route(self, twist_route: RouteArg, batch: int, device: torch.device) -> torch.Tensor | None:
-        if isinstance(twist_route, torch.Tensor):
-            if twist_route.shape != (batch,):
-                raise ValueError(f"twist_route tensor must have shape ({batch},), got {tuple(twist_route.shape)}")
-            return twist_route.to(device=device, dtype=torch.bool)
-        if twist_route in (FROZEN, GROUNDING):
-            return torch.full((batch,), twist_route == GROUNDING, dtype=torch.bool, device=device)
-        if twist_route != AUTO:
-            raise ValueError(f"twist_route={twist_route!r}: expected 'auto', 'frozen', 'grounding' or a bool tensor")
-        if self.config.twist_router == "none":
-            raise ValueError("this TWIST model has no router (twist_router='none'): force twist_route")
-        return None
+    def _requested_route(self, twist_route: RouteArg, batch: int, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples forced, their routes) (:func:`requested_routes`), checked against what the router kind does."""
+        forced, route = requested_routes(twist_route, batch, device)
+        if not bool(forced.all()):
+            kind = self.router_kind
+            if not kind.decides:
+                raise ValueError(f"this TWIST model's router kind ({kind.name}) takes forced routes only: force "
+                                 "twist_route")
+            if kind.gates and bool(forced.any()):
+                raise ValueError(f"the router kind {kind.name} gates every token: it cannot mix forced and auto "
+                                 "routes in one batch")
+        return forced, route
 
     def forward(
         self,
@@ -137,30 +144,34 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
                 cache = TwistCache.from_legacy(past_key_values)
             cache.begin_step()
 
-        route = self._forced_route(twist_route if twist_route is not None else self.config.twist_route, batch, device)
-        forced = route is not None
+        forced, forced_route = self._requested_route(
+            twist_route if twist_route is not None else self.config.twist_route, batch, device)
+        all_forced = bool(forced.all())
+        route = forced_route if all_forced else None
         decode_step = cache is not None and cache.route is not None
         if decode_step:
-            if route is not None and not torch.equal(route, cache.route):
+            if not torch.equal(forced_route[forced], cache.route[forced]):
                 raise ValueError(
                     "twist_route differs from the route this KV cache was built on; start a new sequence to change it"
                 )
             route = cache.route
-        token_gate = self.config.twist_router == "token" and route is None
+        kind = self.router_kind
+        token_gate = kind.gates and route is None
         if token_gate:
             route = torch.ones(batch, dtype=torch.bool, device=device)
 
-        router = None if decode_step else self.twist_router  # the prefill decided; keep its decision
+        deciding = kind.per_prompt and not decode_step  # the prefill decided; decode steps keep its decision
         router_logits = None
         if route is None and not self.router_in_pass:
             router_logits = self._prefill_router(input_ids, attention_mask, position_ids, inputs_embeds,
                                                  twist_router_mask)
-            route = torch.sigmoid(router_logits) > self.config.twist_router_threshold
-            router = None
+            route = torch.where(forced, forced_route, kind.decide(router_logits))
+            deciding = False
 
         ctx = self.twist_context
-        ctx.begin(route, router, twist_router_mask, self.config.twist_router_threshold,
-                  compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate)
+        ctx.begin(route, kind if deciding else None, self.twist_router, twist_router_mask,
+                  compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate,
+                  forced=None if all_forced else (forced, forced_route))
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -176,9 +187,11 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         route = ctx.route
         if cache is not None:
             cache.route = route
-        if not decode_step and (router_logits is not None or forced):
-            prob = torch.sigmoid(router_logits) if router_logits is not None else route.float()
-            self.twist_last_decision = RouteDecision(prob=prob.detach(), grounding=route.detach(), forced=forced)
+        decision = None
+        if not decode_step:
+            prob = torch.sigmoid(router_logits) if router_logits is not None else route.float() if all_forced else None
+            decision = RouteDecision(prob=None if prob is None else prob.detach(), grounding=route.detach(),
+                                     forced=forced)
         return TwistModelOutput(
             last_hidden_state=out.last_hidden_state,
             past_key_values=out.past_key_values,
@@ -187,6 +200,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
             router_logits=router_logits,
             route=route,
             gate_logits=tuple(ctx.gate_logits) or None,
+            twist_decision=decision,
         )
 
     def _prefill_router(
@@ -200,7 +214,7 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         """Router reading a layer after the first twin layer: a frozen-route prefill to get there."""
         ref = input_ids if input_ids is not None else inputs_embeds
         frozen = torch.zeros(ref.shape[0], dtype=torch.bool, device=ref.device)
-        self.twist_context.begin(frozen, None, None, self.config.twist_router_threshold, compute_both=False)
+        self.twist_context.begin(frozen, None, None, None, compute_both=False)
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -210,7 +224,8 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
             output_hidden_states=True,
             return_dict=True,
         )
-        return self.twist_router(out.hidden_states[self.config.router_layer_index()], router_mask)
+        return self.router_kind.logits(self.twist_router, out.hidden_states[self.config.router_layer_index()],
+                                       router_mask)
 
 
 class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
@@ -237,11 +252,6 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         else:
             super()._init_weights(module)
 
-    @property
-    def twist_last_route(self) -> RouteDecision | None:
-        """The route of the last prefill (``auto``: the router's probability and choice)."""
-        return self.get_model().twist_last_decision
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -267,7 +277,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         ``config.twist_router_loss_weight``. Under the per-token gate (``twist_router="token"``) those labels teach
         the gates, so the gates route every token: a ``twist_route`` passed with them (the samples' tasks) is not
         forced."""
-        if twist_router_labels is not None and self.config.twist_router == "token":
+        if twist_router_labels is not None and self.model.router_kind.gates:
             twist_route = None
         span_ids = twist_step_ids
         if inputs_embeds is None:
@@ -325,6 +335,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             token_losses=token_losses,
             token_spans=token_spans,
             token_supervised=supervised,
+            twist_decision=outputs.twist_decision,
         )
 
     def twist_inputs(
@@ -356,24 +367,9 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     def router_loss(self, outputs: TwistModelOutput, router_labels: torch.Tensor) -> torch.Tensor | None:
         """BCE of the router (or, for the per-token ablation, of every gate) on the sample's task label; class
         balanced when ``config.twist_router_balance``."""
-        if self.config.twist_router == "prompt" and outputs.router_logits is None:
-            raise RuntimeError(
-                f"the router produced no logits in training: twist_router_layer={self.config.twist_router_layer} "
-                "must be a twin layer (or unset) so the router runs in the training pass"
-            )
         target = router_labels.float()
         weight = class_balanced_weights(target) if self.config.twist_router_balance else None
-        if outputs.router_logits is not None:
-            device = outputs.router_logits.device
-            return F.binary_cross_entropy_with_logits(outputs.router_logits, target.to(device),
-                                                      weight=None if weight is None else weight.to(device))
-        if outputs.gate_logits:
-            gates = torch.stack(outputs.gate_logits)  # (layers, B, T)
-            expanded = target.to(gates.device).view(1, -1, 1).expand_as(gates)
-            if weight is not None:
-                weight = weight.to(gates.device).view(1, -1, 1).expand_as(gates)
-            return F.binary_cross_entropy_with_logits(gates, expanded, weight=weight)
-        return None
+        return self.model.router_kind.loss(outputs, target, weight)
 
     @torch.no_grad()
     def generate(
@@ -384,23 +380,50 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_route: RouteArg = None,
         **kwargs: Any,
     ) -> Any:
+        """LLaVA's ``generate`` with a route: ``twist_route`` as for :meth:`forward`, or one route per prompt (auto
+        and forced routes mixed). With ``return_dict_in_generate=True`` the output also carries ``twist_decision``,
+        the :class:`RouteDecision` of each row of ``sequences`` (route, router probability, forced); nothing of the
+        call stays on the model. A streamer that needs the decision before the end passes an empty list as
+        ``twist_decisions``: the prefill's decision (over its rows) is appended to it right after the first token."""
         position_ids = kwargs.pop("position_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("`inputs_embeds` is not supported")
+        if isinstance(twist_route, (list, tuple)):  # one per prompt: codes, which generate repeats for beams
+            twist_route = route_codes(twist_route, inputs.device)
         t = self.twist_inputs(inputs, position_ids, attention_mask, None, None, None, images, image_sizes)
         embeds = t.inputs_embeds if t.inputs_embeds is not None else self.get_model().embed_tokens(t.input_ids)
-        return super(LlavaLlamaForCausalLM, self).generate(
+        decisions = kwargs.pop("twist_decisions", None)
+        decisions = [] if decisions is None else decisions
+        out = super(LlavaLlamaForCausalLM, self).generate(
             position_ids=t.position_ids,
             attention_mask=t.attention_mask,
             inputs_embeds=embeds,
             twist_route=twist_route,
             twist_router_mask=t.router_mask,
+            twist_decisions=decisions,
             **kwargs,
         )
+        if isinstance(out, ModelOutput) and decisions:
+            out["twist_decision"] = decisions[0].rows(embeds.shape[0], out.sequences.shape[0])
+        return out
+
+    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict[str, Any], *args: Any,
+                                            **kwargs: Any) -> dict[str, Any]:
+        """Keeps the prefill's route decision in this call's ``twist_decisions`` (see :meth:`generate`)."""
+        decisions = model_kwargs.get("twist_decisions")
+        decision = getattr(outputs, "twist_decision", None)
+        if decisions is not None and not decisions and decision is not None:
+            decisions.append(decision)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        twist_decisions: list[RouteDecision] | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
         twist_route = kwargs.pop("twist_route", None)
         router_mask = kwargs.pop("twist_router_mask", None)

@@ -3,13 +3,15 @@
 A route is a boolean per sample: ``True`` = grounding route, ``False`` = the exact original (frozen)
 computation. The router reads the hidden states entering one decoder layer, mean-pooled over the
 prompt's text after the image, and decides once per prompt; decode steps reuse the decision stored in
-the cache (`TwistCache.route`).
+the cache (`TwistCache.route`). What decides, and how it learns, is the router kind's
+(:mod:`llava_twist.model.routers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -17,21 +19,70 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache
 
-from llava_twist.model.routes import FROZEN, GROUNDING
+from llava_twist.model.routes import Route
+
+if TYPE_CHECKING:
+    from llava_twist.model.routers import RouterKind
 
 ROUTER_MARK = -2  # label value marking a router position while labels pass through LLaVA's multimodal prep
+ROUTE_CODES = {Route.AUTO: -1, Route.FROZEN: 0, Route.GROUNDING: 1}  # a per-sample route as a tensor element
+
+
+def route_codes(routes: Sequence[Route | str], device: torch.device | str | None = None) -> torch.Tensor:
+    """(B,) int8 codes of one route per sample (``generate`` repeats them with the batch for beams)."""
+    return torch.tensor([ROUTE_CODES[Route.parse(r, "twist_route")] for r in routes], dtype=torch.int8,
+                        device=device)
+
+
+def requested_routes(twist_route: Any, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which samples' routes are forced, the forced routes: True = grounding), each (B,) bool, for a
+    ``twist_route``: a :class:`Route` or its name (every sample), one per sample (a sequence, or their
+    :func:`route_codes`), or a bool tensor (every sample forced, True: grounding)."""
+    if isinstance(twist_route, (list, tuple)):
+        twist_route = route_codes(twist_route, device)
+    if isinstance(twist_route, torch.Tensor):
+        if twist_route.shape != (batch,):
+            raise ValueError(f"twist_route tensor must have shape ({batch},), got {tuple(twist_route.shape)}")
+        twist_route = twist_route.to(device)
+        if twist_route.dtype == torch.bool:
+            return torch.ones_like(twist_route), twist_route
+        return twist_route >= 0, twist_route == ROUTE_CODES[Route.GROUNDING]
+    try:
+        route = Route.parse(twist_route, "twist_route")
+    except ValueError as exc:
+        raise ValueError(f"{exc}, one per sample, or a bool tensor") from None
+    return (torch.full((batch,), route.forced, dtype=torch.bool, device=device),
+            torch.full((batch,), route is Route.GROUNDING, dtype=torch.bool, device=device))
 
 
 @dataclass
 class RouteDecision:
-    """What the router saw and chose, per sample."""
+    """What the router saw and chose, per sample (a forward's ``twist_decision``; ``generate``'s, per row of its
+    ``sequences``, with ``return_dict_in_generate=True``)."""
 
-    prob: torch.Tensor  # (B,) router probability of the grounding route
+    prob: torch.Tensor | None  # (B,) router probability of the grounding route; None: no per-prompt router ran
     grounding: torch.Tensor  # (B,) bool, the route taken
-    forced: bool  # True when the route was forced rather than chosen by the router
+    forced: torch.Tensor  # (B,) bool, True where the route was forced rather than chosen by the router
 
-    def routes(self) -> list[str]:
-        return [GROUNDING if g else FROZEN for g in self.grounding.tolist()]
+    def routes(self) -> list[Route]:
+        return [Route.taken(g) for g in self.grounding.tolist()]
+
+    def forced_rows(self) -> list[bool]:
+        return [bool(f) for f in self.forced.tolist()]
+
+    def probs(self) -> list[float | None]:
+        """The router's probability per sample (None where no router ran)."""
+        if self.prob is None:
+            return [None] * len(self.grounding)
+        return [float(p) for p in self.prob.tolist()]
+
+    def rows(self, samples: int, rows: int) -> RouteDecision:
+        """The decision per output row, for ``rows`` rows from ``samples`` prompts (a prompt's rows in a block, as
+        ``generate`` expands for beams and ``num_return_sequences``), from this one over the prefill's rows."""
+        index = torch.arange(samples, device=self.grounding.device) * (len(self.grounding) // samples)
+        index = index.repeat_interleave(rows // samples)
+        return RouteDecision(None if self.prob is None else self.prob.index_select(0, index.to(self.prob.device)),
+                             self.grounding.index_select(0, index), self.forced.index_select(0, index))
 
 
 class TwistRouter(nn.Module):
@@ -122,10 +173,11 @@ class RouteContext:
 
     def __init__(self) -> None:
         self.route: torch.Tensor | None = None  # (B,) bool
-        self.router: TwistRouter | None = None
+        self.kind: RouterKind | None = None  # decides in this pass when set
+        self.head: nn.Module | None = None
         self.router_mask: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
-        self.threshold = 0.5
+        self.forced: tuple[torch.Tensor, torch.Tensor] | None = None  # samples forced, their routes (under auto)
         self.gate_logits: list[torch.Tensor] = []  # per-token gates (ablation), (B, T) per twin layer
         self.compute_both = False  # ZeRO-3 / training: run both experts whatever the route
         self.token_gate = False  # per-token gate ablation active
@@ -134,28 +186,32 @@ class RouteContext:
     def begin(
         self,
         route: torch.Tensor | None,
-        router: TwistRouter | None,
+        kind: RouterKind | None,
+        head: nn.Module | None,
         router_mask: torch.Tensor | None,
-        threshold: float,
         compute_both: bool,
         token_gate: bool = False,
+        forced: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.route = route
-        self.router = router
+        self.kind = kind
+        self.head = head
         self.router_mask = router_mask
         self.router_logits = None
-        self.threshold = threshold
+        self.forced = forced
         self.gate_logits = []
         self.compute_both = compute_both
         self.token_gate = token_gate
 
     def decide(self, hidden_states: torch.Tensor) -> None:
         """Run the router on the hidden states entering the router layer; fix the route if not given."""
-        if self.router is None:
+        if self.kind is None:
             return
-        self.router_logits = self.router(hidden_states, self.router_mask)
+        self.router_logits = self.kind.logits(self.head, hidden_states, self.router_mask)
         if self.route is None:
-            self.route = torch.sigmoid(self.router_logits) > self.threshold
+            self.route = self.kind.decide(self.router_logits)
+            if self.forced is not None:
+                self.route = torch.where(self.forced[0], self.forced[1], self.route)
 
     def expert_rows(self, grounding_reads_frozen: bool) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """(frozen expert's samples, grounding expert's samples) when each expert runs on its own samples only:

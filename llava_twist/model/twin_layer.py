@@ -21,19 +21,21 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 
 from llava_twist.model.config import TwistConfig
+from llava_twist.model.routers import RouterKind
 from llava_twist.model.routing import RouteContext
 
 
 class TwinMix(nn.Module):
     """The learned (or fixed) mix ``a`` and, for the per-token ablation, the gate."""
 
-    def __init__(self, config: TwistConfig) -> None:
+    def __init__(self, config: TwistConfig, router_kind: RouterKind) -> None:
         super().__init__()
         self.learned = config.twist_mix == "learned"
         self.fixed_value = config.twist_mix_init
         if self.learned:
             self.logit = nn.Parameter(torch.zeros(1))
-        self.gate = nn.Linear(config.hidden_size, 1) if config.twist_router == "token" else None
+        self._router_kind = router_kind
+        self.gate = router_kind.build_gate()
         self.reset(config)
 
     def reset(self, config: TwistConfig) -> None:
@@ -41,9 +43,8 @@ class TwinMix(nn.Module):
             if self.learned:
                 p = min(max(config.twist_mix_init, 1e-4), 1 - 1e-4)
                 self.logit.fill_(math.log(p / (1 - p)))
-            if self.gate is not None:
-                nn.init.zeros_(self.gate.weight)
-                self.gate.bias.fill_(-4.0)
+        if self.gate is not None:
+            self._router_kind.reset_gate(self.gate)
 
     def uses_frozen(self) -> bool:
         """Whether the grounding route needs the frozen expert's output."""
@@ -147,10 +148,10 @@ def _run_split(
 class TwinExpertMLP(LlamaMLP):
     """A LlamaMLP (the frozen expert, original weights and names) with a grounding copy beside it."""
 
-    def __init__(self, config: TwistConfig, ctx: RouteContext) -> None:
+    def __init__(self, config: TwistConfig, ctx: RouteContext, router_kind: RouterKind) -> None:
         super().__init__(config)
         self.twist_expert = LlamaMLP(config)
-        self.twist_mix = TwinMix(config)
+        self.twist_mix = TwinMix(config, router_kind)
         self._ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,17 +170,18 @@ class TwistDecoderLayer(LlamaDecoderLayer):
     """A LlamaDecoderLayer with a grounding expert: a copy of its FFN (``mlp``) or of the whole layer
     (``layer``: attention, FFN and norms; its KV entries live at ``layer_idx + num_hidden_layers``)."""
 
-    def __init__(self, config: TwistConfig, layer_idx: int, ctx: RouteContext, is_router_layer: bool) -> None:
+    def __init__(self, config: TwistConfig, layer_idx: int, ctx: RouteContext, is_router_layer: bool,
+                 router_kind: RouterKind) -> None:
         super().__init__(config, layer_idx)
         self.layer_idx = layer_idx
         self.twist_kind = config.twist_expert
         self.is_router_layer = is_router_layer
         self._ctx = ctx
         if self.twist_kind == "mlp":
-            self.mlp = TwinExpertMLP(config, ctx)
+            self.mlp = TwinExpertMLP(config, ctx, router_kind)
         else:
             self.twist_expert = LlamaDecoderLayer(config, layer_idx + config.num_hidden_layers)
-            self.twist_mix = TwinMix(config)
+            self.twist_mix = TwinMix(config, router_kind)
 
     def grounding_modules(self) -> list[tuple[nn.Module, nn.Module]]:
         """(frozen module, its grounding copy) pairs, for initialising the copy."""

@@ -17,18 +17,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llava_twist.model.routes import ROUTES
+from llava_twist.model.routes import ROUTE_METAVAR, Route, route_flag
 from llava_twist.serve.drawing import draw_boxes
-from llava_twist.serve.inference import (
-    DEFAULT_CONV_MODE,
-    MODEL_CLASSES,
-    GenerationSettings,
-    add_generation_arguments,
-    generate,
-    load_image,
-    load_model,
-    stream_generate,
-)
+from llava_twist.serve.generation import GenerationSettings, add_generation_arguments, generate, stream_generate
+from llava_twist.serve.loading import MODEL_CLASSES, load_model
+from llava_twist.serve.prompting import DEFAULT_CONV_MODE, load_image
 from llava_twist.serve.result import InferenceError, InferenceResult
 from scout_data.boxes import FRAMES
 from scout_data.chain import answer_line, step_line
@@ -47,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="the question (without <image>)")
     p.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
     add_generation_arguments(p)
-    p.add_argument("--route", choices=ROUTES, default="auto")
+    p.add_argument("--route", type=route_flag, default=Route.AUTO, metavar=ROUTE_METAVAR)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--box-frame", choices=FRAMES, default=None,
                    help="frame of the model's box text (default: padded for image_aspect_ratio=pad)")

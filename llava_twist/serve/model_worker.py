@@ -9,17 +9,17 @@ It speaks LLaVA 1.2.2's worker protocol (registration, heart beats, ``/worker_ge
 clients stream from it. A request may name ``twist_route`` (``auto``, ``frozen``, ``grounding``); every chunk also
 carries the route taken, the router's probability and the steps and boxes parsed so far. Loading goes through
 :func:`llava_twist.model.builder.load_pretrained_model`: a TWIST checkpoint, a TWIST delta with ``--model-base``,
-or a plain LLaVA-1.5 folder. One generation runs at a time (the route read after the prefill is the model's);
-``--limit-model-concurrency`` bounds the requests admitted, the rest wait.
+or a plain LLaVA-1.5 folder. Requests that arrive while the model is busy are generated together in one call
+(:class:`llava_twist.serve.batching.Batcher`; mixed routes allowed, each request streams its own tokens):
+``--limit-model-concurrency`` bounds how many generate together, ``--limit-queue`` how many wait beyond those (more
+are refused with an error chunk).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import binascii
-import queue
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,10 +30,11 @@ import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoints' annotations here
 from fastapi.responses import StreamingResponse
 from PIL import Image
-from starlette.background import BackgroundTask
 
+from llava_twist.serve.batching import Batcher, QueueFull
+from llava_twist.serve.generation import NO_ROUTE, GenerationSettings, RouteRow
 from llava_twist.serve.images import ImageError, read_image
-from llava_twist.serve.inference import GenerationSettings, LoadedModel, last_route, load_model, stream_prompt
+from llava_twist.serve.loading import LoadedModel, load_model
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
 from llava_twist.serve.worker_protocol import (
     CHUNK_END,
@@ -46,6 +47,7 @@ from llava_twist.serve.worker_protocol import (
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_ALIVE_S = 2.0
+DEFAULT_LIMIT_QUEUE = 64
 STOPPING = "the worker is shutting down; ask again (the controller will send you to another worker)"
 
 
@@ -73,6 +75,7 @@ class TwistModelWorker:
         controller_addr: str,
         limit_model_concurrency: int = 5,
         stream_interval: int = 1,
+        limit_queue: int = DEFAULT_LIMIT_QUEUE,
     ) -> None:
         self.loaded = loaded
         self.model_name = model_name
@@ -81,18 +84,15 @@ class TwistModelWorker:
         self.limit = limit_model_concurrency
         self.stream_interval = max(1, stream_interval)
         self.stopping = threading.Event()
-        self._model_lock = threading.Lock()  # one generate at a time
-        self._count_lock = threading.Lock()
-        self._requests = 0  # admitted or waiting for admission
-        self._semaphore: asyncio.Semaphore | None = None
+        self.batcher = Batcher(loaded, max_batch=limit_model_concurrency, max_waiting=limit_queue)
 
     # ----- controller side -----
     def status(self) -> dict[str, Any]:
         return {"model_names": [self.model_name], "speed": 1, "queue_length": self.queue_length()}
 
     def queue_length(self) -> int:
-        with self._count_lock:
-            return self._requests
+        """Requests generating or waiting, as LLaVA's worker counts them for the controller."""
+        return self.batcher.queue_length()
 
     def register(self) -> None:
         response = requests.post(self.controller_addr + "/register_worker", timeout=10, json={
@@ -119,26 +119,6 @@ class TwistModelWorker:
         return thread
 
     # ----- requests -----
-    async def admit(self) -> None:
-        """Wait for one of ``limit_model_concurrency`` places (counted in the queue length meanwhile); every
-        admission is followed by one :meth:`release`."""
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.limit)
-        with self._count_lock:
-            self._requests += 1
-        try:
-            await self._semaphore.acquire()
-        except BaseException:  # the client went away while waiting
-            with self._count_lock:
-                self._requests -= 1
-            raise
-
-    def release(self) -> None:
-        with self._count_lock:
-            self._requests -= 1
-        if self._semaphore is not None:
-            self._semaphore.release()
-
     def settings(self, request: WorkerRequest) -> GenerationSettings:
         greedy = request.greedy
         return GenerationSettings(temperature=0.0 if greedy else request.temperature,
@@ -146,12 +126,12 @@ class TwistModelWorker:
                                   max_new_tokens=request.max_new_tokens, route=request.route)
 
     def chunk(self, prompt: str, text: str, image: Image.Image | None, done: bool,
-              final: InferenceResult | None = None) -> dict[str, Any]:
+              final: InferenceResult | None = None, route_row: RouteRow = NO_ROUTE) -> dict[str, Any]:
         """``text`` as LLaVA's worker sends it (the prompt, then the answer so far) with the route and the parse."""
         if final is not None:
             route, prob, forced = final.route, final.router_prob, final.route_forced
         else:
-            route, prob, forced = last_route(self.loaded)
+            route, prob, forced = route_row
         size = image.size if image is not None else (1, 1)
         parsed = final or result_from_text(text.strip(), size, self.loaded.default_box_frame())
         body = parsed.to_json()
@@ -163,7 +143,7 @@ class TwistModelWorker:
 
     def generate_stream(self, request: WorkerRequest) -> Iterator[dict[str, Any]]:
         """Chunks for one checked request; errors a user can fix raise :class:`RequestError`. The generation runs on
-        a thread that holds the model to its end, so a client that goes away never leaves the model locked."""
+        the batcher's thread, with the requests that wait beside it; a client that goes away leaves its batch."""
         from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 
         tokens = request.prompt.count(DEFAULT_IMAGE_TOKEN)
@@ -177,59 +157,40 @@ class TwistModelWorker:
         if image is not None and getattr(self.loaded.model.config, "mm_use_im_start_end", False):
             prompt = prompt.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN
                                     + DEFAULT_IM_END_TOKEN)
-        chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        gone = threading.Event()  # the reader went away: skip the generation, or stop it at its next token
-
-        def produce() -> None:
-            try:
-                with self._model_lock:
-                    if gone.is_set() or self.stopping.is_set():
-                        chunks.put(error_chunk(STOPPING) if self.stopping.is_set() else None)
-                        return
-                    stream = self._chunks(request, prompt, image)
-                    try:
-                        for chunk in stream:
-                            chunks.put(chunk)
-                            if gone.is_set():
-                                break
-                    finally:
-                        stream.close()  # stops and joins the generation before the model is free
-            except Exception as exc:  # noqa: BLE001 - handed to the reader
-                chunks.put(exc)
-            finally:
-                chunks.put(None)
-
-        threading.Thread(target=produce, name="worker-generation", daemon=True).start()
         try:
-            while True:
-                try:
-                    item = chunks.get(timeout=KEEP_ALIVE_S)
-                except queue.Empty:
-                    yield {}  # waiting for the model: an empty chunk keeps the client's read alive
-                    continue
-                if item is None:
-                    return
-                if isinstance(item, InferenceError):
-                    raise RequestError(str(item)) from item
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            gone.set()
+            yield from self._chunks(request, prompt, image)
+        except QueueFull as exc:
+            raise RequestError(f"the worker is busy: {exc}") from None
+        except InferenceError as exc:
+            raise RequestError(str(exc)) from exc
 
     def _chunks(self, request: WorkerRequest, prompt: str, image: Image.Image | None) -> Iterator[dict[str, Any]]:
+        if self.stopping.is_set():
+            yield error_chunk(STOPPING)
+            return
         text, pieces = "", 0
-        for item in stream_prompt(self.loaded, prompt, image, self.settings(request), stop=request.stop):
-            if isinstance(item, InferenceResult):
-                yield self.chunk(request.prompt, text, image, True, final=item)
-                return
-            text += item
-            pieces += 1
-            if self.stopping.is_set():
-                yield error_chunk(STOPPING)
-                return
-            if pieces % self.stream_interval == 0:
-                yield self.chunk(request.prompt, text, image, False)
+        stream = self.batcher.stream(prompt, image, self.settings(request), stop=request.stop, idle_s=KEEP_ALIVE_S)
+        try:
+            for item in stream:
+                if item is None:
+                    if self.stopping.is_set():
+                        yield error_chunk(STOPPING)
+                        return
+                    yield {}  # waiting for the model: an empty chunk keeps the client's read alive
+                    continue
+                if isinstance(item, InferenceResult):
+                    yield self.chunk(request.prompt, text, image, True, final=item)
+                    return
+                piece, route_row = item
+                text += piece
+                pieces += 1
+                if self.stopping.is_set():
+                    yield error_chunk(STOPPING)
+                    return
+                if pieces % self.stream_interval == 0:
+                    yield self.chunk(request.prompt, text, image, False, route_row=route_row)
+        finally:
+            stream.close()  # a reader gone frees its place in the batch
 
     def stream_bytes(self, params: Any) -> Iterator[bytes]:
         """The response body: chunks, or one error chunk naming the problem (the worker goes on serving)."""
@@ -253,9 +214,8 @@ def build_app(worker: TwistModelWorker) -> FastAPI:
             params = await request.json()
         except ValueError:
             params = "not JSON"
-        await worker.admit()
-        # released once the response ends, a client gone before its first chunk included (as LLaVA's worker)
-        return StreamingResponse(worker.stream_bytes(params), background=BackgroundTask(worker.release))
+        # the request joins the batcher at its first chunk and leaves it when the response ends or its client goes
+        return StreamingResponse(worker.stream_bytes(params))
 
     @app.post("/worker_get_status")
     async def get_status() -> dict[str, Any]:
@@ -278,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights' dtype (auto: float16 on CUDA, float32 on CPU; LLaVA's worker uses float16)")
     p.add_argument("--multi-modal", action="store_true", help="accepted for LLaVA's flags; always multimodal")
-    p.add_argument("--limit-model-concurrency", type=int, default=5)
+    p.add_argument("--limit-model-concurrency", type=int, default=5,
+                   help="requests generated together in one batch (LLaVA's flag: generations at once)")
+    p.add_argument("--limit-queue", type=int, default=DEFAULT_LIMIT_QUEUE,
+                   help="requests waiting beyond those; more are refused with an error chunk")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--load-8bit", action="store_true")
@@ -299,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llava.constants import WORKER_HEART_BEAT_INTERVAL
 
     args = build_parser().parse_args(argv)
-    if args.limit_model_concurrency < 1 or args.stream_interval < 1:
-        print("error: --limit-model-concurrency and --stream-interval must be at least 1", file=sys.stderr)
+    if args.limit_model_concurrency < 1 or args.stream_interval < 1 or args.limit_queue < 0:
+        print("error: --limit-model-concurrency and --stream-interval must be at least 1, --limit-queue at least 0",
+              file=sys.stderr)
         return 2
     load_kwargs: dict[str, Any] = {"load_8bit": args.load_8bit, "load_4bit": args.load_4bit}
     if args.use_flash_attn:
@@ -312,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     worker = TwistModelWorker(loaded, model_name_of(args.model_path, args.model_name), args.worker_address,
-                              args.controller_address, args.limit_model_concurrency, args.stream_interval)
+                              args.controller_address, args.limit_model_concurrency, args.stream_interval,
+                              args.limit_queue)
     if not args.no_register:
         try:
             worker.register()

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from llava_twist.model.routes import AUTO, ROUTES
+from llava_twist.model.routes import ROUTES, Route
 
 CHUNK_END = b"\0"
 MAX_NEW_TOKENS = 1024  # LLaVA's worker caps a request's new tokens here
@@ -38,7 +38,7 @@ class WorkerRequest:
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop: str | None = None
-    route: str = AUTO
+    route: Route = Route.AUTO
 
     @property
     def greedy(self) -> bool:
@@ -72,11 +72,11 @@ def parse_request(params: Any) -> WorkerRequest:
     stop = params.get("stop")
     if stop is not None and not isinstance(stop, str):
         raise RequestError(f"stop is {stop!r}; expected a string")
-    route = params.get("twist_route", AUTO)
-    if route is None:
-        route = AUTO
-    if route not in ROUTES:
-        raise RequestError(f"twist_route is {route!r}; expected one of {', '.join(ROUTES)}")
+    route = params.get("twist_route")
+    try:
+        route = Route.AUTO if route is None else Route.parse(route, "twist_route")
+    except ValueError:
+        raise RequestError(f"twist_route is {route!r}; expected one of {', '.join(ROUTES)}") from None
     return WorkerRequest(
         prompt=prompt,
         images=tuple(images),

@@ -45,6 +45,7 @@ from llava_twist.model.checks import (  # noqa: E402
     read_checkpoint_config,
     read_config_json,
 )
+from llava_twist.model.routers import router_for  # noqa: E402
 from llava_twist.train.arguments import parse_args  # noqa: E402
 from llava_twist.train.data import TwistDataCollator, TwistSupervisedDataset  # noqa: E402
 from llava_twist.train.distributed import exit_distributed  # noqa: E402
@@ -91,13 +92,13 @@ def fill_deepspeed_hidden_size_autos(training_args: Any, hidden_size: int) -> No
             zero[key] = value
 
 
-def setup_gradient_checkpointing(training_args: Any, router: str) -> None:
+def setup_gradient_checkpointing(training_args: Any, router_learns: bool) -> None:
     """Non-reentrant checkpointing: the router runs inside a checkpointed layer, and reentrant checkpointing
     runs that forward without autograd, so the router would silently get no gradient."""
     if not training_args.gradient_checkpointing:
         return
     kwargs = dict(training_args.gradient_checkpointing_kwargs or {})
-    if kwargs.get("use_reentrant") and router != "none":
+    if kwargs.get("use_reentrant") and router_learns:
         raise ValueError("gradient checkpointing with use_reentrant=True leaves the TWIST router without gradient")
     kwargs["use_reentrant"] = False
     training_args.gradient_checkpointing_kwargs = kwargs
@@ -141,7 +142,7 @@ def prepare_trainer(argv: Sequence[str] | None = None, attn_implementation: str 
     records = validated_records(data_args.data_path, data_args.image_folder, twist_args.twist_skip_bad_records, warn)
 
     config = twist_config_for(base, **twist_args.config_kwargs())
-    setup_gradient_checkpointing(training_args, config.twist_router)
+    setup_gradient_checkpointing(training_args, router_for(config).learns)
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     model = load_twist_model(
         base,

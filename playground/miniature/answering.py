@@ -24,7 +24,7 @@ from typing import Any
 
 from llava_twist.eval.common import read_jsonl
 from llava_twist.eval.scout_questions import question_for
-from llava_twist.serve.inference import DEFAULT_CONV_MODE
+from llava_twist.serve.prompting import DEFAULT_CONV_MODE
 from playground.miniature.data import HELDOUT
 from playground.miniature.recipe import Recipe, config_hash
 from playground.miniature.runner import Context, Layout, read_json, write_json
