@@ -174,22 +174,40 @@ def test_llava_clients_fields_keep_their_meaning() -> None:
     assert request.greedy and request.max_new_tokens == 1024 and request.stop == "</s>" and request.route == "auto"
 
 
-def test_queue_length_counts_the_waiting(tiny_llava: Path) -> None:
+def test_thirty_concurrent_requests_none_lost_none_mixed(tiny_llava: Path) -> None:
+    """A burst against the worker (limit 8): every request gets its own answer, the one it gets alone, in batches
+    of at most 8, and the queue length the controller reads returns to 0."""
     worker = TwistModelWorker(load_model(str(tiny_llava), device="cpu"), "m", "http://w", "http://c",
-                              limit_model_concurrency=2)
+                              limit_model_concurrency=8)
+    payloads = [image_payload(f"What is in the picture, number {i}?", max_new_tokens=4 + i % 5,
+                              twist_route=("auto", "grounding", "frozen")[i % 3]) for i in range(30)]
 
-    async def burst() -> int:
-        waiting = [asyncio.ensure_future(worker.admit()) for _ in range(5)]
-        await asyncio.sleep(0.05)
-        admitted = sum(task.done() for task in waiting)
-        assert admitted == 2 and worker.status()["queue_length"] == 5
-        for _ in range(5):
-            worker.release()
-            await asyncio.sleep(0)
-        await asyncio.gather(*waiting)
-        return worker.queue_length()
+    def answer(payload: dict) -> dict:
+        chunks = [json.loads(c[:-1]) for c in worker.stream_bytes(payload) if c != b"\0"]
+        assert chunks and all(c["error_code"] == 0 for c in chunks) and chunks[-1]["done"], chunks[-1:]
+        return chunks[-1]
 
-    assert asyncio.run(burst()) == 0
+    alone = [answer(p) for p in payloads]
+    seen: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            seen.append(worker.queue_length())
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        burst = list(pool.map(answer, payloads))
+    done.set()
+    poller.join()
+    for payload, one, many in zip(payloads, alone, burst, strict=True):
+        assert many["text"].startswith(payload["prompt"])  # its own prompt, none mixed up
+        assert (many["text"], many["twist_route"], many["router_prob"]) == (
+            one["text"], one["twist_route"], one["router_prob"])
+    assert max(seen) > 8 and max(worker.batcher.batch_sizes) == 8  # the burst waited, then shared generations
+    assert worker.queue_length() == 0
 
 
 def test_chunks_carry_steps_and_boxes_in_pixels(tiny_llava: Path) -> None:
@@ -314,6 +332,27 @@ def test_concurrency_limit_plus_three_all_complete(stack: dict[str, str]) -> Non
     assert all(r and r[-1]["error_code"] == 0 and r[-1]["done"] for r in results)
     assert len({r[-1]["text"] for r in results}) == len(payloads)  # each its own answer, none lost
     assert max(seen) >= 1 and worker_status(stack["twist"])["queue_length"] == 0
+
+
+@pytest.mark.slow
+def test_frozen_answers_under_concurrency_are_llavas(stack: dict[str, str]) -> None:
+    """Eight clients at once on each worker: the TWIST worker (auto, frozen by its router) batches them, LLaVA's
+    runs them on threads; every answer is LLaVA's worker's answer to the same request, and the same as alone."""
+    payloads = [image_payload(q) for q in ("What color is the square?", "Where is the red square?",
+                                           "Describe the picture.", "How many squares are there?",
+                                           "What is in the top left corner?", "Is the square large or small?",
+                                           "Name every colour you see.", "What is this?")]
+
+    def burst(address: str) -> list[dict]:
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            return list(pool.map(lambda p: final(list(stream_chunks(address, p))), payloads))
+
+    alone = [final(list(stream_chunks(stack["twist"], p))) for p in payloads]
+    twist, plain = burst(stack["twist"]), burst(stack["plain"])
+    for one, ours, theirs in zip(alone, twist, plain, strict=True):
+        assert ours["error_code"] == 0 and theirs["error_code"] == 0
+        assert ours["text"] == theirs["text"] == one["text"]
+        assert ours["twist_route"] == "frozen"
 
 
 @pytest.mark.slow

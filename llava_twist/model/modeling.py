@@ -32,6 +32,7 @@ from llava_twist.model.routing import (
     route_codes,
     split_router_marks,
 )
+from llava_twist.model.row_attention import left_padding, use_row_attention
 from llava_twist.model.twin_layer import TwinMix, TwistDecoderLayer, TwistOutputHead
 
 RouteArg = Route | str | Sequence[Route | str] | torch.Tensor | None
@@ -93,6 +94,12 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
                                                router_kind=self.router_kind)
         self.router_in_pass = router_layer == self.twin_layers[0]
         self.twist_router = self.router_kind.build_head()
+        n = config.num_hidden_layers
+        for i, layer in enumerate(self.layers):
+            use_row_attention(layer, config, i, self.twist_context)
+            expert = getattr(layer, "twist_expert", None)
+            if expert is not None:
+                use_row_attention(expert, config, i + n, self.twist_context)
 
     def twin_decoder_layers(self) -> list[TwistDecoderLayer]:
         return [self.layers[i] for i in self.twin_layers]
@@ -131,7 +138,10 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         return_dict: bool | None = None,
         twist_route: RouteArg = None,
         twist_router_mask: torch.Tensor | None = None,
+        twist_row_attention: bool = False,
     ) -> TwistModelOutput:
+        """``twist_row_attention``: attention keeps each row of a left-padded batch to its own tokens
+        (:mod:`llava_twist.model.row_attention`), so each row computes what it computes alone."""
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, device = ref.shape[0], ref.device
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -171,7 +181,9 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         ctx = self.twist_context
         ctx.begin(route, kind if deciding else None, self.twist_router, twist_router_mask,
                   compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate,
-                  forced=None if all_forced else (forced, forced_route))
+                  forced=None if all_forced else (forced, forced_route),
+                  row_padding=left_padding(attention_mask) if twist_row_attention and attention_mask is not None
+                  and attention_mask.dim() == 2 else None)
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -270,6 +282,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_router_mask: torch.Tensor | None = None,
         twist_router_labels: torch.Tensor | None = None,
         twist_step_ids: torch.Tensor | None = None,
+        twist_row_attention: bool = False,
     ) -> TwistCausalLMOutput | tuple:
         """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
         ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
@@ -299,6 +312,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             return_dict=True,
             twist_route=twist_route,
             twist_router_mask=twist_router_mask,
+            twist_row_attention=twist_row_attention,
         )
         hidden_states = outputs.last_hidden_state
         if self.config.pretraining_tp > 1:
@@ -384,7 +398,8 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         and forced routes mixed). With ``return_dict_in_generate=True`` the output also carries ``twist_decision``,
         the :class:`RouteDecision` of each row of ``sequences`` (route, router probability, forced); nothing of the
         call stays on the model. A streamer that needs the decision before the end passes an empty list as
-        ``twist_decisions``: the prefill's decision (over its rows) is appended to it right after the first token."""
+        ``twist_decisions``: the prefill's decision (over its rows) is appended to it right after the first token.
+        ``twist_row_attention=True`` makes each prompt of a left-padded batch generate what it generates alone."""
         position_ids = kwargs.pop("position_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
@@ -427,10 +442,12 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     ) -> dict[str, Any]:
         twist_route = kwargs.pop("twist_route", None)
         router_mask = kwargs.pop("twist_router_mask", None)
+        row_attention = kwargs.pop("twist_row_attention", False)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
         )
         inputs["twist_route"] = twist_route
+        inputs["twist_row_attention"] = row_attention
         if past_key_values is None:
             inputs["twist_router_mask"] = router_mask
         return inputs

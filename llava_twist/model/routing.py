@@ -178,6 +178,7 @@ class RouteContext:
         self.router_mask: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
         self.forced: tuple[torch.Tensor, torch.Tensor] | None = None  # samples forced, their routes (under auto)
+        self.row_padding: list[int] | None = None  # each row's left padding, when attention keeps rows apart
         self.gate_logits: list[torch.Tensor] = []  # per-token gates (ablation), (B, T) per twin layer
         self.compute_both = False  # ZeRO-3 / training: run both experts whatever the route
         self.token_gate = False  # per-token gate ablation active
@@ -192,8 +193,10 @@ class RouteContext:
         compute_both: bool,
         token_gate: bool = False,
         forced: tuple[torch.Tensor, torch.Tensor] | None = None,
+        row_padding: list[int] | None = None,
     ) -> None:
         self.route = route
+        self.row_padding = row_padding
         self.kind = kind
         self.head = head
         self.router_mask = router_mask

@@ -2,7 +2,7 @@
 busy in one ``generate`` call (:func:`llava_twist.serve.generation.stream_rows`), each streaming its own tokens.
 
 One thread owns the model. When it is free it takes the oldest waiting request and up to ``max_batch - 1`` more
-that can share its call (same sampling settings, all with an image or none; routes, lengths and stop strings may
+that can share its call (a request that found the model idle waits up to ``gather_s`` for others sent with it) (same sampling settings, all with an image or none; routes, lengths and stop strings may
 differ), generates them together, and streams each its pieces and its result. Requests beyond ``max_batch`` wait
 for the next call; beyond ``max_waiting`` waiting, a request is refused (:class:`QueueFull`). A reader that leaves
 frees its place at once: waiting, it is dropped; generating, its row stops counting and the call ends early when
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class _Request:
     row: StreamRow
     settings: GenerationSettings
     items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    arrived: float = field(default_factory=time.monotonic)
 
     def key(self) -> tuple[Any, ...]:
         return (*self.settings.batch_key(), self.row.image is not None)
@@ -49,12 +51,14 @@ class _Request:
 class Batcher:
     """Batches the generations of concurrent callers of :meth:`stream` on one model (see the module's docstring)."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_waiting: int = 64) -> None:
-        if max_batch < 1 or max_waiting < 0:
-            raise ValueError(f"max_batch {max_batch}, max_waiting {max_waiting}: at least 1 and 0")
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_waiting: int = 64, gather_s: float = 0.05
+                 ) -> None:
+        if max_batch < 1 or max_waiting < 0 or gather_s < 0:
+            raise ValueError(f"max_batch {max_batch}, max_waiting {max_waiting}, gather_s {gather_s}: at least 1, 0, 0")
         self.loaded = loaded
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.gather_s = gather_s
         self._changed = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -116,6 +120,9 @@ class Batcher:
                 if self._waiting:
                     break
                 self._changed.wait()
+            gathered = self._waiting[0].arrived + self.gather_s  # those sent with it arrive within the window
+            while len(self._waiting) < self.max_batch and (left := gathered - time.monotonic()) > 0:
+                self._changed.wait(left)
             first = self._waiting.popleft()
             batch = [first]
             for request in list(self._waiting):

@@ -168,6 +168,7 @@ def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings,
             kwargs["top_p"] = settings.top_p
     if loaded.is_twist:
         kwargs["twist_route"] = list(routes) if routes is not None else Route.parse(settings.route)
+        kwargs["twist_row_attention"] = True  # each prompt of a batch answers as alone
     return kwargs
 
 

@@ -48,6 +48,7 @@ from llava_twist.serve.worker_protocol import (
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_ALIVE_S = 2.0
 DEFAULT_LIMIT_QUEUE = 64
+DEFAULT_BATCH_WAIT_MS = 50
 STOPPING = "the worker is shutting down; ask again (the controller will send you to another worker)"
 
 
@@ -76,6 +77,7 @@ class TwistModelWorker:
         limit_model_concurrency: int = 5,
         stream_interval: int = 1,
         limit_queue: int = DEFAULT_LIMIT_QUEUE,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     ) -> None:
         self.loaded = loaded
         self.model_name = model_name
@@ -84,7 +86,8 @@ class TwistModelWorker:
         self.limit = limit_model_concurrency
         self.stream_interval = max(1, stream_interval)
         self.stopping = threading.Event()
-        self.batcher = Batcher(loaded, max_batch=limit_model_concurrency, max_waiting=limit_queue)
+        self.batcher = Batcher(loaded, max_batch=limit_model_concurrency, max_waiting=limit_queue,
+                               gather_s=batch_wait_ms / 1000)
 
     # ----- controller side -----
     def status(self) -> dict[str, Any]:
@@ -242,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generated together in one batch (LLaVA's flag: generations at once)")
     p.add_argument("--limit-queue", type=int, default=DEFAULT_LIMIT_QUEUE,
                    help="requests waiting beyond those; more are refused with an error chunk")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                   help="how long a request that finds the model idle waits for others to share its generation")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--load-8bit", action="store_true")
@@ -262,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llava.constants import WORKER_HEART_BEAT_INTERVAL
 
     args = build_parser().parse_args(argv)
-    if args.limit_model_concurrency < 1 or args.stream_interval < 1 or args.limit_queue < 0:
-        print("error: --limit-model-concurrency and --stream-interval must be at least 1, --limit-queue at least 0",
-              file=sys.stderr)
+    if args.limit_model_concurrency < 1 or args.stream_interval < 1 or args.limit_queue < 0 or not (
+            0 <= args.batch_wait_ms <= 10_000):
+        print("error: --limit-model-concurrency and --stream-interval must be at least 1, --limit-queue at least 0, "
+              "--batch-wait-ms from 0 to 10000", file=sys.stderr)
         return 2
     load_kwargs: dict[str, Any] = {"load_8bit": args.load_8bit, "load_4bit": args.load_4bit}
     if args.use_flash_attn:
@@ -277,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     worker = TwistModelWorker(loaded, model_name_of(args.model_path, args.model_name), args.worker_address,
                               args.controller_address, args.limit_model_concurrency, args.stream_interval,
-                              args.limit_queue)
+                              args.limit_queue, args.batch_wait_ms)
     if not args.no_register:
         try:
             worker.register()
