@@ -2,11 +2,14 @@
 busy in one ``generate`` call (:func:`llava_twist.serve.generation.stream_rows`), each streaming its own tokens.
 
 One thread owns the model. When it is free it takes the oldest waiting request and up to ``max_batch - 1`` more
-that can share its call (a request that found the model idle waits up to ``gather_s`` for others sent with it) (same sampling settings, all with an image or none; routes, lengths and stop strings may
-differ), generates them together, and streams each its pieces and its result. Requests beyond ``max_batch`` wait
-for the next call; beyond ``max_waiting`` waiting, a request is refused (:class:`QueueFull`). A reader that leaves
-frees its place at once: waiting, it is dropped; generating, its row stops counting and the call ends early when
-every row has ended or gone. Left padding and the attention mask keep a greedy answer the same in a batch as alone.
+that can share its call (same sampling settings, all with an image or none; routes, lengths and stop strings may
+differ; a request that found the model idle waits up to ``gather_s`` for others sent with it), generates them
+together, and streams each its pieces and its result. Requests beyond ``max_batch`` wait for the next call; beyond
+``max_waiting`` waiting, a request is refused (:class:`QueueFull`). A reader that leaves frees its place at once:
+waiting, it is dropped; generating, its row stops counting and the call ends early when every row has ended or gone.
+Left padding, the attention mask and row attention (:mod:`llava_twist.model.row_attention`) give each row the prompt
+computation it gets alone; decode steps multiply several rows at once, which rounds differently from one row (see
+``docs/serving-notes.md``).
 """
 
 from __future__ import annotations
