@@ -57,7 +57,7 @@ def test_mixed_routes_in_one_batch_answer_as_alone(tiny_llava: Path, expert: str
     settings = GenerationSettings(max_new_tokens=10, num_beams=beams)
     routes = [Route.AUTO, Route.AUTO, Route.GROUNDING, Route.AUTO]
     alone = [generate(loaded, [q], [image()], settings, routes=[r])[0] for q, r in zip(QUESTIONS, routes, strict=True)]
-    together = generate(loaded, QUESTIONS, [image()] * len(QUESTIONS), settings, routes=routes)
+    together = generate(loaded, QUESTIONS, [image()] * len(QUESTIONS), settings, routes=routes, rows_apart=True)
     assert {a.route for a in alone} == {Route.FROZEN, Route.GROUNDING}  # the router splits the batch
     for one, batched in zip(alone, together, strict=True):
         assert same_answer(batched, one)
@@ -127,3 +127,33 @@ def test_a_reader_that_leaves_frees_its_place(tiny_llava: Path) -> None:
     assert batcher.queue_length() == 0
     _, _, result = ask(batcher, QUESTIONS[1], Route.AUTO, 6)  # the model is free again
     assert result is not None and batcher.queue_length() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_attention_computes_each_prompt_as_alone(tiny_llava: Path, dtype: torch.dtype) -> None:
+    """A left-padded batch with row attention: each row's logits are bit for bit its logits alone. Without it the
+    batch is LLaVA's own batched computation (the frozen route bit for bit ``LlavaLlamaForCausalLM`` on it)."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    from llava_twist.serve.generation import _left_padding
+    from llava_twist.serve.prompting import prepare_inputs
+
+    loaded = load_model(str(tiny_llava), device="cpu", torch_dtype=dtype)
+    base = LlavaLlamaForCausalLM.from_pretrained(str(tiny_llava), torch_dtype=dtype).eval()
+    base.get_model().vision_tower = loaded.model.get_vision_tower()
+    base.config.tokenizer_padding_side = "left"
+    questions = ["What?", "Where is the red square left of the star? Answer step by step, please."]
+
+    def logits(model, qs: list[str], **extra) -> torch.Tensor:
+        inputs = prepare_inputs(loaded, qs, [image()] * len(qs))
+        with torch.no_grad(), _left_padding(model):
+            return model(inputs["input_ids"], attention_mask=inputs["attention_mask"], images=inputs["images"],
+                         image_sizes=inputs["image_sizes"], position_ids=torch.zeros_like(inputs["input_ids"]),
+                         **extra).logits
+
+    rows = logits(loaded.model, questions, twist_row_attention=True, twist_route="frozen")
+    for i, question in enumerate(questions):
+        alone = logits(loaded.model, [question], twist_route="frozen")[0]
+        assert torch.equal(rows[i, -alone.shape[0]:], alone)
+    batched = logits(loaded.model, questions, twist_route="frozen")
+    assert torch.equal(batched, logits(base, questions))

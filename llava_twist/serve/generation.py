@@ -147,9 +147,10 @@ def _left_padding(model: Any) -> Iterator[None]:
         config.tokenizer_padding_side = before
 
 
-def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings,
-                       routes: Sequence[Route] | None = None) -> dict[str, Any]:
-    """``generate``'s keyword arguments for ``settings``; ``routes``: one per prompt instead of ``settings.route``."""
+def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings, routes: Sequence[Route] | None = None,
+                       rows_apart: bool = False) -> dict[str, Any]:
+    """``generate``'s keyword arguments for ``settings``; ``routes``: one per prompt instead of ``settings.route``;
+    ``rows_apart``: TWIST's row attention (each prompt of a padded batch computed as alone)."""
     if problem := settings.problem():  # a dataclass's fields can be reassigned after construction
         raise InferenceError(problem)
     tokenizer = loaded.tokenizer
@@ -168,7 +169,7 @@ def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings,
             kwargs["top_p"] = settings.top_p
     if loaded.is_twist:
         kwargs["twist_route"] = list(routes) if routes is not None else Route.parse(settings.route)
-        kwargs["twist_row_attention"] = True  # each prompt of a batch answers as alone
+        kwargs["twist_row_attention"] = rows_apart
     return kwargs
 
 
@@ -221,16 +222,20 @@ def generate(
     images: Sequence[Image.Image],
     settings: GenerationSettings | None = None,
     routes: Sequence[Route | str] | None = None,
+    rows_apart: bool = False,
 ) -> list[InferenceResult]:
     """Answer a batch (one query per image) in one ``generate`` call, each with the route it took; ``routes``: one
-    per query (auto and forced mixed) instead of ``settings.route``. A greedy answer is the same batched or alone."""
+    per query (auto and forced mixed) instead of ``settings.route``. By default a padded batch is computed as LLaVA
+    computes it (TWIST's frozen route bit for bit what ``LlavaLlamaForCausalLM`` answers to the same batch: what
+    retention compares); ``rows_apart`` (TWIST) computes each prompt as alone instead (row attention), as the
+    serving batches do."""
     settings = settings or GenerationSettings()
     if routes is not None and len(routes) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(routes)} routes")
     routes = None if routes is None else [Route.parse(r) for r in routes]
     frame = settings.frame(loaded)
     inputs = prepare_inputs(loaded, queries, images, settings.conv_mode)
-    kwargs = _generation_kwargs(loaded, settings, routes)
+    kwargs = _generation_kwargs(loaded, settings, routes, rows_apart)
     recorder = TokenLogprobRecorder(logprobs=settings.num_beams == 1)
     kwargs["logits_processor"] = LogitsProcessorList([recorder])
     with _left_padding(loaded.model):
@@ -380,7 +385,7 @@ def stream_rows(loaded: LoadedModel, rows: Sequence[StreamRow], settings: Genera
         raise ValueError("a streamed batch has an image for every prompt or for none")
     inputs = prepare_prompts(loaded, [row.prompt for row in rows], images)
     settings = replace(settings, max_new_tokens=max(row.max_new_tokens for row in rows))
-    kwargs = _generation_kwargs(loaded, settings, [row.route for row in rows])
+    kwargs = _generation_kwargs(loaded, settings, [row.route for row in rows], rows_apart=True)
     decisions: list[RouteDecision] = []
     if loaded.is_twist:
         kwargs["twist_decisions"] = decisions
