@@ -19,6 +19,12 @@ class Route(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
     @property
     def forced(self) -> bool:
         """Whether this route is taken whatever the router says."""
