@@ -70,8 +70,7 @@ class RowAttention(LlamaSdpaAttention):
             first_query = max(0, pad - past)
             queries = query_states[row:row + 1, :, first_query:]
             attn_output[row:row + 1, :, first_query:] = F.scaled_dot_product_attention(
-                queries.contiguous(), key_states[row:row + 1, :, pad:].contiguous(),
-                value_states[row:row + 1, :, pad:].contiguous(),
+                queries, key_states[row:row + 1, :, pad:], value_states[row:row + 1, :, pad:],
                 dropout_p=self.attention_dropout if self.training else 0.0,
                 is_causal=self.is_causal and queries.shape[-2] > 1,
             )

@@ -293,6 +293,23 @@ class _RowText(TextStreamer):
         self.text = ""
         self.tokens = 0
         self.done = False
+        self._word_ends: dict[int, bool] = {}
+
+    def put(self, value: torch.Tensor) -> None:
+        """Decodes (the costly part with LLaVA's slow tokenizer) only at a token that can end a word: a piece that
+        starts one (``▁``) or a byte (a newline, a space); between them the printable text cannot grow."""
+        if self._ends_word(int(value)):
+            super().put(value)
+        else:
+            self.token_cache.extend(value.tolist())
+
+    def _ends_word(self, token: int) -> bool:
+        ends = self._word_ends.get(token)
+        if ends is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            ends = not isinstance(piece, str) or not piece or piece[0] in "▁ \n<" or not piece.isprintable()
+            self._word_ends[token] = ends
+        return ends
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if self.done and not stream_end:
