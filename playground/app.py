@@ -119,8 +119,8 @@ class Backend:
         return self.batcher.max_batch if self.batcher is not None else 1
 
     def _job_lock(self) -> threading.Lock:
-        """What a request's generations hold: a lock of its own when the batcher shares the model, else the one."""
-        return threading.Lock() if self.batcher is not None else self.lock
+        """What a request's generations hold: a lock of its own when they go through the batcher, else the one."""
+        return threading.Lock() if self.batcher is not None and self.generate_fn is None else self.lock
 
     def _generator(self) -> TextGenerator:
         if self.generate_fn is not None:

@@ -175,7 +175,23 @@ def test_only_the_example_folder_is_served(served: tuple[str, app.Backend], tiny
         assert status(str(path)) == 403, path
 
 
-def test_concurrent_users_run_one_at_a_time(client: Client, served: tuple[str, app.Backend]) -> None:
+def test_users_of_the_loaded_model_share_generations(client: Client, served: tuple[str, app.Backend]) -> None:
+    """Users asking while the model answers someone are answered together, each their own answer."""
+    backend = served[1]
+    before = len(backend.batcher.batch_sizes)
+    other = Client(served[0], verbose=False)
+    first = ask(client, EXAMPLES[0]["path"], "Describe everything.", tokens=48)
+    while len(backend.batcher.batch_sizes) == before:  # the first answer is being generated
+        time.sleep(0.01)
+    jobs = [ask(c, EXAMPLES[i]["path"], f"What is at the top, user {i}?", tokens=8)
+            for i, c in enumerate((client, other))]
+    results = [j.result(timeout=120) for j in [first, *jobs]]
+    assert backend.batcher.batch_sizes[before:] == [1, 2]
+    assert [r[3]["image_size"] for r in results] == [list(Image.open(EXAMPLES[i]["path"]).size) for i in (0, 0, 1)]
+    assert backend.batcher.queue_length() == 0
+
+
+def test_concurrent_users_of_a_generate_fn_run_one_at_a_time(client: Client, served: tuple[str, app.Backend]) -> None:
     state = {"now": 0, "max": 0}
     guard = threading.Lock()
 

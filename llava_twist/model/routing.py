@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -20,9 +20,6 @@ from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache
 
 from llava_twist.model.routes import Route
-
-if TYPE_CHECKING:
-    from llava_twist.model.routers import RouterKind
 
 ROUTER_MARK = -2  # label value marking a router position while labels pass through LLaVA's multimodal prep
 ROUTE_CODES = {Route.AUTO: -1, Route.FROZEN: 0, Route.GROUNDING: 1}  # a per-sample route as a tensor element
@@ -173,7 +170,7 @@ class RouteContext:
 
     def __init__(self) -> None:
         self.route: torch.Tensor | None = None  # (B,) bool
-        self.kind: RouterKind | None = None  # decides in this pass when set
+        self.kind: Any = None  # the RouterKind (llava_twist.model.routers) deciding in this pass, when set
         self.head: nn.Module | None = None
         self.router_mask: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
@@ -187,7 +184,7 @@ class RouteContext:
     def begin(
         self,
         route: torch.Tensor | None,
-        kind: RouterKind | None,
+        kind: Any,
         head: nn.Module | None,
         router_mask: torch.Tensor | None,
         compute_both: bool,
