@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LLAVA := llava-torch==1.2.2.post1
+# lmms-eval's metadata asks for transformers>=4.39: installed like LLaVA, its runtime pinned by the `lmms` extra
+LMMS_EVAL := lmms-eval==0.7.3
 # DeepSpeed JIT-compiles its CPU communication op on first use; `install` builds it here, so no run compiles.
 # Runs find the venv's tools first (as the launcher's children do): a build by another ninja is rebuilt.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
@@ -19,9 +21,9 @@ install: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,serve,dev]"
-	$(PIP) install -q --no-deps $(LLAVA)
-	$(PY) -c "import llava_twist.model, scout_data, deepspeed, peft" >/dev/null
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[train,demo,serve,dev,lmms]"
+	$(PIP) install -q --no-deps $(LLAVA) $(LMMS_EVAL)
+	$(PY) -c "import llava_twist.model, scout_data, deepspeed, peft, lmms_eval.evaluator" >/dev/null
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 	@echo "installed into $(VENV)"

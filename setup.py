@@ -22,6 +22,15 @@ LLAVA_STACK = [
 ]
 DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66", "matplotlib>=3.7"]
 EVAL = ["scipy>=1.11"]  # exact McNemar and bootstrap intervals of paired comparisons (llava_twist.eval.paired)
+# lmms-eval's runtime needs (llava_twist.lmms): its own release is installed with --no-deps (its metadata asks for
+# transformers>=4.39, which LLaVA-1.5 cannot run on), so these are what it imports on `python -m lmms_eval` with a
+# LLaVA model and generate_until tasks. datasets 2.21: newer ones need huggingface-hub>=1 (transformers 4.37.2: <1).
+# filelock<4: lmms-eval 0.7 reaches into filelock._api, which 4.x removed.
+LMMS = [
+    "datasets==2.21.0", "evaluate==0.4.6", "pyarrow==26.0.1", "dill==0.3.8", "multiprocess==0.70.16",
+    "xxhash==4.1.0", "aiohttp==3.14.5", "loguru==0.8.0", "tenacity==9.2.1", "sacrebleu==2.6.0",
+    "pytablewriter==1.2.1", "typepy==1.3.5", "chardet==5.2.0", "filelock>=3.20,<4",
+]
 
 setup(
     name="llava-twist",
@@ -36,11 +45,16 @@ setup(
         "demo": ["gradio==6.17.3"],
         # the model worker in LLaVA's serving stack (llava_twist.serve.model_worker) and LLaVA's controller
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "requests>=2.31"],
+        # lmms-eval's runtime; lmms-eval itself: pip install --no-deps lmms-eval==0.7.3 (make install does both)
+        "lmms": LMMS,
         # make test runs the suite on 2 workers, a file's tests on one (--dist loadgroup); pytest 9.2 drops the
         # groups silently (pytest-xdist issue 1386), so the pin stays below it until xdist follows
         "dev": ["pytest>=8,<9.2", "pytest-xdist>=3.6", "hypothesis>=6.100", "ruff>=0.6", "playwright>=1.50"],
     },
+    package_data={"llava_twist.lmms.tasks": ["*.yaml"]},
     entry_points={
+        # `python -m lmms_eval --model llava_twist` (lmms-eval >= 0.6 reads this group)
+        "lmms_eval.models": ["llava_twist = llava_twist.lmms:manifests"],
         "console_scripts": [
             "scout-data=scout_data.cli:main",
             "llava-twist-tiny=llava_twist.tiny:main",

@@ -20,7 +20,7 @@ from transformers.utils import logging as transformers_logging
 
 REPO = Path(__file__).resolve().parents[1]
 # `python -m PACKAGE` runs the package's __main__, which calls this module's main
-ENTRY_POINTS = {"scout_data": "scout_data.cli"}
+ENTRY_POINTS = {"scout_data": "scout_data.cli", "llava_twist.lmms.tasks": "llava_twist.lmms.tasks.__main__"}
 
 
 def run_module(argv: Sequence[str | os.PathLike], *, cwd: str | os.PathLike | None = None,
