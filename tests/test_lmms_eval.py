@@ -125,7 +125,7 @@ def runs(data, twist, entry_point, tmp_path_factory) -> dict[str, tuple[dict, di
         "frozen": ("llava_twist", f"pretrained={twist['full']},twist_route=frozen"),
         "auto": ("llava_twist", f"pretrained={twist['full']},twist_route=auto"),
     }
-    done = {}
+    done = {"folder": tmp}
     for name, (model, args) in specs.items():
         # batches of 3 of 4 prompts: mixed routes in one generate, and lmms-eval's own batching (which pads on the
         # right, as LLaVA's builder leaves it) on both sides of every comparison
@@ -181,6 +181,24 @@ def test_rec_scores_equal_eval_refexp_lmms_eval_protocol(runs, data, run, tmp_pa
     theirs = results["results"]["t_rec"]
     assert theirs["refcoco_ACC@0.5,none"] == ours["acc@0.5"]
     assert theirs["refcoco_IoU,none"] == pytest.approx(ours["mean_iou"], abs=1e-12)
+
+
+def test_summary_tables_base_vs_twist_from_lmms_eval_results(runs, tmp_path) -> None:
+    proc = run_module(["llava_twist.eval.summary", runs["folder"], "--out", tmp_path / "summary"])
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "summary.md").read_text().split("## lmms-eval: base vs TWIST", 1)[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| t_")]
+    assert sorted((r[0].strip("| "), r[1], r[4]) for r in rows) == [
+        ("t_rec", "refcoco_ACC@0.5", "llava_twist: twist, twist_route=auto"),
+        ("t_rec", "refcoco_ACC@0.5", "llava_twist: twist, twist_route=frozen"),
+        ("t_understanding", "exact_match", "llava_twist: twist, twist_route=auto"),
+        ("t_understanding", "exact_match", "llava_twist: twist, twist_route=frozen"),
+    ]
+    for task in ("t_rec", "t_understanding"):
+        metric = "refcoco_ACC@0.5" if task == "t_rec" else "exact_match"
+        base = runs["base"][0]["results"][task][f"{metric},none"]
+        frozen = next(r for r in rows if r[0].strip("| ") == task and "frozen" in r[4])
+        assert float(frozen[3]) == pytest.approx(base, abs=1e-4) and float(frozen[6]) == 0.0
 
 
 def test_bad_model_args_get_one_line_from_lmms_eval(twist, data, tmp_path) -> None:

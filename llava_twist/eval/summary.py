@@ -3,10 +3,14 @@
     python -m llava_twist.eval.summary ./playground/data/eval --out ./playground/data/eval/summary
 
 A result file is any ``*.json`` holding ``benchmark``, ``n`` and ``metrics`` (what the ``eval_*`` scripts
-write, ``*.result.json`` by default). Rows: results, sorted by benchmark and name, with the scoring protocol
-a refexp result follows (``ours`` or ``lmms-eval``: their numbers are not comparable); columns: every
-numeric metric present (blank where a benchmark lacks it). The chart shows each result's headline
-metrics (all in [0, 1]).
+write, ``*.result.json`` by default), or lmms-eval's ``<date>_results.json`` (one result per task, protocol
+``lmms-eval``). Rows: results, sorted by benchmark and name, with the scoring protocol a refexp result follows
+(``ours`` or ``lmms-eval``: their numbers are not comparable); columns: every numeric metric present (blank where a
+benchmark lacks it). The chart shows each result's headline metrics (all in [0, 1]).
+
+Where lmms-eval results of ``--model llava`` (the base) and ``--model llava_twist`` share a task, a retention table
+follows: per task, the headline metric of the base and of each TWIST run, the difference and TWIST's share of the
+base's score (``scripts/eval/lmms_eval.sh`` runs both on LLaVA-1.5's suite and on RefCOCO/+/g REC).
 """
 
 from __future__ import annotations
@@ -34,8 +38,68 @@ def result_paths(folder: str) -> list[str]:
     return sorted(found.values())
 
 
+# lmms-eval metrics reported as a task's headline, first found wins (else the task's first metric)
+LMMS_HEADLINES = ("refcoco_ACC@0.5", "exact_match", "pope_f1_score", "mme_perception_score", "gpt_eval_score")
+LMMS_BASE, LMMS_TWIST = "llava", "llava_twist"  # lmms-eval's --model of LLaVA-1.5 and of TWIST
+
+
+def is_lmms_eval_results(data: Any) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("results"), dict) and isinstance(data.get("config"), dict)
+            and "lmms_eval_version" in data)
+
+
+def _model_label(config: dict[str, Any]) -> str:
+    """``model: checkpoint folder[, twist_route=...]`` from lmms-eval's ``config`` of a run."""
+    args = dict(part.split("=", 1) for part in str(config.get("model_args") or "").split(",") if "=" in part)
+    label = f"{config.get('model')}: {os.path.basename(args.get('pretrained', '').rstrip('/'))}"
+    return label + (f", twist_route={args['twist_route']}" if "twist_route" in args else "")
+
+
+def lmms_eval_results(data: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """One result per task of an lmms-eval results file (metrics without their ``,filter`` suffix or stderrs)."""
+    out = []
+    for task, values in data["results"].items():
+        if not isinstance(values, dict):
+            raise EvalError(f"{path}: an lmms-eval results file whose task {task!r} holds no metrics")
+        metrics = {key.split(",", 1)[0]: value for key, value in values.items()
+                   if "_stderr" not in key and isinstance(value, int | float) and not isinstance(value, bool)}
+        headline = next((m for m in LMMS_HEADLINES if m in metrics), next(iter(metrics), None))
+        samples = (data.get("n-samples") or {}).get(task) or {}
+        out.append({"benchmark": task, "name": _model_label(data["config"]), "n": int(samples.get("effective", 0)),
+                    "metrics": metrics, "headline": [headline] if headline else [], "protocol": {"name": "lmms-eval"},
+                    "lmms_model": data["config"].get("model"), "lmms_date": str(data.get("date", ""))})
+    return out
+
+
+def retention_table(results: Sequence[dict[str, Any]]) -> str:
+    """Base vs TWIST per lmms-eval task (see the module docstring); empty when no task has both."""
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        if r.get("lmms_model") in (LMMS_BASE, LMMS_TWIST) and r.get("headline"):
+            by_task.setdefault(r["benchmark"], {}).setdefault(r["lmms_model"], []).append(r)
+    lines = []
+    for task, runs in sorted(by_task.items()):
+        if LMMS_BASE not in runs or LMMS_TWIST not in runs:
+            continue
+        base = max(runs[LMMS_BASE], key=lambda r: r["lmms_date"])
+        metric = base["headline"][0]
+        for twist in sorted(runs[LMMS_TWIST], key=lambda r: r["name"]):
+            ours, theirs = twist["metrics"].get(metric), base["metrics"][metric]
+            delta = None if ours is None else ours - theirs
+            share = "" if ours is None or not theirs else f"{100 * ours / theirs:.1f}%"
+            cells = [task, metric, _text(base["name"]), _cell(theirs), _text(twist["name"]), _cell(ours),
+                     "" if delta is None else f"{delta:+.4f}", share]
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = ["task", "metric", "base", "base score", "TWIST", "TWIST score", "TWIST - base", "TWIST / base"]
+    return ("\n## lmms-eval: base vs TWIST\n\n| " + " | ".join(header) + " |\n|" + "|".join(["---"] * len(header))
+            + "|\n" + "\n".join(lines) + "\n")
+
+
 def find_results(folder: str) -> list[dict[str, Any]]:
-    """Every result JSON under ``folder`` (recursively, see :func:`result_paths`), each with its ``path``."""
+    """Every result JSON under ``folder`` (recursively, see :func:`result_paths`), each with its ``path``; an
+    lmms-eval results file gives one result per task (:func:`lmms_eval_results`)."""
     out = []
     for path in result_paths(folder):
         try:
@@ -43,7 +107,11 @@ def find_results(folder: str) -> list[dict[str, Any]]:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(data, dict) and {"benchmark", "n", "metrics"} <= set(data):
+        if is_lmms_eval_results(data):
+            for result in lmms_eval_results(data, path):
+                result["path"] = os.path.relpath(path, folder)
+                out.append(result)
+        elif isinstance(data, dict) and {"benchmark", "n", "metrics"} <= set(data):
             if problem := result_problem(data):
                 raise EvalError(f"{path}: a result file whose {problem}")
             data["path"] = os.path.relpath(path, folder)
@@ -150,7 +218,8 @@ def is_summary(path: str) -> bool:
 def summarize(folder: str, out_prefix: str) -> tuple[str, str | None, int]:
     """Write ``<out_prefix>.md`` and ``<out_prefix>.png``; returns their paths (png None if empty) and the count."""
     results = find_results(folder)
-    md = HEADER + (markdown_table(results) if results else f"No result files under {folder}.\n")
+    body = markdown_table(results) + retention_table(results) if results else f"No result files under {folder}.\n"
+    md = HEADER + body
     md_path = out_prefix + ".md"
     atomic_write_text(md_path, md)
     png_path = out_prefix + ".png"
