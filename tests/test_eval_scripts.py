@@ -81,3 +81,28 @@ def test_retention_runs_base_and_twist_then_compares(tmp_path):
     assert "--model-class llava --model-id ckpt-base" in base and "--model-base base" in base
     assert "--route auto" in twist and "--model-class" not in twist
     assert "llava_twist.eval.eval_retention" in score and "--base-answers" in score and "--twist-answers" in score
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_lmms_eval_runs_the_base_and_twist_then_the_retention_table(tmp_path, delta):
+    (tmp_path / "ck").mkdir()
+    if delta:
+        (tmp_path / "ck" / "twist_delta.safetensors").write_bytes(b"")
+    proc, calls = run_script("lmms_eval.sh", tmp_path, MODEL_PATH="ck", MODEL_BASE="base",
+                             TASKS="pope,refcoco_bbox_rec_val", OUT="out")
+    assert proc.returncode == 0, proc.stderr
+    check, base, twist, summary = calls
+    assert check.endswith("-m llava_twist.lmms")
+    assert "-m lmms_eval --model llava --model_args pretrained=base --tasks pope,refcoco_bbox_rec_val" in base
+    assert "--log_samples --output_path out/base" in base
+    twist_args = "pretrained=ck,twist_route=auto" + (",model_base=base" if delta else "")
+    assert f"-m lmms_eval --model llava_twist --model_args {twist_args} --tasks" in twist
+    assert "--output_path out/twist-auto" in twist
+    assert summary.endswith("-m llava_twist.eval.summary out")
+
+
+def test_lmms_eval_launches_one_process_per_gpu(tmp_path):
+    proc, calls = run_script("lmms_eval.sh", tmp_path, MODEL_PATH="ck", NUM_PROCESSES="4", ROUTE="frozen")
+    assert proc.returncode == 0, proc.stderr
+    assert all("-m accelerate.commands.launch --num_processes 4 -m lmms_eval" in c for c in calls[1:3])
+    assert "twist_route=frozen" in calls[2]
