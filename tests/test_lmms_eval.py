@@ -2,10 +2,12 @@
 ``llava_twist`` model (registered by the entry point setup.py declares, and by ``LMMS_EVAL_PLUGINS``), the offline
 tasks, the routes in ``--log_samples``, and REC scores equal to ``eval_refexp --protocol lmms-eval``.
 
-lmms-eval exits 0 when an evaluation fails, so every run is checked by the files it writes."""
+lmms-eval exits 0 when an evaluation fails, so every run is checked by the files it writes. The runs are slow (a
+process each, about 40 s on 2 cores)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,9 +20,9 @@ from cli_checks import REPO, run_module, run_process
 from PIL import Image, ImageDraw
 
 from llava_twist.eval.common import read_jsonl
+from llava_twist.lmms import LMMS_EVAL
 from llava_twist.lmms.samples import sample_route
 
-pytestmark = pytest.mark.slow
 BASE = REPO / "playground" / "models" / "tiny-llava-v1.5"  # its config names its vision tower from the repo root
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 40)}
 MAX_NEW_TOKENS = 24
@@ -134,6 +136,7 @@ def runs(data, twist, entry_point, tmp_path_factory) -> dict[str, tuple[dict, di
     return done
 
 
+@pytest.mark.slow
 def test_frozen_route_answers_as_lmms_evals_llava_on_the_base(runs) -> None:
     _, base = runs["base"]
     _, frozen = runs["frozen"]
@@ -144,6 +147,7 @@ def test_frozen_route_answers_as_lmms_evals_llava_on_the_base(runs) -> None:
     assert {sample_route(s) for s in base["t_rec"]} == {(None, None)}
 
 
+@pytest.mark.slow
 def test_auto_route_logs_each_samples_route_and_frozen_ones_answer_as_the_base(runs) -> None:
     _, base = runs["base"]
     _, auto = runs["auto"]
@@ -162,6 +166,7 @@ def test_auto_route_logs_each_samples_route_and_frozen_ones_answer_as_the_base(r
     assert any(s["filtered_resps"] != base_text[(s["doc_id"], s["target"])] for s in grounded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["base", "auto"])
 def test_rec_scores_equal_eval_refexp_lmms_eval_protocol(runs, data, run, tmp_path) -> None:
     results, samples = runs[run]
@@ -183,6 +188,7 @@ def test_rec_scores_equal_eval_refexp_lmms_eval_protocol(runs, data, run, tmp_pa
     assert theirs["refcoco_IoU,none"] == pytest.approx(ours["mean_iou"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_summary_tables_base_vs_twist_from_lmms_eval_results(runs, tmp_path) -> None:
     proc = run_module(["llava_twist.eval.summary", runs["folder"], "--out", tmp_path / "summary"])
     assert proc.returncode == 0, proc.stderr
@@ -201,6 +207,7 @@ def test_summary_tables_base_vs_twist_from_lmms_eval_results(runs, tmp_path) -> 
         assert float(frozen[3]) == pytest.approx(base, abs=1e-4) and float(frozen[6]) == 0.0
 
 
+@pytest.mark.slow
 def test_bad_model_args_get_one_line_from_lmms_eval(twist, data, tmp_path) -> None:
     """Through lmms-eval itself, the model registered by ``LMMS_EVAL_PLUGINS`` (no entry point on the path)."""
     proc = lmms_eval(tmp_path / "out", "llava_twist", f"pretrained={twist['full']},twist_route=sideways", "t_rec",
@@ -212,6 +219,7 @@ def test_bad_model_args_get_one_line_from_lmms_eval(twist, data, tmp_path) -> No
     assert not list((tmp_path / "out").rglob("*_results.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_args", "pieces"), [
     ("pretrained={missing}", ["cannot load", "pretrained", "missing-checkpoint: no such folder"]),
     ("pretrained={delta}", ["grounding-only TWIST delta", "model_base"]),
@@ -230,3 +238,15 @@ def test_bad_model_args_get_one_line(twist, tmp_path, capsys, model_args, pieces
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --model llava_twist: "), err
     assert all(p in lines[0] for p in pieces), lines[0]
+
+
+def test_without_lmms_eval_the_check_names_the_extra(monkeypatch, capsys) -> None:
+    from llava_twist.lmms.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmms_eval" else real(name, *a))
+    assert main([]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and '".[lmms]"' in lines[0] and f"--no-deps {LMMS_EVAL}" in lines[0], lines
+    monkeypatch.undo()
+    assert main([]) == 0 and LMMS_EVAL.replace("==", " ") in capsys.readouterr().out

@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 
-from llava_twist.lmms import INSTALL_HINT, LMMS_EVAL
+from llava_twist.lmms import LMMS_EVAL, require_lmms_eval
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        found = version("lmms-eval")
-    except PackageNotFoundError:
-        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        require_lmms_eval()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    found = version("lmms-eval")
     pinned = LMMS_EVAL.split("==", 1)[1]
     note = "" if found == pinned else f" (this project pins {pinned}: other versions are untested)"
     print(f"lmms-eval {found}{note}: python -m lmms_eval --model llava_twist --model_args pretrained=CKPT,"
