@@ -22,14 +22,18 @@ LLAVA_STACK = [
 ]
 DATA = ["numpy>=1.24", "pillow>=10", "pycocotools>=2.0.7", "tqdm>=4.66", "matplotlib>=3.7"]
 EVAL = ["scipy>=1.11"]  # exact McNemar and bootstrap intervals of paired comparisons (llava_twist.eval.paired)
-# lmms-eval's runtime needs (llava_twist.lmms): its own release is installed with --no-deps (its metadata asks for
-# transformers>=4.39, which LLaVA-1.5 cannot run on), so these are what it imports on `python -m lmms_eval` with a
-# LLaVA model and generate_until tasks. datasets 2.21: newer ones need huggingface-hub>=1 (transformers 4.37.2: <1).
+# lmms-eval's runtime needs (llava_twist.lmms), each version the one tested: its own release is installed with
+# --no-deps (its metadata asks for transformers>=4.39, which LLaVA-1.5 cannot run on, and for ~50 packages a LLaVA run
+# never imports), so these are what `python -m lmms_eval` imports with a LLaVA model and generate_until tasks.
+# datasets 2.21: newer ones need huggingface-hub>=1 (transformers 4.37.2: <1); it holds fsspec at <=2024.6.1.
 # filelock<4: lmms-eval 0.7 reaches into filelock._api, which 4.x removed.
 LMMS = [
-    "datasets==2.21.0", "evaluate==0.4.6", "pyarrow==26.0.1", "dill==0.3.8", "multiprocess==0.70.16",
-    "xxhash==4.1.0", "aiohttp==3.14.5", "loguru==0.8.0", "tenacity==9.2.1", "sacrebleu==2.6.0",
-    "pytablewriter==1.2.1", "typepy==1.3.5", "chardet==5.2.0", "filelock>=3.20,<4",
+    "datasets==2.21.0", "pyarrow==26.0.1", "dill==0.3.8", "multiprocess==0.70.16", "xxhash==4.1.0",
+    "aiohttp==3.14.5", "aiohappyeyeballs==2.7.1", "aiosignal==1.4.0", "attrs==26.1.0", "frozenlist==1.8.0",
+    "multidict==7.2.1", "propcache==0.5.4", "yarl==1.25.1", "loguru==0.8.0", "tenacity==9.2.1", "evaluate==0.4.6",
+    "sacrebleu==2.6.0", "portalocker==4.4.2", "tabulate==0.10.0", "colorama==0.4.6", "lxml==6.2.1",
+    "pytablewriter==1.2.1", "DataProperty==1.1.1", "mbstrdecoder==1.1.5", "pathvalidate==3.3.1",
+    "tabledata==1.3.5", "tcolorpy==0.1.7", "typepy==1.3.5", "chardet==5.2.0", "filelock>=3.20,<4",
 ]
 
 setup(
