@@ -159,11 +159,14 @@ class LlavaTwist(Llava):
             self._rank, self._world_size = 0, 1
 
     def _batches(self, requests: Sequence[Instance]) -> Iterator[list[int]]:
-        """Indices of ``requests`` in the batches ``Llava.generate_until`` would form (same generation settings,
-        longest prompt first), so that each batch it is given runs as one ``generate`` in the order given."""
-        groups: dict[str, list[int]] = {}
+        """Indices of ``requests`` in batches of one task and generation settings, longest prompt first (the order
+        ``Llava.generate_until`` sorts a batch in), so that each batch it is given runs as one ``generate`` in the
+        order given. (``Llava`` alone groups by settings only, and reads a batch's images through its first
+        request's task.)"""
+        groups: dict[tuple[str, str, str], list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+            _, gen_kwargs, _, _, task, split = req.args
+            groups.setdefault((task, split, json.dumps(gen_kwargs, sort_keys=True, default=str)), []).append(i)
         for indices in groups.values():
             contexts = [requests[i].args[0] for i in indices]
             order = sorted(range(len(indices)), key=lambda k: (-len(self.tok_encode(contexts[k])), contexts[k]))
