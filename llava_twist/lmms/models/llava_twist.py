@@ -31,10 +31,6 @@ from lmms_eval.models.simple.llava import Llava, best_fit_attn_implementation  #
 
 from llava_twist.model.routes import AUTO, ROUTES  # noqa: E402
 
-# lmms-eval's Llava loads float16 weights (LLaVA's builder does); float32 serves grounding-only deltas over a float32
-# base, whose fingerprint float16 rounding can change
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 @dataclass
 class RoutedTokenCounts(TokenCounts):
@@ -74,7 +70,6 @@ class LlavaTwist(Llava):
         pretrained: str,
         model_base: str | None = None,
         twist_route: str = AUTO,
-        dtype: str = "float16",
         truncation: bool = True,
         device: str = "cuda:0",
         batch_size: int | str = 1,
@@ -89,12 +84,10 @@ class LlavaTwist(Llava):
     ) -> None:
         lmms.__init__(self)
         if kwargs:
-            _stop(f"unknown model_args {', '.join(sorted(kwargs))} (known: pretrained, model_base, twist_route, dtype, "
+            _stop(f"unknown model_args {', '.join(sorted(kwargs))} (known: pretrained, model_base, twist_route, "
                   "device, device_map, batch_size, conv_template, attn_implementation, model_name, use_cache)")
         if twist_route not in ROUTES:
             _stop(f"twist_route={twist_route!r}: expected one of {', '.join(ROUTES)}")
-        if dtype not in DTYPES:
-            _stop(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
         try:
             self.batch_size_per_gpu = int(batch_size)
         except ValueError:
@@ -109,7 +102,7 @@ class LlavaTwist(Llava):
         else:
             self._device = torch.device(f"cuda:{accelerator.local_process_index}")
             self.device_map = f"cuda:{accelerator.local_process_index}"
-        self._load(pretrained, model_base, model_name, twist_route, DTYPES[dtype], attn_implementation)
+        self._load(pretrained, model_base, model_name, twist_route, attn_implementation)
         self._config = self._model.config
         self.model.eval()
         if tie_weights:
@@ -121,9 +114,9 @@ class LlavaTwist(Llava):
         self._place(accelerator)
 
     def _load(self, pretrained: str, model_base: str | None, model_name: str | None, twist_route: str,
-              dtype: torch.dtype, attn_implementation: str | None) -> None:
-        """TWIST's builder, with what lmms-eval's ``Llava`` gives LLaVA's (float16 weights unless ``dtype`` says
-        otherwise, its device map)."""
+              attn_implementation: str | None) -> None:
+        """TWIST's builder, with what lmms-eval's ``Llava`` gives LLaVA's: float16 weights (``Llava`` casts images to
+        float16 whatever the model), its device map, its attention implementation."""
         from llava.mm_utils import get_model_name_from_path
 
         from llava_twist.model.builder import load_pretrained_model, resolve_checkpoint
@@ -135,7 +128,7 @@ class LlavaTwist(Llava):
             loaded = load_pretrained_model(
                 pretrained, model_base, model_name or get_model_name_from_path(pretrained.rstrip("/")),
                 device_map=self.device_map, device="cuda" if self._device.type == "cuda" else str(self._device),
-                torch_dtype=dtype, twist_route=twist_route, **extra,
+                torch_dtype=torch.float16, twist_route=twist_route, **extra,
             )
         except (OSError, ValueError, KeyError) as exc:
             _stop(f"cannot load the model: {exc}")
