@@ -25,7 +25,7 @@ from llava_twist.lmms.samples import sample_route
 
 BASE = REPO / "playground" / "models" / "tiny-llava-v1.5"  # its config names its vision tower from the repo root
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 40)}
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = {"rec": 24, "understanding": 12}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         proc = run_module(["llava_twist.lmms.tasks", "--kind", kind, "--question-file", files[kind],
                            "--image-folder", root, "--out", root / "tasks", "--task", f"t_{kind}"])
         assert proc.returncode == 0, proc.stderr
+        # short answers, and settings that differ by task: lmms-eval's Llava batches requests of equal settings
+        # across tasks, llava_twist one task at a time, so equal settings would batch them differently
+        with open(root / "tasks" / f"t_{kind}.yaml", "a") as f:
+            f.write(f"generation_kwargs:\n  until: ['ASSISTANT:']\n  max_new_tokens: {MAX_NEW_TOKENS[kind]}\n")
     return {**files, "tasks": root / "tasks", "root": root}
 
 
@@ -84,8 +88,7 @@ def twist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def lmms_eval(out: Path, model: str, model_args: str, tasks: str, include: Path | None,
               env: dict[str, str] | None = None, batch_size: int = 1) -> subprocess.CompletedProcess[str]:
     argv = ["lmms_eval", "--model", model, "--model_args", f"{model_args},device=cpu,device_map=auto",
-            "--batch_size", str(batch_size), "--tasks", tasks, "--log_samples", "--output_path", out,
-            "--gen_kwargs", f"max_new_tokens={MAX_NEW_TOKENS}"]
+            "--batch_size", str(batch_size), "--tasks", tasks, "--log_samples", "--output_path", out]
     argv += ["--include_path", include] if include else []
     cache = {"HF_DATASETS_CACHE": str(out / "hf-datasets"), "HF_DATASETS_OFFLINE": "1",
              "TOKENIZERS_PARALLELISM": "false"}
