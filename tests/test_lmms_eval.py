@@ -25,6 +25,8 @@ from llava_twist.lmms.samples import sample_route
 
 BASE = REPO / "playground" / "models" / "tiny-llava-v1.5"  # its config names its vision tower from the repo root
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 40)}
+ASKED = ["What colour is the square?", "Which colour does the box have?", "What is the colour of the shape?",
+         "Name the colour of the square."]  # prompts that differ, so the router tells them apart
 MAX_NEW_TOKENS = {"rec": 24, "understanding": 12}
 
 
@@ -43,7 +45,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         common = {"image": f"images/{i}.png", "width": w, "height": h}
         rec.append({"question_id": f"r{i}", **common, "expression": f"the {name} square", "bbox_xyxy_px": box})
         understanding.append({"question_id": f"u{i}", **common, "answer": name,
-                              "text": "What colour is the square? Answer the question using a single word or phrase."})
+                              "text": f"{ASKED[i]} Answer the question using a single word or phrase."})
     files = {"rec": root / "rec.jsonl", "understanding": root / "understanding.jsonl"}
     for kind, rows in (("rec", rec), ("understanding", understanding)):
         files[kind].write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -129,12 +131,13 @@ def runs(data, twist, entry_point, tmp_path_factory) -> dict[str, tuple[dict, di
         "base": ("llava", f"pretrained={BASE}"),
         "frozen": ("llava_twist", f"pretrained={twist['full']},twist_route=frozen"),
         "auto": ("llava_twist", f"pretrained={twist['full']},twist_route=auto"),
+        "auto-one-by-one": ("llava_twist", f"pretrained={twist['full']},twist_route=auto"),
     }
     done = {"folder": tmp}
     for name, (model, args) in specs.items():
         # batches of 3 of 4 prompts: mixed routes in one generate, and lmms-eval's own batching (which pads on the
         # right, as LLaVA's builder leaves it) on both sides of every comparison
-        proc = lmms_eval(tmp / name, model, args, tasks, data["tasks"], env, batch_size=3)
+        proc = lmms_eval(tmp / name, model, args, tasks, data["tasks"], env, batch_size=1 if "one" in name else 3)
         done[name] = outputs(tmp / name, proc)
     return done
 
@@ -170,6 +173,21 @@ def test_auto_route_logs_each_samples_route_and_frozen_ones_answer_as_the_base(r
 
 
 @pytest.mark.slow
+def test_each_sample_gets_its_own_prompts_route_in_a_batch(runs) -> None:
+    """Routes logged from batches of 3 are those of the same prompts asked one by one (a route given to the wrong
+    sample of a batch would carry another prompt's probability)."""
+    _, batched = runs["auto"]
+    _, single = runs["auto-one-by-one"]
+    for task in ("t_understanding", "t_rec"):
+        alone = {s["doc_id"]: sample_route(s) for s in single[task]}
+        probs = [sample_route(s)[1] for s in batched[task]]
+        assert max(probs) - min(probs) > 0.05  # distinct enough that a swap would show
+        for sample in batched[task]:
+            route, prob = sample_route(sample)
+            assert route == alone[sample["doc_id"]][0] and prob == pytest.approx(alone[sample["doc_id"]][1], abs=2e-3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["base", "auto"])
 def test_rec_scores_equal_eval_refexp_lmms_eval_protocol(runs, data, run, tmp_path) -> None:
     results, samples = runs[run]
@@ -197,11 +215,11 @@ def test_summary_tables_base_vs_twist_from_lmms_eval_results(runs, tmp_path) -> 
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "summary.md").read_text().split("## lmms-eval: base vs TWIST", 1)[1]
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| t_")]
-    assert sorted((r[0].strip("| "), r[1], r[4]) for r in rows) == [
-        ("t_rec", "refcoco_ACC@0.5", "llava_twist: twist, twist_route=auto"),
-        ("t_rec", "refcoco_ACC@0.5", "llava_twist: twist, twist_route=frozen"),
-        ("t_understanding", "exact_match", "llava_twist: twist, twist_route=auto"),
-        ("t_understanding", "exact_match", "llava_twist: twist, twist_route=frozen"),
+    auto, frozen = "llava_twist: twist, twist_route=auto", "llava_twist: twist, twist_route=frozen"
+    assert sorted((r[0].strip("| "), r[1], r[4]) for r in rows) == [  # the auto runs of both batch sizes
+        ("t_rec", "refcoco_ACC@0.5", auto), ("t_rec", "refcoco_ACC@0.5", auto), ("t_rec", "refcoco_ACC@0.5", frozen),
+        ("t_understanding", "exact_match", auto), ("t_understanding", "exact_match", auto),
+        ("t_understanding", "exact_match", frozen),
     ]
     for task in ("t_rec", "t_understanding"):
         metric = "refcoco_ACC@0.5" if task == "t_rec" else "exact_match"
