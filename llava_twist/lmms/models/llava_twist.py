@@ -49,16 +49,38 @@ def _stop(problem: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def route_rows(model: Any, n: int) -> list[tuple[str, float]]:
-    """Route and router probability of each of the ``n`` prompts of the model's last prefill (the one place this
-    plugin reads TWIST's routing API)."""
-    decision = model.twist_last_route
+class DecisionRecorder:
+    """The TWIST model as lmms-eval's ``Llava`` calls it, whose ``generate`` also keeps each call's route decision
+    (TWIST's ``twist_decisions``); everything else is the model's. With :func:`route_rows`, the one place this plugin
+    reads TWIST's routing API."""
+
+    def __init__(self, model: Any) -> None:
+        self.wrapped = model
+        self.calls = 0
+        self.last_decision: Any = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        decisions: list[Any] = []
+        out = self.wrapped.generate(*args, twist_decisions=decisions, **kwargs)
+        self.calls += 1
+        self.last_decision = decisions[0] if decisions else None
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+def route_rows(decision: Any, n: int) -> list[tuple[str, float | None]]:
+    """Route and router probability of each of the ``n`` prompts of one ``generate`` (its prefill's decision)."""
     rows = 0 if decision is None else len(decision.routes())
     if not n or rows % n:
         raise RuntimeError(f"expected a route decision for {n} prompts after generate, got {rows}")
     step = rows // n  # beam search decides once per prompt and repeats it per beam
-    routes, probs = decision.routes(), decision.prob.tolist()
-    return [(routes[i * step], float(probs[i * step])) for i in range(n)]
+    routes, probs = decision.routes(), decision.probs()
+    return [(str(routes[i * step]), probs[i * step]) for i in range(n)]
 
 
 class LlavaTwist(Llava):
@@ -113,6 +135,15 @@ class LlavaTwist(Llava):
         self.truncate_context = truncate_context
         self._place(accelerator)
 
+    @property
+    def model(self) -> Any:
+        """The model as ``Llava`` uses it, its ``generate`` recording route decisions (:class:`DecisionRecorder`)."""
+        inner = Llava.model.fget(self)
+        recorder = self.__dict__.get("_recorder")
+        if recorder is None or recorder.wrapped is not inner:
+            recorder = self.__dict__["_recorder"] = DecisionRecorder(inner)
+        return recorder
+
     def _load(self, pretrained: str, model_base: str | None, model_name: str | None, twist_route: str,
               attn_implementation: str | None) -> None:
         """TWIST's builder, with what lmms-eval's ``Llava`` gives LLaVA's: float16 weights (``Llava`` casts images to
@@ -142,9 +173,9 @@ class LlavaTwist(Llava):
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
                 _stop("DeepSpeed data parallelism is not supported; launch with accelerate's multi-GPU backend")
             if accelerator.distributed_type == DistributedType.FSDP:
-                self._model = accelerator.prepare(self.model)
+                self._model = accelerator.prepare(self._model)
             else:
-                self._model = accelerator.prepare_model(self.model, evaluation_mode=True)
+                self._model = accelerator.prepare_model(self._model, evaluation_mode=True)
             self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
         else:
             if self.device_map != "auto":
@@ -171,8 +202,12 @@ class LlavaTwist(Llava):
         """``Llava.generate_until``, one batch at a time, each response with its prompt's route."""
         out: list[GenerationResult | None] = [None] * len(requests)
         for batch in self._batches(requests):
+            calls = self.model.calls
             texts = super().generate_until([requests[i] for i in batch])
-            for i, text, (route, prob) in zip(batch, texts, route_rows(self.model, len(batch)), strict=True):
+            if self.model.calls != calls + 1:
+                raise RuntimeError(f"expected one generate for a batch of {len(batch)}, got {self.model.calls - calls}")
+            decided = route_rows(self.model.last_decision, len(batch))
+            for i, text, (route, prob) in zip(batch, texts, decided, strict=True):
                 counts = RoutedTokenCounts(twist_route=route, router_prob=prob)
                 out[i] = GenerationResult(text=text, token_counts=counts)
         return out  # type: ignore[return-value]
