@@ -4,6 +4,7 @@ them back (``add_spec_arguments``, ``spec_from_args``), so every field round-tri
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
@@ -21,11 +22,13 @@ def _true_or_false(text: str) -> bool:
     return text.lower() == "true"
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
-    """One ``--field-name`` option per field of the dataclass instance ``defaults``, typed like its default."""
+def add_spec_arguments(parser: argparse.ArgumentParser, defaults: Any, limits: Mapping[str, Any] = {}) -> None:  # noqa: B006
+    """One ``--field-name`` option per field of the dataclass instance ``defaults``, typed like its default, or by
+    its entry of ``limits`` (an argparse type such as :class:`scout_data.limits.Bounded`, named in ``--help``)."""
     for name, value in asdict(defaults).items():
-        kind = _true_or_false if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+        kind = limits.get(name) or (_true_or_false if isinstance(value, bool) else type(value))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value,
+                            help=str(kind) if name in limits else None)
 
 
 def spec_from_args(cls: type[Spec], args: argparse.Namespace) -> Spec:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llava_twist.spec_cli import add_spec_arguments, spec_from_args
-from scout_data.limits import OneLineParser
+from scout_data.limits import Bounded, OneLineParser
 from scout_data.output import OutputError, check_output, output_lock, replace_folder
 
 LLAVA_SYSTEM = (
@@ -80,6 +80,47 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 1024
     seed: int = 0
     coordinate_tokens: bool = False  # one token per two-decimal coordinate 0.00-1.00 (see ``train_tokenizer``)
+
+
+# Every size a tiny model may take (``--help`` states them); :meth:`TinyLlavaSpec.problem` checks how they combine.
+# A "tiny" model stays small: the biggest one these allow is about 1 GB of float32 weights.
+LIMITS = {
+    "hidden_size": Bounded(int, 8, 1024),
+    "intermediate_size": Bounded(int, 8, 4096),
+    "num_hidden_layers": Bounded(int, 1, 16),
+    "num_attention_heads": Bounded(int, 1, 64),
+    "vocab_size": Bounded(int, 512, 32000),  # the tokenizer's corpus needs about 330 pieces, 430 with coordinates
+    "vision_hidden_size": Bounded(int, 8, 1024),
+    "vision_layers": Bounded(int, 1, 24),
+    "vision_heads": Bounded(int, 1, 64),
+    "image_size": Bounded(int, 8, 448),
+    "patch_size": Bounded(int, 1, 448),
+    "max_position_embeddings": Bounded(int, 128, 8192),
+    "seed": Bounded(int, 0, 2**32 - 1),
+}
+PROMPT_ROOM = 64  # positions a question and LLaVA's template take besides the image's tokens
+
+
+def spec_problem(spec: TinyLlavaSpec) -> str | None:
+    """What cannot be built (or loaded) in a spec, naming the flags; None when it can."""
+    for name, limit in LIMITS.items():
+        value = getattr(spec, name)
+        if not (isinstance(value, int) and limit.lo <= value <= limit.hi):
+            return f"--{name.replace('_', '-')} {value}: must be an {limit}"
+    if spec.hidden_size % spec.num_attention_heads:
+        return (f"--hidden-size {spec.hidden_size} must be a multiple of --num-attention-heads "
+                f"{spec.num_attention_heads}")
+    if spec.vision_hidden_size % spec.vision_heads:
+        return (f"--vision-hidden-size {spec.vision_hidden_size} must be a multiple of --vision-heads "
+                f"{spec.vision_heads}")
+    if spec.patch_size > spec.image_size:
+        return f"--patch-size {spec.patch_size} must be at most --image-size {spec.image_size}"
+    tokens = (spec.image_size // spec.patch_size) ** 2
+    if tokens + PROMPT_ROOM > spec.max_position_embeddings:
+        return (f"--max-position-embeddings {spec.max_position_embeddings}: the image alone takes {tokens} positions "
+                f"(--image-size {spec.image_size} / --patch-size {spec.patch_size}, squared); at least "
+                f"{tokens + PROMPT_ROOM} are needed")
+    return None
 
 
 COORDINATES = [f"{i / 100:.2f}" for i in range(101)]
@@ -214,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_spec_arguments(parser, TinyLlavaSpec())
+    add_spec_arguments(parser, TinyLlavaSpec(), LIMITS)
     args = parser.parse_args(argv)
+    if problem := spec_problem(spec_from_args(TinyLlavaSpec, args)):
+        parser.error(problem)
     try:
         check_output(args.out, overwrite=args.overwrite)
     except OutputError as exc:

@@ -33,7 +33,6 @@ from llava_twist.model.routes import AUTO, FROZEN, GROUNDING, Route  # noqa: E40
 from llava_twist.serve.batching import Batcher  # noqa: E402
 from llava_twist.serve.drawing import draw_boxes  # noqa: E402
 from llava_twist.serve.generation import GenerationSettings  # noqa: E402
-from llava_twist.serve.images import image_size_problem, to_rgb  # noqa: E402
 from llava_twist.serve.loading import LoadedModel, load_model  # noqa: E402
 from llava_twist.serve.prompting import build_prompt  # noqa: E402
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text  # noqa: E402
@@ -48,6 +47,7 @@ from playground.panels import PanelUpdate  # noqa: E402
 from playground.remote import RemoteModels  # noqa: E402
 from playground.worker import GenerationJob  # noqa: E402
 from scout_data.boxes import DEFAULT_FRAME  # noqa: E402
+from scout_data.images import ImageError, image_size_problem, read_image, to_rgb  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
 MAX_QUERY_CHARS = 2000
@@ -261,13 +261,12 @@ def check_upload(payload: Any) -> None:
         return
     name = getattr(payload, "orig_name", None) or Path(path).name
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP).") from exc
-    problem = image_size_problem(w, h)
-    if problem:
-        raise gr.Error(f"{name} cannot be used: {problem}.")
+        read_image(path, name)
+    except ImageError as exc:
+        problem = str(exc).removeprefix(f"{name}: ")
+        if problem.startswith("cannot be read as an image"):
+            raise gr.Error(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP).") from None
+        raise gr.Error(f"{name} cannot be used: {problem}.") from None
 
 
 def checked_image(**kwargs: Any) -> gr.Image:

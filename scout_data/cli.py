@@ -11,14 +11,17 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from scout_data.boxes import DEFAULT_FRAME, FRAMES
+from scout_data.inputs import check_input
 from scout_data.limits import MAX_MIX_RECORDS, MIX_RATIO, MIX_REPLAY_FRACTION, REPORT, SHARD_SIZE, OneLineParser
 from scout_data.output import (
     IMAGE_FORMATS,
+    RUN_FILE,
     OutputError,
     atomic_write,
     atomic_write_text,
@@ -119,33 +122,47 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     return parser, modules
 
 
+# the converters' annotation files (their folders are checked as folders)
+INPUT_FILE_FLAGS = ("instances", "refs", "regions", "objects", "image_data", "split_file")
+
+
 def _generate(args: argparse.Namespace, module: Any) -> int:
     name = SOURCE_COMMANDS[args.command][0]
     images = getattr(args, "images", None)
     if images and not os.path.isdir(images):
         raise CliError(f"--images {images}: no such folder")
+    for flag in INPUT_FILE_FLAGS:  # before the output folder is made: a refused input leaves nothing behind
+        given = getattr(args, flag, None) or []
+        for path in given if isinstance(given, list) else [given]:
+            check_input(path, what=f"--{flag.replace('_', '-')}")
     if hasattr(module, "check_args"):
         module.check_args(args)
     settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
     with output_lock(args.out, "--out"):
+        fresh = not os.path.exists(args.out)
         done = prepare_out_dir(args.out, args.resume, settings)
         args.skip_ids = done
         folder = module.image_folder(args) if hasattr(module, "image_folder") else getattr(args, "images", None)
         total = module.estimate_total(args) if hasattr(module, "estimate_total") else None
         info = {"seed": args.seed, "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
-        summary = write_dataset(
-            module.iter_samples(args),
-            args.out,
-            source=name,
-            image_folder=folder,
-            frame=args.frame,
-            shard_size=args.shard_size,
-            done_ids=done,
-            total=total,
-            check_images=not args.no_check_images,
-            info=info,
-            progress=False if args.quiet else None,
-        )
+        try:
+            summary = write_dataset(
+                module.iter_samples(args),
+                args.out,
+                source=name,
+                image_folder=folder,
+                frame=args.frame,
+                shard_size=args.shard_size,
+                done_ids=done,
+                total=total,
+                check_images=not args.no_check_images,
+                info=info,
+                progress=False if args.quiet else None,
+            )
+        except (CliError, DataError, OutputError, ValueError, OSError):
+            if fresh and set(os.listdir(args.out)) <= {RUN_FILE}:  # refused before a record: leave nothing
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
     print(format_summary(summary))
     return 0
 
@@ -197,8 +214,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from scout_data.images import ImageError, read_image
     from scout_data.preview import draw_record
 
     records = load_conversations(args.file)
@@ -220,10 +236,10 @@ def _preview(args: argparse.Namespace) -> int:
         check_output(args.out, [args.file, path], args.overwrite)
         fmt = image_format(args.out)
         try:
-            with Image.open(path) as im:
-                out = draw_record(rec, im)
-        except OSError as exc:
-            raise CliError(f"{args.file} id={rec.get('id')}: cannot open image {path}: {exc}") from None
+            image = read_image(path, f"image {path}", orient=False)  # as LLaVA's training reads it
+        except ImageError as exc:
+            raise CliError(f"{args.file} id={rec.get('id')}: {exc}") from None
+        out = draw_record(rec, image)
         atomic_write(args.out, lambda tmp: out.save(tmp, format=fmt))
     print(f"preview of id={rec.get('id')} -> {args.out}")
     return 0

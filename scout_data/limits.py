@@ -52,3 +52,4 @@ MIX_RATIO = Bounded(float, 0, 100)
 MIX_REPLAY_FRACTION = Bounded(float, 0, 0.99)
 MAX_MIX_RECORDS = 10_000_000  # records a mix may hold in all (it is built in memory)
 PER_IMAGE = Bounded(int, 0, 1000)  # samples or instances a converter takes per image
+MAX_EXPRESSION_CHARS = 1000  # a referring expression or caption a converter turns into a query (RefCOCOg's: < 400)

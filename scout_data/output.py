@@ -140,10 +140,15 @@ def output_lock(path: str | os.PathLike, flag: str = "--out") -> Iterator[str]:
     ``fcntl.flock`` on ``.<name>.lock`` beside it, which records the holder's pid and command. A second writer
     gets :class:`OutputError` naming ``path`` and the holder. The kernel releases the lock when the process ends
     (SIGKILL too); a lock file left behind is free and taken over. Once held, stale temporaries beside ``path``
-    are removed. Yields the lock file's path."""
+    are removed. Folders it made for ``path`` are removed again when they end up empty (a refused run leaves
+    nothing). Yields the lock file's path."""
     target = os.path.realpath(path)  # two names of one output share its lock
     folder, name = os.path.split(target)
     lock = os.path.join(folder, f".{name}{LOCK_SUFFIX}")
+    made, parent = [], folder
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
@@ -178,6 +183,9 @@ def output_lock(path: str | os.PathLike, flag: str = "--out") -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(lock)  # while still held: a waiter that opened it sees another inode and retries
         os.close(fd)
+        for made_folder in made:  # deepest first; a folder something was written into stays
+            with contextlib.suppress(OSError):
+                os.rmdir(made_folder)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

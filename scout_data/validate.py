@@ -18,7 +18,10 @@ from typing import Any
 from PIL import Image
 
 from scout_data.boxes import FRAMES, box_field_problem
+from scout_data.images import image_size_problem
+from scout_data.inputs import MAX_IMAGE_BYTES, InputError, check_input, read_input
 from scout_data.parse import parse_chain
+from scout_data.schema import TASKS
 
 IMAGE_TOKEN = "<image>"
 _BOX_TOLERANCE = 0.0051  # two-decimal box text vs the full-precision boxes stored alongside
@@ -42,10 +45,11 @@ class BadRecord:
 def load_json(path: str) -> Any:
     """``json.load`` with errors that name the file, line and column."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_input(path).decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except InputError as exc:
+        raise DataError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from None
     except RecursionError:
@@ -102,15 +106,21 @@ class ImageChecker:
 
     def _open(self, rel: str) -> tuple[str | None, tuple[int, int] | None]:
         path = os.path.join(self.image_folder, rel)
-        if not os.path.isfile(path):
+        try:
+            check_input(path, MAX_IMAGE_BYTES, "image")
+        except FileNotFoundError:
             return f"image not found: {path}", None
+        except InputError as exc:
+            return str(exc), None
         try:
             with Image.open(path) as im:
                 size = im.size
                 if self.verify:
-                    im.verify()
+                    im.load()  # decoded whole, as the model's reader does (verify() skips a JPEG's scan data)
         except Exception as exc:
             return f"image does not open: {path} ({type(exc).__name__}: {exc})", None
+        if problem := image_size_problem(*size):
+            return f"image {path}: {problem}", None
         return None, size
 
 
@@ -149,8 +159,11 @@ def _structure_problems(record: Any) -> list[str]:
 
 
 def _field_problems(record: dict[str, Any]) -> list[str]:
-    """The fields the writers add beside LLaVA's (``box_frame``, ``image_size``), when present, hold what they say."""
+    """The fields the writers add beside LLaVA's (``task``, ``box_frame``, ``image_size``), when present, hold what
+    they say."""
     problems = []
+    if "task" in record and record["task"] not in TASKS:
+        problems.append(f"task {record['task']!r} is not one of {', '.join(TASKS)} (training refuses it)")
     if "box_frame" in record and record["box_frame"] not in FRAMES:
         problems.append(f"box_frame {record['box_frame']!r} is not one of {', '.join(FRAMES)}")
     size = record.get("image_size")
@@ -190,8 +203,10 @@ def _chain_problems(record: dict[str, Any]) -> list[str]:
         if j == 0 and strict and isinstance(record.get("answer_boxes_xyxy_norm"), list):
             stored = record["answer_boxes_xyxy_norm"]
             got = chain.answer_boxes_xyxy_norm
-            if len(stored) != len(got) or not all(_close(a, b) for a, b in zip(got, stored, strict=True)):
+            if len(stored) != len(got):
                 problems.append(f"answer boxes in the text ({len(got)}) != stored ({len(stored)})")
+            elif differ := [(a, b) for a, b in zip(got, stored, strict=True) if not _close(a, b)]:
+                problems.append(f"answer box in the text {list(differ[0][0])} != stored {differ[0][1]}")
     return problems
 
 
@@ -216,11 +231,31 @@ def record_problems(
     return problems
 
 
+def _id_problems(records: list[Any]) -> dict[int, str]:
+    """Ids as the consumers key them (``str(id)``: LLaVA's loader, the question files, the scorers): each a
+    string or an integer, and no two alike (``1`` and ``"1"`` are one id)."""
+    problems, first = {}, {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "id" not in rec:
+            continue
+        rid = rec["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            problems[i] = f"id {rid!r} must be a string or an integer"
+        elif str(rid) in first:
+            j = first[str(rid)]
+            problems[i] = f"id {rid!r} repeats record {j}'s id {records[j]['id']!r} (ids are compared as text)"
+        else:
+            first[str(rid)] = i
+    return problems
+
+
 def validate_records(records: list[Any], file: str, image_folder: str | None = None) -> list[BadRecord]:
     images = ImageChecker(image_folder) if image_folder is not None else None
+    ids = _id_problems(records)
     bad = []
     for i, rec in enumerate(records):
-        for reason in record_problems(rec, image_folder, images):
+        reasons = record_problems(rec, image_folder, images)
+        for reason in reasons + ([ids[i]] if i in ids else []):
             rid = rec.get("id") if isinstance(rec, dict) else None
             bad.append(BadRecord(file, i, rid, reason))
     return bad

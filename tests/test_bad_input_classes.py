@@ -84,6 +84,35 @@ HELD_BY: dict[str, dict[str, str]] = {
 }
 
 
+# The fourth sweep (issue 48): each reproduction, and the test that holds it.
+CHECKS = "test_checkpoint_checks.py::test_bad_checkpoint_is_one_line_naming_the_file"
+BOUNDS = "test_worker_bounds.py"
+HELD_BY["fourth sweep"] = {
+    "U1 a client that leaves mid-answer": f"{BOUNDS}::test_a_client_gone_mid_answer_frees_the_model_within_a_second",
+    "U2 a 20 MB prompt tokenized under the lock":
+        f"{BOUNDS}::test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing",
+    "U3 no request body limit": f"{BOUNDS}::test_a_body_over_one_image_is_refused_as_it_arrives",
+    "U4 quadratic chunk splitting": f"{BOUNDS}::test_chunks_split_in_linear_time",
+    "U5 a RefCOCO pickle sharing one sentence": "test_bad_inputs.py::RefCOCO refs sharing one long sentence",
+    "U6 validate /dev/zero": "test_bad_inputs.py::validate /dev/zero",
+    "H1 a worker that never finishes": f"{BOUNDS}::test_the_client_gives_up_on_a_worker_that_never_finishes",
+    "S1 a full checkpoint listing fewer twin layers": CHECKS,
+    "S2 unknown twist_ keys": CHECKS,
+    "S3 tiny writes what its loader refuses": "test_bad_inputs.py::tiny --hidden-size 0",
+    "S4 synth ignores --min-objects": "test_bad_inputs.py::synth --min-objects that cannot fit",
+    "S5 validate passes duplicate ids and unknown tasks":
+        "test_scout_validate.py::test_validate_reports_what_a_consumer_would_refuse",
+    "T1 playground uploads that do not decode":
+        "test_playground_app.py::test_uploads_that_do_not_decode_get_one_message",
+    "T2 preview of a decompression bomb": "test_bad_inputs.py::preview of a decompression bomb",
+    "T3 config fields the loader does not check": CHECKS,
+    "T4 tiny heads, vocabulary, huge sizes": "test_bad_inputs.py::tiny --num-attention-heads 3",
+    "T5 a deeply nested body": f"{BOUNDS}::test_a_deeply_nested_body_gets_an_error_chunk",
+    "T6 a client gone mid-upload": f"{BOUNDS}::test_a_client_gone_mid_upload_is_no_error",
+    "minor: a lone surrogate in a prompt": f"{BOUNDS}::test_a_lone_surrogate_is_named_as_the_clients_problem",
+}
+
+
 def defined_tests(file: Path) -> set[str]:
     tree = ast.parse(file.read_text(encoding="utf-8"))
     return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}

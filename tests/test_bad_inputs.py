@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -110,6 +111,33 @@ PROBES = [
           "{out}/mix.json --ratio 1", "record 0 (id None): record is a int", ("numbers_json", "synth_train")),
     Probe("summary over the user's summary.md", "llava_twist.eval.summary {user_summary}", "did not make it",
           ("user_summary_md",)),
+    # the fourth sweep (issue 48)
+    Probe("validate /dev/zero", "scout_data validate /dev/zero", "/dev/zero: is a character device; expected a "
+          "regular file"),
+    Probe("stats of a FIFO", "scout_data stats {fifo}", "is a pipe (FIFO); expected a regular file"),
+    Probe("validate a file over the size limit", "scout_data validate {huge_json}", "the limit is 4096 MiB"),
+    Probe("preview of a decompression bomb", "scout_data preview {bomb_record_json} --image-folder {root} --out "
+          "{out}/bomb.png", "cannot be read as an image", ("bomb_record_json",)),
+    Probe("tiny --hidden-size 0", "llava_twist.tiny --out {out}/t0 --hidden-size 0",
+          "argument --hidden-size: 0: must be an integer in [8, 1024]"),
+    Probe("tiny --max-position-embeddings 0", "llava_twist.tiny --out {out}/t1 --max-position-embeddings 0",
+          "argument --max-position-embeddings: 0: must be an integer in [128, 8192]"),
+    Probe("tiny --num-hidden-layers -3", "llava_twist.tiny --out {out}/t2 --num-hidden-layers -3",
+          "argument --num-hidden-layers: -3: must be an integer in [1, 16]"),
+    Probe("tiny --num-attention-heads 3", "llava_twist.tiny --out {out}/t3 --num-attention-heads 3",
+          "--hidden-size 64 must be a multiple of --num-attention-heads 3"),
+    Probe("tiny --vocab-size 5", "llava_twist.tiny --out {out}/t4 --vocab-size 5",
+          "argument --vocab-size: 5: must be an integer in [512, 32000]"),
+    Probe("tiny --hidden-size 200000", "llava_twist.tiny --out {out}/t5 --hidden-size 200000",
+          "argument --hidden-size: 200000: must be an integer in [8, 1024]"),
+    Probe("synth --min-objects that cannot fit", "scout_data synth --out {out}/crowded --num 4 --image-size 32 "
+          "--min-objects 64 --max-objects 64", "--min-objects 64: that many objects do not fit a 32x32 image"),
+    Probe("RefCOCO refs sharing one long sentence", "scout_data refcoco --refs {shared_refs} --instances {notes} "
+          "--images {images} --out {out}/refcoco", "more than its", ("shared_refs",)),
+    Probe("a question image that is /dev/zero", "llava_twist.serve.cli --model-path {model} --image-file /dev/zero "
+          "--query q --device cpu", "/dev/zero: is a character device"),
+    Probe("training data that is a folder", TRAIN + " --output_dir {out}/tr --data_path {images}",
+          "is a folder; expected a regular file"),
 ]
 
 
@@ -191,6 +219,18 @@ def files(tiny_llava: Path, other_tiny_llava: Path, tmp_path_factory: pytest.Tem
     (f["other_run"] / "checkpoint-3").mkdir(parents=True)
     f["other_run_config"] = f["other_run"] / "checkpoint-3" / "config.json"
     f["other_run_config"].write_text(json.dumps({"model_type": "llava_twist", "twist_base_fingerprint": "0" * 64}))
+    f["root"] = root
+    f["fifo"] = root / "records.fifo"
+    os.mkfifo(f["fifo"])
+    f["huge_json"] = root / "huge.json"  # sparse: 5 GB on paper, nothing on disk
+    with open(f["huge_json"], "wb") as huge:
+        huge.truncate(5 << 30)
+    f["bomb_record_json"] = root / "bomb_record.json"
+    f["bomb_record_json"].write_text(json.dumps([grounding_record("bomb.png", "[0.10, 0.20, 0.30, 0.40]")]))
+    f["shared_refs"] = root / "refs(unc).p"  # one 1 MB sentence, pickled once, referenced by 2000 refs
+    sentence = {"sent": "x" * (1 << 20), "sent_id": 0}
+    f["shared_refs"].write_bytes(pickle.dumps([{"ref_id": i, "ann_id": i, "image_id": 1, "split": "train",
+                                                "category_id": 1, "sentences": [sentence]} for i in range(2000)]))
     f["numbers_json"] = root / "numbers.json"
     f["numbers_json"].write_text(json.dumps([1, 2, 3]))
     twist = convert_llava_to_twist(tiny_llava, twist_layers="all")

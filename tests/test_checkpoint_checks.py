@@ -33,6 +33,13 @@ def set_config(**fields: object) -> Callable[[Path], None]:
     return damage
 
 
+def set_tower_config(**fields: object) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        path = folder / TOWER / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return damage
+
+
 def write(name: str, content: bytes) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
         (folder / name).write_bytes(content)
@@ -72,6 +79,7 @@ class Case:
     named: str  # the file the error must name, relative to the damaged folder
     message: str  # a piece of the one-line error
     delta: bool = False  # damage a TWIST delta (applied with --model-base the tiny LLaVA) instead of the checkpoint
+    full: bool = False  # damage a full TWIST checkpoint (learned mix, every layer a twin) instead
     cli: str = "serve"  # serve.cli, eval.model_grounding (grounding) or train.train_twist (train)
     extra: tuple[str, ...] = ()
 
@@ -117,6 +125,23 @@ CASES = [
          "not a whole safetensors file", delta=True, cli="grounding"),
     Case("int64 tensor in a delta", delta_tensor_to_int64, "twist_delta.safetensors",
          "weights must be floating point", delta=True),
+    # the fourth sweep: the config check knows every field, the weights must match the config exactly
+    Case("full TWIST checkpoint listing fewer twin layers", set_config(twist_layers=[0, 1, 2]), "config.json",
+         "disagrees with the weights, which hold 4 tensors it has no place for (its twist_layers", full=True),
+    Case("fixed mix on a learned-mix checkpoint", set_config(twist_mix="fixed"), "config.json",
+         "tensors it has no place for (its twist_layers, twist_mix", full=True, cli="grounding"),
+    Case("a typo in a twist_ key", set_config(twist_mix_inti=0.0), "config.json",
+         "unknown field 'twist_mix_inti' (did you mean 'twist_mix_init'?)", full=True),
+    Case("an unknown field of a LLaVA checkpoint", set_config(mm_vision_select_layr=-1), "config.json",
+         "unknown field 'mm_vision_select_layr' (did you mean 'mm_vision_select_layer'?)"),
+    Case("vision select layer past the tower", set_config(mm_vision_select_layer=99), "config.json",
+         "mm_vision_select_layer 99 is not one of the vision tower's 3 hidden states"),
+    Case("vision select feature unknown", set_config(mm_vision_select_feature="weird"), "config.json",
+         "mm_vision_select_feature 'weird' is not one LLaVA knows (patch, cls_patch)", cli="grounding"),
+    Case("tower images smaller than its patches", set_tower_config(image_size=8), f"{TOWER}/config.json",
+         "image_size 8 is smaller than patch_size 14"),
+    Case("an unknown projector", set_config(mm_projector_type="mlp2x_relu"), "config.json",
+         "mm_projector_type 'mlp2x_relu' is not one LLaVA builds"),
 ]
 
 
@@ -126,7 +151,8 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def sources(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from llava_twist.model.builder import convert_llava_to_twist, save_twist_delta
+    from llava_twist.model.builder import convert_llava_to_twist, save_twist_checkpoint, save_twist_delta
+    from llava_twist.model.checks import load_tokenizer
 
     root = tmp_path_factory.mktemp("checkpoint-checks")
     (root / "images").mkdir()
@@ -135,8 +161,10 @@ def sources(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (root / "train.json").write_text(json.dumps([{"id": "g0", "image": "0.png", "conversations": [
         {"from": "human", "value": "<image>\nWhere is the red circle?"},
         {"from": "gpt", "value": "Answer: [0.10, 0.20, 0.30, 0.40]"}]}]))
-    delta = save_twist_delta(convert_llava_to_twist(tiny_llava, twist_layers="all"), root / "delta")
-    return {"model": tiny_llava, "delta": delta, "root": root}
+    twist = convert_llava_to_twist(tiny_llava, twist_layers="all")
+    delta = save_twist_delta(twist, root / "delta")
+    full = save_twist_checkpoint(twist, root / "full", load_tokenizer(tiny_llava))
+    return {"model": tiny_llava, "delta": delta, "full": full, "root": root}
 
 
 def copy_checkpoint(source: Path, to: Path) -> Path:
@@ -171,7 +199,8 @@ def run_cli(
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_checkpoint_is_one_line_naming_the_file(case: Case, sources: dict[str, Path], tmp_path: Path) -> None:
-    folder = copy_checkpoint(sources["delta" if case.delta else "model"], tmp_path / "checkpoint")
+    folder = copy_checkpoint(sources["delta" if case.delta else "full" if case.full else "model"],
+                             tmp_path / "checkpoint")
     case.damage(folder)
     base = copy_checkpoint(sources["model"], tmp_path / "base") if case.delta else None
     before = {p: tree_bytes(p) for p in (folder, base) if p is not None}

@@ -1,4 +1,4 @@
-"""Images reach the model as the picture a person sees, within limits stated once (llava_twist.serve.images)."""
+"""Images reach the model as the picture a person sees, within limits stated once (scout_data.images)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_twist.serve.images import ImageError, image_size_problem, read_image, to_rgb
 from llava_twist.serve.inference import load_image
 from llava_twist.serve.model_worker import decode_image
 from llava_twist.serve.result import InferenceError
 from llava_twist.serve.worker_protocol import RequestError
+from scout_data.images import ImageError, image_size_problem, read_image, to_rgb
 
 WHITE = 255
 

@@ -213,11 +213,36 @@ def test_checked_image_rejects_unreadable_and_huge_uploads(tmp_path: Path, monke
     good = tmp_path / "ok.png"
     grey(300, 200).save(good)
     assert comp.preprocess(ImageData(path=str(good), orig_name="ok.png")).size == (300, 200)
-    from llava_twist.serve import images
+    from scout_data import images
 
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
     with pytest.raises(gr.Error, match="ok.png cannot be used: it is 300x200 = 0 megapixels"):
         comp.preprocess(ImageData(path=str(good), orig_name="ok.png"))
+
+
+@pytest.mark.parametrize("kind", ["decompression bomb", "truncated JPEG"])
+def test_uploads_that_do_not_decode_get_one_message(kind: str, tmp_path: Path) -> None:
+    """A PNG header claiming 20000x20000 and a cut JPEG got Gradio's generic error and a traceback in the log."""
+    import io
+    import struct
+    import zlib
+
+    from gradio.data_classes import ImageData
+
+    if kind == "truncated JPEG":
+        buffer = io.BytesIO()
+        Image.effect_noise((300, 200), 60).convert("RGB").save(buffer, format="JPEG")
+        data = buffer.getvalue()[: len(buffer.getvalue()) // 2]  # the header whole, half the scan
+    else:
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+        data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    upload = tmp_path / "upload.img"
+    upload.write_bytes(data)
+    comp = app.checked_image(type="pil")
+    with pytest.raises(gr.Error, match="upload.img is not an image this app can read"):
+        comp.preprocess(ImageData(path=str(upload), orig_name="upload.img"))
 
 
 def test_tiny_model_answers_through_the_backend(tiny_llava: Path) -> None:

@@ -61,7 +61,7 @@ BAD_CASES = {
     "degenerate": (gpt("Step 1: a.\nAnswer: [0.3, 0.2, 0.3, 0.4]"), "degenerate box"),
     "order": (gpt("Step 1: a.\nStep 3: b.\nAnswer: [0.1, 0.2, 0.3, 0.4]"), "steps out of order"),
     "no answer": (gpt("Step 1: a [0.1, 0.2, 0.3, 0.4]."), "no answer line"),
-    "stored boxes disagree": (bad(answer_boxes_xyxy_norm=[[0.5, 0.5, 0.6, 0.6]]), "answer boxes in the text"),
+    "stored boxes disagree": (bad(answer_boxes_xyxy_norm=[[0.5, 0.5, 0.6, 0.6]]), "answer box in the text"),
 }
 
 
@@ -107,14 +107,15 @@ def test_images_must_exist_open_and_match_size(tmp_path):
 def test_validate_file_and_cli_report_each_bad_record(tmp_path, capsys):
     Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
     records = [GOOD, BAD_CASES["outside"][0], BAD_CASES["order"][0], GOOD]
+    records = [{**r, "id": f"r{i}"} for i, r in enumerate(records)]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=1))
     n, bad_records = validate_file(str(path), str(tmp_path))
     assert n == 4 and [b.index for b in bad_records] == [1, 2]
-    assert str(bad_records[0]).startswith(f"{path}:1 id=r0 box outside")
+    assert str(bad_records[0]).startswith(f"{path}:1 id=r1 box outside")
     assert main(["validate", str(path), "--image-folder", str(tmp_path)]) == 1
     out = capsys.readouterr()
-    assert f"{path}:2 id=r0 steps out of order" in out.out and "4 records, 2 bad" in out.err
+    assert f"{path}:2 id=r2 steps out of order" in out.out and "4 records, 2 bad" in out.err
     good = tmp_path / "good.json"
     good.write_text(json.dumps([GOOD]))
     assert main(["validate", str(good), "--image-folder", str(tmp_path)]) == 0
@@ -133,3 +134,20 @@ def test_malformed_json_names_file_line_and_column(tmp_path, capsys):
         load_records(str(tmp_path / "obj.json"))
     with pytest.raises(DataError, match="no such file"):
         load_records(str(tmp_path / "nope.json"))
+
+
+def test_validate_reports_what_a_consumer_would_refuse(tmp_path, capsys):
+    """Duplicate ids, ``1`` beside ``"1"`` (one id as text) and an unknown task passed as "0 bad"."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    records = [{**GOOD, "id": "r0"}, {**GOOD, "id": "r0"}, {**GOOD, "id": 1}, {**GOOD, "id": "1"},
+               {**GOOD, "id": "w", "task": "weird"}, {**GOOD, "id": [1]}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    before = path.read_bytes()
+    assert main(["validate", str(path), "--image-folder", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert f"{path}:1 id=r0 id 'r0' repeats record 0's id 'r0'" in out.out
+    assert f"{path}:3 id=1 id '1' repeats record 2's id 1 (ids are compared as text)" in out.out
+    assert "task 'weird' is not one of grounding, understanding (training refuses it)" in out.out
+    assert "id [1] must be a string or an integer" in out.out
+    assert "6 records, 4 bad" in out.err and path.read_bytes() == before

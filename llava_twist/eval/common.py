@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
 from scout_data.boxes import FRAMES, Box, box_field_problem, is_degenerate
+from scout_data.inputs import InputError, read_input
 from scout_data.output import atomic_write_text, reason_key
 
 MAX_EXAMPLES = 5
@@ -35,13 +36,12 @@ class EvalError(Exception):
 def _jsonl_lines(path: str, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; a line that is not UTF-8 JSON of an object is an error
     naming the file and line. Lines end in ``\\n`` only (answers may hold U+2028 and friends)."""
-    if not os.path.isfile(path):
-        raise EvalError(f"{what} {path}: not found")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise EvalError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+        raw = read_input(path, what=what)
+    except FileNotFoundError:
+        raise EvalError(f"{what} {path}: not found") from None
+    except (InputError, OSError) as exc:
+        raise EvalError(str(exc)) from None
     for n, chunk in enumerate(raw.split(b"\n"), 1):
         try:
             line = chunk.decode("utf-8")

@@ -39,6 +39,7 @@ from llava_twist.serve.generation import GenerationSettings, add_generation_argu
 from llava_twist.serve.loading import MODEL_CLASSES, LoadedModel, load_model
 from llava_twist.serve.prompting import DEFAULT_CONV_MODE, load_image
 from llava_twist.serve.result import InferenceError, InferenceResult
+from scout_data.inputs import InputError, read_input
 from scout_data.limits import Bounded, OneLineParser
 from scout_data.output import OutputError, describe_differences, output_lock
 from scout_data.validate import image_path_problem
@@ -105,10 +106,10 @@ def resume_answers(path: str, settings: dict[str, Any], prompts: dict[str, str],
     if overwrite or not os.path.exists(path):
         atomic_write_text(path, "")
         return set()
-    if os.path.isdir(path):
-        raise EvalError(f"--answers-file {path} is a folder")
-    with open(path, "rb") as f:
-        raw = f.read().split(b"\n")  # JSON lines end in "\n" only; answers may hold U+2028 and friends
+    try:
+        raw = read_input(path, what="--answers-file").split(b"\n")
+    except InputError as exc:
+        raise EvalError(str(exc)) from None  # JSON lines end in "\n" only; answers may hold U+2028 and friends
     not_ours = (f"--answers-file {path}: line {{}} is not an answer this command wrote; the file is left as it is "
                 "(pass --overwrite to replace it, or choose another --answers-file)")
     kept, done = [], set()

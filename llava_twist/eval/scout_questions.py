@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llava_twist.eval.common import EvalError, atomic_write_text
+from scout_data.inputs import InputError, read_input
 from scout_data.limits import Bounded, OneLineParser
 from scout_data.schema import BOX_SLOT
 from scout_data.writer import IMAGE_TOKEN, render_prompt
@@ -133,11 +134,12 @@ def written_here(out_dir: str) -> set[str]:
 def convert(scout_json: str, out_dir: str, limit: int | None = None, overwrite: bool = False) -> dict[str, int]:
     """Write ``out_dir/<benchmark>.jsonl`` from a SCOUT JSON list; returns lines per benchmark. A question file
     already there that this command did not write is refused unless ``overwrite``."""
-    if not os.path.isfile(scout_json):
-        raise EvalError(f"--scout-json {scout_json}: not found")
     try:
-        with open(scout_json, encoding="utf-8") as f:
-            records = json.load(f)
+        records = json.loads(read_input(scout_json, what="--scout-json"))
+    except FileNotFoundError:
+        raise EvalError(f"--scout-json {scout_json}: not found") from None
+    except InputError as exc:
+        raise EvalError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise EvalError(f"{scout_json}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(records, list):

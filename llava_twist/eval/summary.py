@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llava_twist.eval.common import EvalError, atomic_write_text
+from scout_data.inputs import read_input
 
 
 def result_paths(folder: str) -> list[str]:
@@ -103,9 +104,8 @@ def find_results(folder: str) -> list[dict[str, Any]]:
     out = []
     for path in result_paths(folder):
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            data = json.loads(read_input(path))
+        except (OSError, ValueError, RecursionError):
             continue
         if is_lmms_eval_results(data):
             for result in lmms_eval_results(data, path):

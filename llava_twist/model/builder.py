@@ -31,6 +31,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from llava_twist.model.checks import (
     VISION_TOWER_PREFIX,
     check_checkpoint_weights,
+    check_config_fields,
     check_delta_fits_base,
     check_loading_info,
     check_tokenizer_fits,
@@ -75,6 +76,7 @@ def twist_config_for(model_path: str | os.PathLike, **twist_kwargs: Any) -> Twis
     from llava.model.language_model.llava_llama import LlavaConfig
 
     raw = read_checkpoint_config(model_path)
+    check_config_fields(twist_kwargs, "TWIST settings")
     if raw["model_type"] == TWIST_MODEL_TYPE:
         config = TwistConfig.from_pretrained(str(model_path))
         for key, value in twist_kwargs.items():
@@ -254,7 +256,7 @@ def load_twist_model(
         model, info = TwistLlavaLlamaForCausalLM.from_pretrained(
             str(model_path), config=config, output_loading_info=True, **from_pretrained_kwargs
         )
-    check_loading_info(info, model_path)
+    check_loading_info(info, model_path, twist=True)
     missing = info["missing_keys"]
     missing_base = [k for k in missing if not is_twist_param(k) and not k.startswith(VISION_TOWER_PREFIX)]
     if missing_base:

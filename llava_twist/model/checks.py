@@ -1,11 +1,12 @@
 """Checks of checkpoint folders at the boundary, before anything loads; every loader path calls these.
 
-- ``config.json``: a JSON object of a LLaVA-1.5 Llama checkpoint, its sizes positive integers, its
-  ``image_aspect_ratio`` one LLaVA knows (:func:`read_checkpoint_config`).
+- ``config.json``: a JSON object of a LLaVA-1.5 Llama checkpoint holding only fields a LLaVA-1.5 or TWIST config
+  may hold (:func:`config_fields`), its sizes positive integers, its image settings values LLaVA knows
+  (:func:`read_checkpoint_config`); the vision tower's layer and feature choice fit the tower.
 - The weights: whole safetensors files whose shapes agree with the config (decoder layers, widths, vocabulary,
   projector input), read from their headers without loading a tensor; the vision tower's folder the same
-  (:func:`check_checkpoint_weights`). Folders holding PyTorch ``.bin`` weights only are checked after loading
-  (:func:`check_loading_info`).
+  (:func:`check_checkpoint_weights`). After loading, the model has a place for every weight, TWIST's included
+  (:func:`check_loading_info`): a config listing fewer twin layers, or a fixed mix over learned ones, is refused.
 - A TWIST delta: whole, floating point, stamped with its base, fitting that base's config (:func:`read_delta`,
   :func:`check_delta_fits_base`).
 - The tokenizer loads and has one embedding row per token, never resized into fresh rows
@@ -16,6 +17,8 @@ Every refusal is a :class:`CheckpointError`: one line naming the file (and field
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import os
 import re
@@ -27,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from llava_twist.model.config import TWIST_MODEL_TYPE
 from llava_twist.model.modeling import is_twist_param
+from scout_data.inputs import MAX_CONFIG_BYTES, InputError, read_input
 
 CONFIG_JSON = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -43,6 +47,20 @@ REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 OPTIONAL_SIZES = ("num_key_value_heads", "mm_hidden_size", "max_position_embeddings")
 # What ``llava.mm_utils.process_images`` does something for (any other value silently means "square").
 IMAGE_ASPECT_RATIOS = ("pad", "square", "anyres")
+# What ``llava``'s CLIP tower does something for (any other value fails at the first question).
+VISION_SELECT_FEATURES = ("patch", "cls_patch")
+PROJECTOR_TYPE = re.compile(r"linear|identity|mlp\d+x_gelu")  # ``llava.model.multimodal_projector.builder``
+# Fields LLaVA (1.2.2, and the released 1.5 checkpoints) writes into a config beside the Llama ones.
+LLAVA_FIELDS = (
+    "mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+    "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "mm_projector_lr", "mm_vision_tower_lr",
+    "mm_resampler_type", "image_aspect_ratio", "image_grid_pinpoints", "image_crop_resolution",
+    "image_split_resolution", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter", "freeze_mm_vision_resampler",
+    "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "use_mm_proj", "tokenizer_model_max_length",
+    "tokenizer_padding_side", "max_sequence_length",
+)
+# Fields transformers may write besides a LlamaConfig's own (quantized saves, the attention implementation).
+TRANSFORMERS_EXTRAS = ("quantization_config", "_attn_implementation", "_flash_attn_2_enabled", "_commit_hash")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Config fields a delta must share with its base (the shapes of what it was trained on).
 SHAPE_FIELDS = (
@@ -86,11 +104,15 @@ def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; is {folder} a LLaVA-1.5 checkpoint folder?")
     try:
-        config = json.loads(path.read_bytes())
+        config = json.loads(read_input(path, MAX_CONFIG_BYTES))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or _first_line(e)})") from e
     if not isinstance(config, dict):
@@ -123,8 +145,32 @@ def check_image_aspect_ratio(value: Any, where: str) -> None:
                               f"({', '.join(IMAGE_ASPECT_RATIOS)}, or unset)")
 
 
+@functools.cache
+def config_fields() -> frozenset[str]:
+    """Every field a LLaVA-1.5 or TWIST ``config.json`` may hold: Llama's (transformers 4.37), LLaVA's, TWIST's."""
+    from transformers import LlamaConfig
+
+    from llava_twist.model.config import TWIST_SETTINGS
+
+    return frozenset([*LlamaConfig().to_dict(), *LLAVA_FIELDS, *TRANSFORMERS_EXTRAS, *(s.name for s in TWIST_SETTINGS)])
+
+
+def check_config_fields(config: dict[str, Any], where: str) -> None:
+    """Refuse fields no part of the model reads (a typo of a TWIST or LLaVA setting would silently run with the
+    default), naming them and the nearest known field."""
+    known = config_fields()
+    unknown = sorted(key for key in config if key not in known)
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                 else repr(key) for key in unknown[:5]]
+        raise CheckpointError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: not a "
+                              "LLaVA-1.5 or TWIST setting, so nothing would read it")
+
+
 def check_config_values(config: dict[str, Any], where: str) -> None:
-    """The sizes are positive integers that divide as Llama needs, and LLaVA's image settings are known values."""
+    """Only known fields; the sizes are positive integers that divide as Llama needs, and LLaVA's image settings
+    are known values."""
+    check_config_fields(config, where)
     for field in REQUIRED_SIZES + OPTIONAL_SIZES:
         if field not in config and field in REQUIRED_SIZES:
             raise CheckpointError(f"{where}: no {field}")
@@ -140,6 +186,14 @@ def check_config_values(config: dict[str, Any], where: str) -> None:
         value = config.get(field)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise CheckpointError(f"{where}: {field} {value!r} is not a {kind.__name__}")
+    feature = config.get("mm_vision_select_feature")
+    if feature is not None and feature not in VISION_SELECT_FEATURES:
+        raise CheckpointError(f"{where}: mm_vision_select_feature {feature!r} is not one LLaVA knows "
+                              f"({', '.join(VISION_SELECT_FEATURES)})")
+    projector = config.get("mm_projector_type")
+    if projector is not None and not PROJECTOR_TYPE.fullmatch(projector):
+        raise CheckpointError(f"{where}: mm_projector_type {projector!r} is not one LLaVA builds "
+                              "(linear, identity, mlp<N>x_gelu)")
     ratio = config.get("image_aspect_ratio")
     check_image_aspect_ratio(ratio, where)
     if ratio == "anyres" and not isinstance(config.get("image_grid_pinpoints"), list):
@@ -243,10 +297,11 @@ def _check_key_value_heads(config: dict[str, Any], config_path: Path, shapes: di
                               f"disagrees with the weights: {tensor} is {list(shape)} in {where}")
 
 
-def check_vision_tower(tower: Any, mm_hidden_size: int | None, where: str) -> None:
+def check_vision_tower(tower: Any, mm_hidden_size: int | None, where: str, select_layer: int | None = None) -> None:
     """A local vision tower folder (``mm_vision_tower``): its config a JSON object, its weights whole and of
-    its config's layer count and width, that width the projector's input (``mm_hidden_size``). A hub id is
-    left to the hub's loader."""
+    its config's layer count and width, that width the projector's input (``mm_hidden_size``), its patches no
+    larger than its images, and ``mm_vision_select_layer`` one of its hidden states. A hub id is left to the hub's
+    loader."""
     if not isinstance(tower, str) or not os.path.isdir(tower):
         return
     folder = Path(tower)
@@ -258,11 +313,19 @@ def check_vision_tower(tower: Any, mm_hidden_size: int | None, where: str) -> No
     from transformers import CLIPVisionConfig
 
     defaults = CLIPVisionConfig()
-    config = {f: config.get(f, getattr(defaults, f)) for f in ("hidden_size", "num_hidden_layers")}
+    config = {f: config.get(f, getattr(defaults, f)) for f in ("hidden_size", "num_hidden_layers", "image_size",
+                                                                "patch_size")}
     config_path = folder / CONFIG_JSON
     for field, value in config.items():
         if not _is_size(value):
             raise CheckpointError(f"{config_path}: {field} {value!r} is not a positive integer")
+    if config["image_size"] < config["patch_size"]:
+        raise CheckpointError(f"{config_path}: image_size {config['image_size']} is smaller than patch_size "
+                              f"{config['patch_size']}: the tower would see no patch")
+    states = config["num_hidden_layers"] + 1  # the embeddings, then each layer's output
+    if select_layer is not None and not -states <= select_layer < states:
+        raise CheckpointError(f"{where}: mm_vision_select_layer {select_layer} is not one of the vision tower's "
+                              f"{states} hidden states (-{states} to {states - 1}; {config_path})")
     if mm_hidden_size is not None and config["hidden_size"] != mm_hidden_size:
         raise CheckpointError(f"{where}: mm_hidden_size {mm_hidden_size} disagrees with the vision tower's "
                               f"hidden_size {config['hidden_size']} ({config_path})")
@@ -279,18 +342,22 @@ def check_checkpoint_weights(folder: str | os.PathLike, config: dict[str, Any]) 
     if shapes is not None:
         _check_shapes(config, config_path, shapes, LANGUAGE_LAYER, LANGUAGE_WIDTHS)
         _check_key_value_heads(config, config_path, shapes)
-    check_vision_tower(config.get("mm_vision_tower"), config.get("mm_hidden_size"), str(config_path))
+    check_vision_tower(config.get("mm_vision_tower"), config.get("mm_hidden_size"), str(config_path),
+                       config.get("mm_vision_select_layer"))
 
 
-def check_loading_info(info: dict[str, list], folder: str | os.PathLike) -> None:
+def check_loading_info(info: dict[str, list], folder: str | os.PathLike, twist: bool = False) -> None:
     """After ``from_pretrained(..., output_loading_info=True)``: weights the model had no place for mean the
-    config disagrees with them (e.g. fewer layers); they would be dropped without a word. TWIST's own weights
-    (read by plain LLaVA) and a saved vision tower are expected extras."""
+    config disagrees with them (e.g. fewer layers, or fewer twin layers); they would be dropped without a word. A
+    saved vision tower is an expected extra, and so are TWIST's own weights when plain LLaVA reads a TWIST
+    checkpoint (``twist=False``); a TWIST model (``twist=True``) must have a place for every one."""
     unexpected = [k for k in info.get("unexpected_keys", [])
-                  if not is_twist_param(k) and not k.startswith(VISION_TOWER_PREFIX)]
+                  if not (is_twist_param(k) and not twist) and not k.startswith(VISION_TOWER_PREFIX)]
     if unexpected:
+        settings = " (its twist_layers, twist_mix, twist_expert or twist_head?)" if any(map(is_twist_param,
+                                                                                            unexpected)) else ""
         raise CheckpointError(f"{Path(folder) / CONFIG_JSON}: disagrees with the weights, which hold "
-                              f"{len(unexpected)} tensors it has no place for ({unexpected[:3]})")
+                              f"{len(unexpected)} tensors it has no place for{settings} ({unexpected[:3]})")
 
 
 def read_delta(path: Path) -> tuple[str, dict[str, torch.Tensor]]:

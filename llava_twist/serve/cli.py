@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save_image:
         try:
             image_format(args.save_image, "--save-image")
-            check_output(args.save_image, [args.image_file], args.overwrite, "--save-image")
+            check_output(args.save_image, [args.image_file], args.overwrite, "--save-image",
+                         inside=[args.model_path, args.model_base])
         except OutputError as exc:
             raise InferenceError(str(exc)) from None
         folder = os.path.dirname(os.path.abspath(args.save_image))

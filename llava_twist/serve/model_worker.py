@@ -20,20 +20,22 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import json
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import anyio
 import requests
 import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoints' annotations here
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from llava_twist.serve.batching import Batcher, QueueFull
 from llava_twist.serve.generation import NO_ROUTE, GenerationSettings, RouteRow
-from llava_twist.serve.images import ImageError, read_image
 from llava_twist.serve.loading import LoadedModel, load_model
 from llava_twist.serve.result import InferenceError, InferenceResult, result_from_text
 from llava_twist.serve.worker_protocol import (
@@ -44,6 +46,8 @@ from llava_twist.serve.worker_protocol import (
     error_chunk,
     parse_request,
 )
+from scout_data.images import ImageError, read_image
+from scout_data.inputs import MAX_REQUEST_BYTES, size_problem
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KEEP_ALIVE_S = 2.0
@@ -196,8 +200,11 @@ class TwistModelWorker:
             stream.close()  # a reader gone frees its place in the batch
 
     def stream_bytes(self, params: Any) -> Iterator[bytes]:
-        """The response body: chunks, or one error chunk naming the problem (the worker goes on serving)."""
+        """The response body: chunks, or one error chunk naming the problem (the worker goes on serving);
+        ``params`` a :class:`RequestError` when the body could not be read as a request."""
         try:
+            if isinstance(params, RequestError):
+                raise params
             for chunk in self.generate_stream(parse_request(params)):
                 yield encode_chunk(chunk) if chunk else CHUNK_END
         except RequestError as exc:
@@ -207,18 +214,66 @@ class TwistModelWorker:
             yield encode_chunk(error_chunk(f"generation failed on the worker: {type(exc).__name__}: {exc}"))
 
 
+class GenerationResponse(StreamingResponse):
+    """A worker's stream that, however it ends (a client gone mid-answer included), closes its body at once, so the
+    request leaves its batch: Starlette leaves a sync body generator suspended when its client goes, and only the
+    garbage collector would close it (and free the model) later."""
+
+    def __init__(self, body: Iterator[bytes]) -> None:
+        self.body = body
+        super().__init__(body)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # a client gone is no failure of the worker's
+            pass
+        finally:
+            while True:  # a step of the body may still run on a thread: close it once that step returns
+                try:
+                    await anyio.to_thread.run_sync(self.body.close)
+                    break
+                except ValueError:  # "generator already executing"
+                    await anyio.sleep(0.01)
+
+
+CLIENT_GONE = object()
+
+
+async def read_request(request: Request) -> Any:
+    """The request's JSON body, read up to :data:`~scout_data.inputs.MAX_REQUEST_BYTES` (one image and its
+    conversation), or the :class:`RequestError` saying why not; :data:`CLIENT_GONE` when the client left before
+    sending it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (problem := size_problem(int(declared), MAX_REQUEST_BYTES, "the request body")):
+        return RequestError(f"{problem} (one image and its conversation)")
+    body = bytearray()
+    try:
+        async for piece in request.stream():
+            body += piece
+            if problem := size_problem(len(body), MAX_REQUEST_BYTES, "the request body"):
+                return RequestError(f"{problem} (one image and its conversation)")
+    except ClientDisconnect:
+        return CLIENT_GONE
+    try:
+        return json.loads(body)
+    except RecursionError:
+        return RequestError("the request's JSON is nested too deeply")
+    except ValueError:
+        return RequestError("the body is not JSON; expected a JSON object")
+
+
 def build_app(worker: TwistModelWorker) -> FastAPI:
     """The worker's FastAPI app (LLaVA's two worker endpoints)."""
     app = FastAPI()
 
     @app.post("/worker_generate_stream")
-    async def generate_stream(request: Request) -> StreamingResponse:
-        try:
-            params = await request.json()
-        except ValueError:
-            params = "not JSON"
-        # the request joins the batcher at its first chunk and leaves it when the response ends or its client goes
-        return StreamingResponse(worker.stream_bytes(params))
+    async def generate_stream(request: Request) -> Response:
+        params = await read_request(request)
+        if params is CLIENT_GONE:
+            return Response(status_code=400)  # nobody is there to read it
+        # the request joins the batcher at its first chunk and leaves it when the response ends, however it ends
+        return GenerationResponse(worker.stream_bytes(params))
 
     @app.post("/worker_get_status")
     async def get_status() -> dict[str, Any]:

@@ -7,6 +7,7 @@ decoder-only model; :mod:`llava_twist.serve.generation` sets it to ``left`` for 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,23 @@ def context_limit(loaded: LoadedModel) -> int:
     return min(loaded.context_len, positions)
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (a piece's text, or its byte as ``<0x..>``)."""
+    return max(len(piece) for piece in tokenizer.get_vocab())
+
+
+def check_prompt_size(loaded: LoadedModel, prompts: Sequence[str]) -> None:
+    """Refuse, before tokenizing it, a prompt too long to fit the context even at the tokenizer's longest token per
+    character (tokenizing megabytes took seconds, only to be refused)."""
+    limit = context_limit(loaded)
+    for prompt in prompts:
+        fewest = len(prompt) // _longest_token(loaded.tokenizer)
+        if fewest >= limit:
+            raise InferenceError(f"the prompt is {len(prompt)} characters, at least {fewest} tokens, and the model's "
+                                 f"context is {limit}: shorten the question")
+
+
 def check_prompt_length(loaded: LoadedModel, prompt_ids: Sequence[torch.Tensor]) -> None:
     """Refuse a prompt that, with its image's tokens, leaves no room in the context (it would answer garbage)."""
     from llava.constants import IMAGE_TOKEN_INDEX
@@ -86,6 +104,7 @@ def prompt_ids(loaded: LoadedModel, prompts: Sequence[str]) -> list[torch.Tensor
 
     # the tokenizer's own "longer than the specified maximum" warning, once: check_prompt_length states the limit
     loaded.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    check_prompt_size(loaded, prompts)
     ids = [tokenizer_image_token(p, loaded.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts]
     check_prompt_length(loaded, ids)
     return ids

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 
 from llava_twist.model.routes import ROUTES, Route
 
@@ -21,7 +23,10 @@ CHUNK_END = b"\0"
 MAX_NEW_TOKENS = 1024  # LLaVA's worker caps a request's new tokens here
 GREEDY_BELOW = 0.001  # LLaVA's worker samples only above this temperature
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0  # a worker silent this long mid-stream is taken for gone
+READ_TIMEOUT_S = 60.0  # a worker silent this long is taken for gone
+CHUNK_DEADLINE_S = 60.0  # between two chunks of an answer once it has begun (keep-alive NULs do not count)
+ANSWER_DEADLINE_S = 600.0  # a whole answer, the wait for the model included
+MAX_CHUNK_BYTES = 8 << 20  # one chunk: the prompt, the answer so far and its parse
 
 
 class RequestError(ValueError):
@@ -72,6 +77,12 @@ def parse_request(params: Any) -> WorkerRequest:
     stop = params.get("stop")
     if stop is not None and not isinstance(stop, str):
         raise RequestError(f"stop is {stop!r}; expected a string")
+    for key, text in (("prompt", prompt), ("stop", stop or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{key} holds a lone surrogate ({text[exc.start]!r} at character {exc.start}); "
+                               "expected Unicode text") from None
     route = params.get("twist_route")
     try:
         route = Route.AUTO if route is None else Route.parse(route, "twist_route")
@@ -130,22 +141,65 @@ def worker_status(address: str) -> dict[str, Any]:
     return _post(address.rstrip("/") + "/worker_get_status")
 
 
-def stream_chunks(address: str, payload: dict[str, Any], read_timeout: float = READ_TIMEOUT_S) -> Iterator[dict]:
-    """The chunks a worker streams for ``payload``. A worker that cannot be reached, drops the connection or goes
-    silent for ``read_timeout`` seconds ends the stream with an error chunk saying so (never a hang)."""
+class StreamError(Exception):
+    """A worker's stream that is given up: a deadline passed or a chunk too large; the message says which."""
+
+
+def split_chunks(pieces: Iterable[bytes], max_chunk: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """The NUL-delimited chunks of a byte stream, in time linear in its length (an empty chunk for each keep-alive
+    NUL); a chunk longer than ``max_chunk`` is a :class:`StreamError`."""
+    buffer = bytearray()
+    for piece in pieces:
+        start = 0
+        while (end := piece.find(CHUNK_END, start)) >= 0:
+            buffer += piece[start:end]
+            if len(buffer) > max_chunk:
+                break
+            yield bytes(buffer)
+            buffer.clear()
+            start = end + 1
+        else:
+            buffer += piece[start:]
+        if len(buffer) > max_chunk:
+            raise StreamError(f"sent a chunk over {max_chunk} bytes")
+    if buffer:
+        yield bytes(buffer)
+
+
+def stream_chunks(address: str, payload: dict[str, Any], read_timeout: float = READ_TIMEOUT_S,
+                  chunk_deadline: float = CHUNK_DEADLINE_S, answer_deadline: float = ANSWER_DEADLINE_S,
+                  max_chunk: int = MAX_CHUNK_BYTES) -> Iterator[dict]:
+    """The chunks a worker streams for ``payload``. A worker that cannot be reached, drops the connection, goes
+    silent for ``read_timeout`` seconds, takes longer than ``chunk_deadline`` between two chunks of a begun answer
+    (keep-alive NULs or a byte at a time do not count) or ``answer_deadline`` for the whole answer, or sends a chunk
+    over ``max_chunk`` bytes, ends the stream with an error chunk saying so (never a hang)."""
     url = address.rstrip("/") + "/worker_generate_stream"
-    received = 0
+    received, started = 0, time.monotonic()
+    last = started
+
+    def pieces(response: requests.Response) -> Iterator[bytes]:
+        while piece := response.raw.read1(1 << 16):  # whatever has arrived: deadlines are checked as bytes come
+            now = time.monotonic()
+            if now - started > answer_deadline:
+                raise StreamError(f"did not finish its answer in {answer_deadline:g} s")
+            if received and now - last > chunk_deadline:
+                raise StreamError(f"sent no chunk for {chunk_deadline:g} s mid-answer")
+            yield piece
+
     try:
         with requests.post(url, json=payload, stream=True, timeout=(CONNECT_TIMEOUT_S, read_timeout)) as response:
-            for line in response.iter_lines(chunk_size=8192, decode_unicode=False, delimiter=CHUNK_END):
+            for line in split_chunks(pieces(response), max_chunk):
                 if line:
                     received += 1
+                    last = time.monotonic()
                     yield json.loads(line.decode("utf-8"))
-    except requests.Timeout as exc:
+    except StreamError as exc:
+        yield error_chunk(f"the worker at {address} {exc}")
+    except (requests.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
         what = "went silent mid-answer" if received else "did not answer"
         yield error_chunk(f"the worker at {address} {what} for {read_timeout:g} s ({type(exc).__name__})")
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         what = "went away mid-answer" if received else "cannot be reached"
         yield error_chunk(f"the worker at {address} {what} ({type(exc).__name__})")
-    except ValueError as exc:
-        yield error_chunk(f"the worker at {address} sent a chunk that is not JSON ({exc})")
+    except (ValueError, RecursionError) as exc:
+        yield error_chunk(f"the worker at {address} sent a chunk that is not JSON ({type(exc).__name__})")

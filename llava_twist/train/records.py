@@ -19,6 +19,7 @@ from typing import Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 
+from scout_data.inputs import InputError, read_input
 from scout_data.parse import INVALID_BOX_PROBLEMS, parse_boxes
 from scout_data.schema import GROUNDING_TASK, TASKS, UNDERSTANDING_TASK
 from scout_data.validate import ImageChecker, image_path_problem
@@ -83,10 +84,10 @@ def record_problem(record: Any, image_folder: str | None, images: ImageChecker |
 def load_records(path: str | os.PathLike) -> list[Any]:
     """The JSON list in ``path``; errors name the file (and the line of a syntax error)."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--data_path {file}: no such file")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_input(file, what="--data_path").decode("utf-8"))
+    except InputError as e:
+        raise BadRecordError(str(e)) from None
     except UnicodeDecodeError:
         raise BadRecordError(f"--data_path {file}: not a UTF-8 JSON file") from None
     except RecursionError:

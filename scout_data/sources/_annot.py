@@ -27,6 +27,7 @@ from scout_data.boxes import (
     coco_xywh_to_xyxy,
     format_box,
 )
+from scout_data.inputs import InputError, read_input
 from scout_data.schema import Skip
 
 CLAMP_TOL_PX = 1.0
@@ -40,11 +41,14 @@ class InputFileError(ValueError):
 def load_json(path: str | Path, what: str) -> Any:
     """Parse a JSON input file; a missing or malformed file raises an error naming it."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"{what} file not found: {p}")
     try:
-        with open(p, "rb") as f:
-            return json.load(f)
+        return json.loads(read_input(p, what=f"{what} file"))
+    except InputError as e:
+        raise InputFileError(str(e)) from None
+    except RecursionError:
+        raise InputFileError(f"{what} file {p}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputFileError(f"{what} file {p} is not valid JSON: {e}") from e
 
@@ -75,6 +79,11 @@ def load_coco(path: str | Path) -> tuple[Any, list[Skip]]:
         for i, rec in enumerate(data[key]):
             if not isinstance(rec, dict) or not is_id(rec.get("id")):
                 raise InputFileError(f"COCO instances file {path}: {key}[{i}] is not an object with an 'id'")
+        first = {}
+        for i, rec in enumerate(data[key]):
+            if first.setdefault(rec["id"], i) != i:
+                raise InputFileError(f"COCO instances file {path}: {key}[{i}] repeats the id {rec['id']!r} of "
+                                     f"{key}[{first[rec['id']]}] (one would silently replace the other)")
     fname = Path(path).name
     skips: list[Skip] = []
     anns = []

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from scout_data.boxes import Box
 from scout_data.chain import locate
+from scout_data.inputs import MAX_TEXT_BYTES, read_input
 from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
@@ -146,7 +147,8 @@ def read_split_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Flickr30k split file not found: {p}")
-    ids = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_input(p, MAX_TEXT_BYTES, "Flickr30k split file").decode("utf-8")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     bad = [i for i in ids if not re.fullmatch(r"[\w.-]+", i)]
     if bad:
         raise InputFileError(f"Flickr30k split file {p}: not image ids: {bad[:3]}")
@@ -225,7 +227,7 @@ def _image_samples(
     if problem:
         yield Skip(f"Annotations/{image_id}.xml", problem)
         return
-    lines = sent_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = read_input(sent_path, MAX_TEXT_BYTES, "Flickr30k sentences file").decode("utf-8", "replace").splitlines()
     for k, line in enumerate(lines):
         if not line.strip():
             continue

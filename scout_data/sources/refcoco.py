@@ -29,7 +29,8 @@ from typing import Any
 
 from scout_data.boxes import Box
 from scout_data.chain import decide, locate
-from scout_data.limits import PER_IMAGE
+from scout_data.inputs import InputError, read_input
+from scout_data.limits import MAX_EXPRESSION_CHARS, PER_IMAGE
 from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
     InputFileError,
@@ -72,9 +73,12 @@ class SafeUnpickler(pickle.Unpickler):
 def load_refs_pickle(path: str | Path) -> list:
     """Load a ``refs(*).p`` file with ``SafeUnpickler`` (latin1 fallback for Python-2 byte strings)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"refs pickle not found: {p}")
-    data = p.read_bytes()
+    try:
+        data = read_input(p, what="refs pickle")
+    except InputError as e:
+        raise InputFileError(str(e)) from None
     try:
         try:
             refs = SafeUnpickler(io.BytesIO(data), source=str(p)).load()
@@ -86,6 +90,12 @@ def load_refs_pickle(path: str | Path) -> list:
         raise InputFileError(f"refs pickle {p} could not be read: {type(e).__name__}: {e}") from e
     if not isinstance(refs, list):
         raise InputFileError(f"refs pickle {p} must hold a list of refs, got {type(refs).__name__}")
+    text = sum(len(t) for ref in refs if isinstance(ref, dict) and isinstance(ref.get("sentences"), list)
+               for sent in ref["sentences"] if isinstance(sent, dict)
+               for t in (sent.get("sent"), sent.get("raw")) if isinstance(t, str))
+    if text > 2 * len(data):  # a pickle stores each sentence at least once; more means one object shared many times
+        raise InputFileError(f"refs pickle {p}: its sentences hold {text} characters, more than its {len(data)} bytes "
+                             "store (objects shared many times); the converter would copy each")
     return refs
 
 
@@ -305,6 +315,10 @@ def _ref_samples(
         sent_id = sent.get("sent_id", k) if isinstance(sent, dict) else k
         if not isinstance(text, str) or not text.strip():
             yield Skip(f"{rref} sent {sent_id}", "sentence has no text")
+            continue
+        if len(text) > MAX_EXPRESSION_CHARS:
+            yield Skip(f"{rref} sent {sent_id}", f"sentence is {len(text)} characters; the limit is "
+                                                 f"{MAX_EXPRESSION_CHARS}")
             continue
         sid = f"{name}_{ref['ref_id']}_{sent_id}"
         rng = rng_for(seed, sid)

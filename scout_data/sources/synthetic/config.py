@@ -179,7 +179,26 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         raise ValueError("--grid N needs N >= 0 and N * N >= --max-objects")
     if cfg.grid and min(w, h) < 8 * cfg.grid:
         raise ValueError(f"--grid {cfg.grid} leaves cells under 8 px in a {w}x{h} image")
+    if problem := crowding_problem(cfg):
+        raise ValueError(problem)
     return cfg
+
+
+PACKING = 0.5  # share of an image that objects placed at random, apart, can cover (random packing saturates near it)
+
+
+def crowding_problem(cfg: SynthConfig) -> str | None:
+    """Why ``--min-objects`` cannot fit an image even with every object at its smallest size, or None (a scene that
+    still falls short is retried, then skipped and counted in the run's summary)."""
+    if cfg.grid or cfg.max_overlap > 0:
+        return None
+    side = max(6, round(min(cfg.width, cfg.height) * min(SIZES[s][0] for s in cfg.sizes))) + cfg.min_gap
+    fit = int(PACKING * cfg.width * cfg.height) // (side * side)
+    if cfg.min_objects > fit:
+        return (f"--min-objects {cfg.min_objects}: that many objects do not fit a {cfg.width}x{cfg.height} image "
+                f"(objects at least {side - cfg.min_gap} px wide, {cfg.min_gap} px apart: about {fit}); lower "
+                "--min-objects, raise --image-size, or use --grid")
+    return None
 
 
 def split_counts(num: int, splits: str) -> dict[str, int]:
