@@ -211,7 +211,8 @@ SYNTH_CASES = ["--image-size 32 --min-objects 9 --max-objects 9",
                "--image-size 100 --min-objects 64 --max-objects 64",
                "--image-size 64x32 --min-objects 20 --max-objects 20",
                "--image-size 128 --min-objects 60 --max-objects 64 --sizes large",
-               "--image-size 64 --min-objects 20 --max-objects 20 --min-gap 8"]
+               "--image-size 64 --min-objects 20 --max-objects 20 --min-gap 8",
+               "--image-size 128 --min-objects 20 --max-objects 20"]  # the fourth sweep's: fewer in 39 of 40 scenes
 
 
 @pytest.mark.parametrize("flags", SYNTH_CASES)
@@ -219,19 +220,6 @@ def test_synth_refuses_objects_that_cannot_fit(flags: str, tmp_path: Path) -> No
     proc = run_module(["scout_data", "synth", "--out", tmp_path / "s", "--num", "4", "--quiet", *flags.split()])
     assert_one_line(proc, "that many objects do not fit")
     assert not (tmp_path / "s").exists()
-
-
-def test_synth_counts_scenes_short_of_min_objects(tmp_path: Path) -> None:
-    """Settings that may fit but often do not: a scene short of --min-objects is retried, then skipped and counted."""
-    proc = run_module(["scout_data", "synth", "--out", tmp_path / "s", "--num", "6", "--image-size", "128",
-                       "--min-objects", "20", "--max-objects", "20"])
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    train = tmp_path / "s" / "train.json"
-    records = json.loads(train.read_text()) if train.exists() else []
-    assert all(len(r["source_ids"]["objects"]) >= 20 for r in records)
-    assert summary["skipped"]["total"] + len(records) == 6 and summary["skipped"]["total"] > 0
-    assert "fewer than --min-objects 20 objects fit" in proc.stdout
 
 
 # ----- damaged images, to each image reader -----

@@ -188,15 +188,16 @@ PACKING = 0.5  # share of an image that objects placed at random, apart, can cov
 
 
 def crowding_problem(cfg: SynthConfig) -> str | None:
-    """Why ``--min-objects`` cannot fit an image even with every object at its smallest size, or None (a scene that
-    still falls short is retried, then skipped and counted in the run's summary)."""
+    """Why ``--min-objects`` objects of the sizes asked for (their mean side) cannot be placed apart in an image at
+    random, or None."""
     if cfg.grid or cfg.max_overlap > 0:
         return None
-    side = max(6, round(min(cfg.width, cfg.height) * min(SIZES[s][0] for s in cfg.sizes))) + cfg.min_gap
+    mean = sum(sum(SIZES[s]) / 2 for s in cfg.sizes) / len(cfg.sizes)
+    side = max(6, round(min(cfg.width, cfg.height) * mean)) + cfg.min_gap
     fit = int(PACKING * cfg.width * cfg.height) // (side * side)
     if cfg.min_objects > fit:
         return (f"--min-objects {cfg.min_objects}: that many objects do not fit a {cfg.width}x{cfg.height} image "
-                f"(objects at least {side - cfg.min_gap} px wide, {cfg.min_gap} px apart: about {fit}); lower "
+                f"(objects {side - cfg.min_gap} px wide on average, {cfg.min_gap} px apart: about {fit}); lower "
                 "--min-objects, raise --image-size, or use --grid")
     return None
 
