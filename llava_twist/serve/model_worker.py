@@ -220,7 +220,7 @@ class GenerationResponse(StreamingResponse):
     garbage collector would close it (and free the model) later."""
 
     def __init__(self, body: Iterator[bytes]) -> None:
-        self.body = body
+        self.chunks = body  # (Response.body is the whole body of a plain response)
         super().__init__(body)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -231,7 +231,7 @@ class GenerationResponse(StreamingResponse):
         finally:
             while True:  # a step of the body may still run on a thread: close it once that step returns
                 try:
-                    await anyio.to_thread.run_sync(self.body.close)
+                    await anyio.to_thread.run_sync(self.chunks.close)
                     break
                 except ValueError:  # "generator already executing"
                     await anyio.sleep(0.01)
