@@ -346,15 +346,14 @@ def test_playground_json_points_at_a_loadable_twist_delta(demo: dict[str, Any]) 
     best = demo["results"]["best_twist"]
     stage = dict(zip(TWIST, (v.stage for v in RECIPE.twist_variants), strict=True))[best]
     assert Path(source.model_path).name == stage
-    # the playground's examples: the first test expressions, in order, asked with the model's chosen prompt
+    # the playground's examples: the first test expressions, in order, asked step by step
     examples = json.loads((Path(source.examples) / "examples.json").read_text())
     test = read_jsonl(demo["out"] / "work" / "eval" / "questions" / "refexp-test.jsonl")[:len(examples)]
     assert [e["image"] for e in examples] == [Path(q["image"]).name for q in test]
-    style = {"rec": "llava", "scout": "scout"}[demo["results"]["models"][best]["prompt"]]
-    assert [e["query"] for e in examples] == [question_prompt(q, style) for q in test]
+    assert [e["query"] for e in examples] == [question_prompt(q, "scout") for q in test]
     assert all((Path(source.examples) / e["image"]).is_file() for e in examples) and examples
     metrics = json.loads((demo["out"] / "work" / "eval" / "metrics.json").read_text())["models"][best]
-    right = sum(metrics["headline"]["correct"][q["question_id"]] for q in test)
+    right = sum(metrics["refexp"]["scout"]["test"]["correct"][q["question_id"]] for q in test)
     assert demo["results"]["playground"]["correct"] == right
     assert f"its examples are the first {len(examples)} test expressions" in (demo["out"] / "report.md").read_text()
     _, model, _, _ = load_pretrained_model(source.model_path, source.model_base, device="cpu")
