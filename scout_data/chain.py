@@ -55,10 +55,14 @@ def decide_step(fact: str, boxes: int = 1) -> str:
     return f"{fact}{DECIDE_SEPARATOR} {', '.join([BOX_SLOT] * boxes)}"
 
 
+def step_phrase(text: str) -> str:
+    """A step's words before its first box (slots filled or not)."""
+    return re.split(r"[\[<]", text, maxsplit=1)[0]
+
+
 def is_decide_step(text: str) -> bool:
-    """Whether a step's text (slots filled or not) states a deciding fact: its words end in ``:`` before a box."""
-    words = re.split(r"[\[<]", text, maxsplit=1)[0].rstrip()
-    return words.endswith(DECIDE_SEPARATOR)
+    """Whether a step's text states a deciding fact: its words end in ``:`` before a box."""
+    return step_phrase(text).rstrip().endswith(DECIDE_SEPARATOR)
 
 
 def locate(one: str, many: str, boxes: Sequence[Box]) -> Step:

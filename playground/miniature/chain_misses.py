@@ -24,7 +24,7 @@ from typing import Any
 
 from llava_twist.eval.common import answers_by_id, parse_answer, question_frame
 from scout_data.boxes import iou
-from scout_data.chain import is_decide_step
+from scout_data.chain import is_decide_step, step_phrase
 from scout_data.sources.synthetic.world import COLOURS, REL_WORDS, SHAPES, SIZES, plural
 
 HIT = 0.5
@@ -53,10 +53,6 @@ def fits(obj: dict[str, Any], words: set[str]) -> bool:
     return words <= {obj["shape"], obj["colour"], obj["size"]}
 
 
-def _phrase_before_box(text: str) -> str:
-    return re.split(r"[\[<]", text, maxsplit=1)[0]
-
-
 def anchor_phrase(expression: str) -> str | None:
     """The anchor's words of a relation (``the triangle left of the red square`` -> ``the red square``)."""
     for words in sorted(REL_WORDS.values(), key=len, reverse=True):
@@ -72,7 +68,7 @@ def _judge(step_text: str, boxes: list[list[float]], objects: list[dict[str, Any
     on = [_object_at(b, objects) for b in boxes]
     if is_decide_step(step_text):
         return "decide", len(on) == 1 and on[0] is not None and on[0] == target
-    words = named(_phrase_before_box(step_text))
+    words = named(step_phrase(step_text))
     if anchor is not None and first and words is not None and words == anchor_words:
         return "anchor", on == [anchor]
     if words is None:

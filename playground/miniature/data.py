@@ -13,6 +13,7 @@ from scout_data.stats import dataset_stats
 from scout_data.validate import load_records
 
 HELDOUT = "heldout"  # data folders heldout-dev, heldout-test, heldout-understanding (``Recipe.heldout``)
+ONE_SHOT_KIND = "region"  # LLaVA-1.5's REC form: a one-shot referring expression record
 
 
 def build_data(ctx: Context) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def build_data(ctx: Context) -> dict[str, Any]:
         raise StageError(ctx.stage, "the base data has no understanding records to replay", ctx.log)
     atomic_write_text(str(data / "replay.json"), dumps_records(replay))
     grounding = {"mixed": data / "grounding" / "train.json", "rec": data / "grounding" / "rec.json"}
-    one_shot = [r for r in load_records(str(grounding["mixed"])) if r.get("kind") == "region"]
+    one_shot = [r for r in load_records(str(grounding["mixed"])) if r.get("kind") == ONE_SHOT_KIND]
     atomic_write_text(str(grounding["rec"]), dumps_records(one_shot))
     for name in TRAINING_SETS:  # every variant's, so that adding a variant to a run keeps its data
         ctx.python_module(

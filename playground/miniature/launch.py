@@ -9,7 +9,7 @@ from pathlib import Path
 
 from playground.miniature.checkout import LLAVA_DS_CONFIG, TRAIN_LLAVA, TWIST_ENTRY, TWIST_GPU_LAUNCHER, TWIST_LAUNCHER
 from playground.miniature.checkpoints import vision_tower_of
-from playground.miniature.data import training_set
+from playground.miniature.data import ONE_SHOT_KIND, training_set
 from playground.miniature.recipe import Recipe, TrainSpec, TwistVariant
 from playground.miniature.runner import Context, Layout
 
@@ -85,9 +85,6 @@ def grounding_train_args(ctx: Context, out: Path, spec: TrainSpec, extra: list[s
     layout = ctx.layout
     return llava_train_args(ctx, layout.model("base"), training_set(layout, "mixed"), layout.data, out, spec, extra,
                             seed=ctx.recipe.train_seed, grouped=True)
-
-
-ONE_SHOT_KIND = "region"  # LLaVA-1.5's REC form: a one-shot referring expression record
 
 
 def one_shot_share(data: Path) -> float:

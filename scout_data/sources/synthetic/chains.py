@@ -63,12 +63,10 @@ def _decided_refexp(scene: Scene, q: Query, anchor_desc: Desc | None, target: in
     objs = scene.objects
     box = objs[target].box
     if q.relation and q.anchor is not None and anchor_desc is not None:
-        cands = [j for j, o in enumerate(objs) if q.desc.matches(o) and j != q.anchor]
-        return [named(scene, anchor_desc, [q.anchor]), named(scene, q.desc, cands),
+        return [named(scene, anchor_desc, [q.anchor]), named(scene, q.desc, _refexp_candidates(scene, q, target)),
                 decide(f"{REL_WORDS[q.relation]} the {anchor_desc.words()}", [box])]
     if q.superlative:
-        cands = [j for j, o in enumerate(objs) if q.desc.matches(o)]
-        return [named(scene, q.desc, cands), decide(f"the {q.superlative}", [box])]
+        return [named(scene, q.desc, _refexp_candidates(scene, q, target)), decide(f"the {q.superlative}", [box])]
     noun = _category(q.desc)
     cands = [j for j, o in enumerate(objs) if noun.matches(o)]
     if cands == [target]:
