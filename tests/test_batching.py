@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from llava_twist.model.routes import Route
-from llava_twist.serve.batching import Batcher
+from llava_twist.serve.batching import Batcher, QueueFull
 from llava_twist.serve.generation import GenerationSettings, generate, stream_prompt
 from llava_twist.serve.loading import LoadedModel, load_model
 from llava_twist.serve.prompting import build_prompt
@@ -127,6 +127,28 @@ def test_a_reader_that_leaves_frees_its_place(tiny_llava: Path) -> None:
     assert batcher.queue_length() == 0
     _, _, result = ask(batcher, QUESTIONS[1], Route.AUTO, 6)  # the model is free again
     assert result is not None and batcher.queue_length() == 0
+
+
+def test_a_request_past_the_queue_limit_is_refused_and_the_others_go_on(tiny_llava: Path) -> None:
+    loaded = loaded_twist(tiny_llava, "mlp")
+    batcher = Batcher(loaded, max_batch=1, max_waiting=1)
+    running = batcher.stream(build_prompt(QUESTIONS[0]), image(), GenerationSettings(max_new_tokens=400))
+    next(running)  # generating
+    waiting: list[tuple] = []
+    thread = threading.Thread(target=lambda: waiting.append(ask(batcher, QUESTIONS[1], Route.AUTO, 6)))
+    thread.start()
+    for _ in range(500):
+        if batcher.queue_length() == 2:
+            break
+        threading.Event().wait(0.01)
+    assert batcher.queue_length() == 2
+    refused = batcher.stream(build_prompt(QUESTIONS[2]), image(), GenerationSettings(max_new_tokens=4))
+    with pytest.raises(QueueFull, match=r"the queue is full \(1 waiting"):
+        next(refused)
+    assert batcher.queue_length() == 2  # the refused request took no place
+    running.close()
+    thread.join(timeout=120)
+    assert waiting and waiting[0][2] is not None and batcher.queue_length() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -94,7 +94,7 @@ class Batcher:
         with self._changed:
             waiting = sum(not r.row.gone.is_set() for r in self._waiting)
             if waiting >= self.max_waiting:
-                raise QueueFull(f"{waiting} requests are waiting for the model (the limit): ask again later")
+                raise QueueFull(f"the queue is full ({waiting} waiting, the limit): ask again later")
             self._waiting.append(request)
             self._changed.notify_all()
         try:
