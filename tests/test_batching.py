@@ -151,6 +151,38 @@ def test_a_request_past_the_queue_limit_is_refused_and_the_others_go_on(tiny_lla
     assert waiting and waiting[0][2] is not None and batcher.queue_length() == 0
 
 
+def decode_scores(loaded: LoadedModel, questions: list[str], beams: int, rows_apart: bool) -> tuple:
+    from llava_twist.serve.generation import _generation_kwargs, _left_padding
+    from llava_twist.serve.prompting import prepare_inputs
+
+    inputs = prepare_inputs(loaded, questions, [image()] * len(questions))
+    kwargs = _generation_kwargs(loaded, GenerationSettings(max_new_tokens=8, num_beams=beams), rows_apart=rows_apart)
+    with torch.inference_mode(), _left_padding(loaded.model):
+        out = loaded.model.generate(inputs["input_ids"], images=inputs["images"], image_sizes=inputs["image_sizes"],
+                                    attention_mask=inputs["attention_mask"], output_scores=True, **kwargs)
+    width = inputs["input_ids"].shape[1]
+    return out.sequences[:, width:], torch.stack(out.scores, dim=1)
+
+
+@pytest.mark.parametrize(("dtype", "expert", "beams"), [(torch.float32, "mlp", 1), (torch.float16, "layer", 1),
+                                                         (torch.float32, "layer", 2)])
+def test_decode_steps_compute_each_prompt_as_alone(tiny_llava: Path, dtype: torch.dtype, expert: str,
+                                                    beams: int) -> None:
+    """Every new token's scores of every row of a batch (both routes, 5 prompts: a batched product of 5 rows rounds
+    otherwise than a one-row one on CPU) are bit for bit the prompt's scores alone."""
+    loaded = loaded_twist(tiny_llava, expert)
+    loaded.model.to(dtype)
+    questions = [*QUESTIONS, "How many objects are there?"]
+    tokens, scores = decode_scores(loaded, questions, beams, rows_apart=True)
+    for i, question in enumerate(questions):
+        alone_tokens, alone_scores = decode_scores(loaded, [question], beams, rows_apart=False)
+        steps = alone_scores.shape[1]
+        rows = slice(i * beams, (i + 1) * beams)
+        assert torch.equal(scores[rows, :steps], alone_scores), question
+        if beams == 1:
+            assert torch.equal(tokens[i, :alone_tokens.shape[1]], alone_tokens[0]), question
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_row_attention_computes_each_prompt_as_alone(tiny_llava: Path, dtype: torch.dtype) -> None:
     """A left-padded batch with row attention: each row's logits are bit for bit its logits alone. Without it the
@@ -173,7 +205,7 @@ def test_row_attention_computes_each_prompt_as_alone(tiny_llava: Path, dtype: to
                          image_sizes=inputs["image_sizes"], position_ids=torch.zeros_like(inputs["input_ids"]),
                          **extra).logits
 
-    rows = logits(loaded.model, questions, twist_row_attention=True, twist_route="frozen")
+    rows = logits(loaded.model, questions, twist_rows_apart=1, twist_route="frozen")
     for i, question in enumerate(questions):
         alone = logits(loaded.model, [question], twist_route="frozen")[0]
         assert torch.equal(rows[i, -alone.shape[0]:], alone)

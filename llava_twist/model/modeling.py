@@ -32,7 +32,7 @@ from llava_twist.model.routing import (
     route_codes,
     split_router_marks,
 )
-from llava_twist.model.row_attention import left_padding, use_row_attention
+from llava_twist.model.rows_apart import RowLinear, keep_rows_apart, left_padding
 from llava_twist.model.twin_layer import TwinMix, TwistDecoderLayer, TwistOutputHead
 
 RouteArg = Route | str | Sequence[Route | str] | torch.Tensor | None
@@ -96,10 +96,10 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         self.twist_router = self.router_kind.build_head()
         n = config.num_hidden_layers
         for i, layer in enumerate(self.layers):
-            use_row_attention(layer, config, i, self.twist_context)
             expert = getattr(layer, "twist_expert", None)
             if expert is not None:
-                use_row_attention(expert, config, i + n, self.twist_context)
+                keep_rows_apart(expert, self.twist_context, config, i + n)
+            keep_rows_apart(layer, self.twist_context, config, i)
 
     def twin_decoder_layers(self) -> list[TwistDecoderLayer]:
         return [self.layers[i] for i in self.twin_layers]
@@ -138,10 +138,10 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         return_dict: bool | None = None,
         twist_route: RouteArg = None,
         twist_router_mask: torch.Tensor | None = None,
-        twist_row_attention: bool = False,
+        twist_rows_apart: int = 0,
     ) -> TwistModelOutput:
-        """``twist_row_attention``: attention keeps each row of a left-padded batch to its own tokens
-        (:mod:`llava_twist.model.row_attention`), so each row computes what it computes alone."""
+        """``twist_rows_apart``: the rows of each prompt (1, or its beams), which then compute bit for bit what they
+        compute alone (:mod:`llava_twist.model.rows_apart`); 0: LLaVA's batched computation."""
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, device = ref.shape[0], ref.device
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -182,8 +182,8 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         ctx.begin(route, kind if deciding else None, self.twist_router, twist_router_mask,
                   compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate,
                   forced=None if all_forced else (forced, forced_route),
-                  row_padding=left_padding(attention_mask) if twist_row_attention and attention_mask is not None
-                  and attention_mask.dim() == 2 else None)
+                  row_padding=left_padding(attention_mask) if twist_rows_apart and attention_mask is not None
+                  and attention_mask.dim() == 2 else None, row_group=int(twist_rows_apart))
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -251,8 +251,10 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         self.model = TwistLlavaLlamaModel(config)
         self.pretraining_tp = config.pretraining_tp
         self.vocab_size = config.vocab_size
-        self.lm_head = (TwistOutputHead(config.hidden_size, config.vocab_size, self.model.twist_context)
-                        if config.twist_head else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        ctx = self.model.twist_context
+        self.lm_head = (TwistOutputHead(config.hidden_size, config.vocab_size, ctx) if config.twist_head
+                        else RowLinear(config.hidden_size, config.vocab_size, bias=False, ctx=ctx))
+        keep_rows_apart(self.lm_head, ctx)
         self.post_init()
         self.model.reset_twist_router_and_mix()
 
@@ -282,7 +284,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_router_mask: torch.Tensor | None = None,
         twist_router_labels: torch.Tensor | None = None,
         twist_step_ids: torch.Tensor | None = None,
-        twist_row_attention: bool = False,
+        twist_rows_apart: int = 0,
     ) -> TwistCausalLMOutput | tuple:
         """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
         ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
@@ -312,7 +314,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             return_dict=True,
             twist_route=twist_route,
             twist_router_mask=twist_router_mask,
-            twist_row_attention=twist_row_attention,
+            twist_rows_apart=twist_rows_apart,
         )
         hidden_states = outputs.last_hidden_state
         if self.config.pretraining_tp > 1:
@@ -399,7 +401,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         the :class:`RouteDecision` of each row of ``sequences`` (route, router probability, forced); nothing of the
         call stays on the model. A streamer that needs the decision before the end passes an empty list as
         ``twist_decisions``: the prefill's decision (over its rows) is appended to it right after the first token.
-        ``twist_row_attention=True`` makes each prompt of a left-padded batch generate what it generates alone."""
+        ``twist_rows_apart=True`` makes each prompt of a left-padded batch generate what it generates alone."""
         position_ids = kwargs.pop("position_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
@@ -410,6 +412,8 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         embeds = t.inputs_embeds if t.inputs_embeds is not None else self.get_model().embed_tokens(t.input_ids)
         decisions = kwargs.pop("twist_decisions", None)
         decisions = [] if decisions is None else decisions
+        if kwargs.get("twist_rows_apart") is True:  # each prompt's rows: its beams
+            kwargs["twist_rows_apart"] = kwargs.get("num_beams") or self.generation_config.num_beams or 1
         out = super(LlavaLlamaForCausalLM, self).generate(
             position_ids=t.position_ids,
             attention_mask=t.attention_mask,
@@ -442,12 +446,12 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
     ) -> dict[str, Any]:
         twist_route = kwargs.pop("twist_route", None)
         router_mask = kwargs.pop("twist_router_mask", None)
-        row_attention = kwargs.pop("twist_row_attention", False)
+        rows_apart = kwargs.pop("twist_rows_apart", 0)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
         )
         inputs["twist_route"] = twist_route
-        inputs["twist_row_attention"] = row_attention
+        inputs["twist_rows_apart"] = rows_apart
         if past_key_values is None:
             inputs["twist_router_mask"] = router_mask
         return inputs

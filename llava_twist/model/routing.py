@@ -175,7 +175,8 @@ class RouteContext:
         self.router_mask: torch.Tensor | None = None
         self.router_logits: torch.Tensor | None = None
         self.forced: tuple[torch.Tensor, torch.Tensor] | None = None  # samples forced, their routes (under auto)
-        self.row_padding: list[int] | None = None  # each row's left padding, when attention keeps rows apart
+        self.row_padding: list[int] | None = None  # each row's left padding, when rows are kept apart
+        self.row_group = 0  # rows per prompt (1, or its beams) when each prompt computes as alone; 0: batched
         self.gate_logits: list[torch.Tensor] = []  # per-token gates (ablation), (B, T) per twin layer
         self.compute_both = False  # ZeRO-3 / training: run both experts whatever the route
         self.token_gate = False  # per-token gate ablation active
@@ -191,9 +192,11 @@ class RouteContext:
         token_gate: bool = False,
         forced: tuple[torch.Tensor, torch.Tensor] | None = None,
         row_padding: list[int] | None = None,
+        row_group: int = 0,
     ) -> None:
         self.route = route
         self.row_padding = row_padding
+        self.row_group = row_group
         self.kind = kind
         self.head = head
         self.router_mask = router_mask

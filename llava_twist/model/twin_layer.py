@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 from llava_twist.model.config import TwistConfig
 from llava_twist.model.routers import RouterKind
 from llava_twist.model.routing import RouteContext
+from llava_twist.model.rows_apart import RowLinear
 
 
 class TwinMix(nn.Module):
@@ -231,16 +232,15 @@ class TwistDecoderLayer(LlamaDecoderLayer):
         return (hidden,) + (frozen if frozen is not None else grounding)[1:]
 
 
-class TwistOutputHead(nn.Linear):
+class TwistOutputHead(RowLinear):
     """``lm_head`` (original weight and name) with a grounding copy: the grounding route's logits come from the
     copy, the frozen route's from the original. For a base whose output rows never wrote the chains' words: the
     final norm fixes the hidden state's length, so frozen rows that training only pushed down cap how likely
     any twin layer can make those words (about e^-3.5 for the tiny base's ``Step``, ``the``, ``large``)."""
 
     def __init__(self, hidden_size: int, vocab_size: int, ctx: RouteContext) -> None:
-        super().__init__(hidden_size, vocab_size, bias=False)
+        super().__init__(hidden_size, vocab_size, bias=False, ctx=ctx)
         self.twist_expert = nn.Linear(hidden_size, vocab_size, bias=False)
-        self._ctx = ctx
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits per sample of the forward's route; outside a routed forward, the frozen head's."""

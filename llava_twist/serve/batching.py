@@ -7,9 +7,8 @@ differ; a request that found the model idle waits up to ``gather_s`` for others 
 together, and streams each its pieces and its result. Requests beyond ``max_batch`` wait for the next call; beyond
 ``max_waiting`` waiting, a request is refused (:class:`QueueFull`). A reader that leaves frees its place at once:
 waiting, it is dropped; generating, its row stops counting and the call ends early when every row has ended or gone.
-Left padding, the attention mask and row attention (:mod:`llava_twist.model.row_attention`) give each row the prompt
-computation it gets alone; decode steps multiply several rows at once, which rounds differently from one row (see
-``docs/serving-notes.md``).
+Left padding, the attention mask and :mod:`llava_twist.model.rows_apart` give each row the computation it gets
+alone, prompt and decode steps, so a greedy answer is the same text batched or alone.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def _left_padding(model: Any) -> Iterator[None]:
 def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings, routes: Sequence[Route] | None = None,
                        rows_apart: bool = False) -> dict[str, Any]:
     """``generate``'s keyword arguments for ``settings``; ``routes``: one per prompt instead of ``settings.route``;
-    ``rows_apart``: TWIST's row attention (each prompt of a padded batch computed as alone)."""
+    ``rows_apart``: each prompt of a padded batch computed as alone (TWIST, :mod:`llava_twist.model.rows_apart`)."""
     if problem := settings.problem():  # a dataclass's fields can be reassigned after construction
         raise InferenceError(problem)
     tokenizer = loaded.tokenizer
@@ -169,7 +169,7 @@ def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings, routes
             kwargs["top_p"] = settings.top_p
     if loaded.is_twist:
         kwargs["twist_route"] = list(routes) if routes is not None else Route.parse(settings.route)
-        kwargs["twist_row_attention"] = rows_apart
+        kwargs["twist_rows_apart"] = rows_apart
     return kwargs
 
 
