@@ -90,6 +90,16 @@ def test_step_weights_parse(spec: str, expected: dict[int, float]) -> None:
     assert weights.token_weights(ids).tolist() == list(expected.values())
 
 
+def test_last_weighs_each_chains_deciding_step_whatever_its_number() -> None:
+    weights = StepWeights.parse("last:3,answer:2")
+    spans = torch.tensor([[SPAN_OTHER, 1, 1, 2, 3, 3, SPAN_ANSWER],  # three steps: step 3 decides
+                          [1, 2, 2, SPAN_ANSWER, SPAN_ANSWER, SPAN_OTHER, SPAN_OTHER],  # two: step 2 decides
+                          [SPAN_OTHER, SPAN_OTHER, SPAN_ANSWER, SPAN_ANSWER, SPAN_OTHER, SPAN_OTHER, SPAN_OTHER]])
+    assert weights.token_weights(spans).tolist() == [[1, 1, 1, 1, 3, 3, 2], [1, 3, 3, 2, 2, 1, 1],
+                                                     [1, 1, 2, 2, 1, 1, 1]]
+    assert not weights.is_uniform() and StepWeights.parse("last:1").is_uniform()
+
+
 @pytest.mark.parametrize("spec", ["answer:x", "foo:1", "-1", "step_0:2", "answer:inf"])
 def test_bad_step_weights_are_named(spec: str) -> None:
     with pytest.raises(ValueError, match="--twist_step_weights"):

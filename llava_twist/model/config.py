@@ -74,8 +74,8 @@ TWIST_SETTINGS: tuple[TwistSetting, ...] = (
         "weigh the router's BCE so that grounding and understanding prompts count equally in each batch, whatever "
         "the replay ratio (without it the majority task pulls the router's bias its way)")),
     TwistSetting("twist_step_weights", str, "", convert=lambda value: str(value or ""), help=(
-        "loss weight per chain span: '1,1,2' (steps in order), 'answer:2', 'steps:0.5' (see "
-        "llava_twist.model.loss.StepWeights); empty: every supervised token alike")),
+        "loss weight per chain span: '1,1,2' (steps in order), 'answer:2', 'steps:0.5', 'last:3' (each chain's "
+        "deciding step; see llava_twist.model.loss.StepWeights); empty: every supervised token alike")),
     TwistSetting("twist_head", bool, False, convert=bool, help=(
         "also give the output layer (lm_head) a grounding copy, used by the grounding route; for bases whose "
         "frozen output rows cannot reach the chains' words (see TwistOutputHead)")),

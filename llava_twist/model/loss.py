@@ -25,14 +25,16 @@ class StepWeights:
     """Loss weight per span. Unlisted spans weigh 1.
 
     Parsed from ``--twist_step_weights``: comma-separated items, each a bare number (step 1, step 2, ...
-    in order) or ``key:weight`` with key ``answer``, ``other``, ``steps`` (every step), ``step_N`` or ``N``.
-    E.g. ``"1,1,2"`` (step 3 counts double), ``"answer:2"``, ``"steps:0.5,answer:1"``.
+    in order) or ``key:weight`` with key ``answer``, ``other``, ``steps`` (every step), ``last`` (each chain's last
+    step, the one that decides, whatever its number; before ``step_N``), ``step_N`` or ``N``.
+    E.g. ``"1,1,2"`` (step 3 counts double), ``"answer:2"``, ``"steps:0.5,answer:1"``, ``"last:3"``.
     """
 
     steps: dict[int, float] = field(default_factory=dict)
     all_steps: float = 1.0
     answer: float = 1.0
     other: float = 1.0
+    last: float | None = None
 
     @classmethod
     def parse(cls, spec: str | None) -> StepWeights:
@@ -55,7 +57,7 @@ class StepWeights:
             if not key:
                 position += 1
                 weights.steps[position] = weight
-            elif key in ("answer", "other"):
+            elif key in ("answer", "other", "last"):
                 setattr(weights, key, weight)
             elif key == "steps":
                 weights.all_steps = weight
@@ -63,12 +65,13 @@ class StepWeights:
                 weights.steps[int(re.sub(r"\D", "", key))] = weight
             else:
                 raise ValueError(
-                    f"--twist_step_weights {spec!r}: unknown key {key!r} (use answer, other, steps, step_N or N)"
+                    f"--twist_step_weights {spec!r}: unknown key {key!r} (use answer, other, steps, last, step_N or N)"
                 )
         return weights
 
     def is_uniform(self) -> bool:
-        return self.all_steps == self.answer == self.other == 1.0 and all(w == 1.0 for w in self.steps.values())
+        return (self.all_steps == self.answer == self.other == 1.0 and self.last in (None, 1.0)
+                and all(w == 1.0 for w in self.steps.values()))
 
     def weight(self, span_id: int) -> float:
         if span_id == SPAN_ANSWER:
@@ -78,10 +81,14 @@ class StepWeights:
         return self.steps.get(span_id, self.all_steps)
 
     def token_weights(self, span_ids: torch.Tensor) -> torch.Tensor:
-        """Float weights, same shape as ``span_ids``."""
+        """Float weights, same shape as ``span_ids`` (a row per chain: its last step is its highest step id)."""
         top = int(span_ids.max().item()) if span_ids.numel() else 0
         table = torch.tensor([self.weight(s) for s in range(SPAN_OTHER, max(top, 0) + 1)], device=span_ids.device)
-        return table[span_ids.clamp(min=SPAN_OTHER) - SPAN_OTHER]
+        weights = table[span_ids.clamp(min=SPAN_OTHER) - SPAN_OTHER]
+        if self.last is not None and span_ids.numel():
+            last = span_ids.max(dim=-1, keepdim=True).values
+            weights = torch.where((span_ids == last) & (last >= 1), torch.full_like(weights, self.last), weights)
+        return weights
 
 
 def stepwise_lm_loss(
