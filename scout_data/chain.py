@@ -1,12 +1,17 @@
 """The chain format's one owner: SCOUT's ``Step k: ...`` lines, then ``Answer: ...``, and the step grammar.
 
 The step grammar (``decide`` chains, every source that has the boxes for it): each step is a sub-question the
-expression itself poses, in its own words, and the last step decides.
+expression poses, in the order it reads, and the last step decides.
 
-- :func:`locate_step`: the objects a phrase of the expression names, with their boxes, left to right
-  (``the red square <box>``, ``the triangles <box>, <box>``): the anchor first, then the candidates;
-- :func:`decide_step`: the deciding fact and the box it picks (``nearest to the red square: <box>``,
-  ``the smallest: <box>``); the answer then copies that box.
+- :func:`locate_step`: the objects the expression's noun phrase names, in its words, with their boxes, left to
+  right (``the triangles <box>, <box>``): the candidates;
+- :func:`reference`: a relation's anchor, by its role (``the reference object <box>``);
+- :func:`pick`: the step that decides (``the one it asks for: <box>``); the answer then copies that box.
+
+Words a step copies come from the question's first noun phrase, which a model reads first; the anchor and the
+deciding step name their role instead of repeating the question's later words (the anchor, the relation, the
+superlative): the miniature's model did not copy those (docs/demo-notes.md, "Steps that pay"), and the box the
+deciding step writes is what the question asks for, as a one-shot answer is.
 
 Writers build lines with :func:`step_line` and :func:`answer_line`; readers find markers with
 :data:`MARKER_RE` (anywhere, leniently: the parser of model output) or :data:`LINE_MARKER_RE` (at the start of
@@ -43,6 +48,8 @@ def answer_line(text: str) -> str:
 
 
 DECIDE_SEPARATOR = ":"
+REFERENCE = "the reference object"  # a relation's anchor step
+PICK = "the one it asks for"  # the step that decides a referring expression
 
 
 def locate_step(phrase: str, boxes: int) -> str:
@@ -51,7 +58,7 @@ def locate_step(phrase: str, boxes: int) -> str:
 
 
 def decide_step(fact: str, boxes: int = 1) -> str:
-    """``left of the red square: <box>``: the deciding fact, then the slot(s) of what it picks."""
+    """``the one it asks for: <box>``: the deciding fact, then the slot(s) of what it picks."""
     return f"{fact}{DECIDE_SEPARATOR} {', '.join([BOX_SLOT] * boxes)}"
 
 
@@ -74,3 +81,13 @@ def locate(one: str, many: str, boxes: Sequence[Box]) -> Step:
 def decide(fact: str, boxes: Sequence[Box]) -> Step:
     """The step that decides: ``fact`` and the box(es) it picks, which the answer then copies."""
     return Step(decide_step(fact, len(boxes)), list(boxes))
+
+
+def reference(box: Box) -> Step:
+    """A relation's anchor, by its role: ``the reference object <box>``."""
+    return Step(locate_step(REFERENCE, 1), [box])
+
+
+def pick(boxes: Sequence[Box]) -> Step:
+    """The step that decides a referring expression: ``the one it asks for: <box>``."""
+    return decide(PICK, boxes)

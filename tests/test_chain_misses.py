@@ -30,24 +30,24 @@ def run(cases: list[tuple[tuple[str, list[float], str], str]]) -> dict:
 
 def test_a_right_chain_is_right_at_every_step() -> None:
     got = run([
-        (RELATION, f"Step 1: the blue circle {BLUE_CIRCLE}.\nStep 2: the circle {RED_CIRCLE}.\n"
-                   f"Step 3: left of the blue circle: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}"),
-        (SUPERLATIVE, f"Step 1: the circles {RED_CIRCLE}, {BLUE_CIRCLE}.\nStep 2: the largest: {RED_CIRCLE}.\n"
-                      f"Answer: {RED_CIRCLE}"),
+        (RELATION, f"Step 1: the circle {RED_CIRCLE}.\nStep 2: the reference object {BLUE_CIRCLE}.\n"
+                   f"Step 3: the one it asks for: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}"),
+        (SUPERLATIVE, f"Step 1: the circles {RED_CIRCLE}, {BLUE_CIRCLE}.\nStep 2: the one it asks for: {RED_CIRCLE}."
+                      f"\nAnswer: {RED_CIRCLE}"),
     ])
     a = got["all"]
     assert a["n"] == 2 and a["answer"]["right"]["rate"] == 1.0
     assert a["step_accuracy"] == {"k": 5, "n": 5, "rate": 1.0}
     assert {r: s["k"] for r, s in a["by_role"].items()} == {"anchor": 1, "candidates": 2, "decide": 2}
-    assert a["consistency"]["rate"] == a["anchor_first"]["rate"] == a["target_among_steps"]["rate"] == 1.0
+    assert a["consistency"]["rate"] == a["anchor_found"]["rate"] == a["target_among_steps"]["rate"] == 1.0
     assert got["relation"]["n"] == got["superlative"]["n"] == 1
 
 
 def test_each_role_fails_on_its_own_mistake() -> None:
     a = run([
         # the anchor's box on another object
-        (RELATION, f"Step 1: the blue circle {RED_SQUARE}.\nStep 2: the circle {RED_CIRCLE}.\n"
-                   f"Step 3: left of the blue circle: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}"),
+        (RELATION, f"Step 1: the circle {RED_CIRCLE}.\nStep 2: the reference object {RED_SQUARE}.\n"
+                   f"Step 3: the one it asks for: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}"),
         # one candidate missing, and the decision on it
         (SUPERLATIVE, f"Step 1: the circles {BLUE_CIRCLE}.\nStep 2: the largest: {BLUE_CIRCLE}.\n"
                       f"Answer: {BLUE_CIRCLE}"),
@@ -57,10 +57,20 @@ def test_each_role_fails_on_its_own_mistake() -> None:
     ])["all"]
     assert a_roles(a) == {"anchor": (0, 1), "candidates": (2, 3), "decide": (2, 3)}
     assert a["consistency"] == {"k": 2, "n": 3, "rate": pytest.approx(2 / 3)}
-    assert a["anchor_first"]["k"] == 0
+    assert a["anchor_found"]["k"] == 0
     assert (a["answer"]["right"]["k"], a["answer"]["on_another_object"]["k"], a["answer"]["on_no_object"]["k"]) == (
         1, 1, 1)
     assert a["answer_among_steps"]["k"] == 2  # the empty answer is no step's object
+
+
+def test_a_worded_anchor_is_the_anchor_wherever_it_stands() -> None:
+    for text in (f"Step 1: the blue circle {BLUE_CIRCLE}.\nStep 2: the circle {RED_CIRCLE}.\n"
+                 f"Step 3: left of the blue circle: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}",
+                 f"Step 1: the circle {RED_CIRCLE}.\nStep 2: the blue circle {BLUE_CIRCLE}.\n"
+                 f"Step 3: the circle left of the blue circle: {RED_CIRCLE}.\nAnswer: {RED_CIRCLE}"):
+        a = run([(RELATION, text)])["all"]
+        assert a_roles(a) == {"anchor": (1, 1), "candidates": (1, 1), "decide": (1, 1)}
+        assert a["anchor_found"]["k"] == 1
 
 
 def a_roles(a: dict) -> dict:

@@ -78,17 +78,17 @@ def test_bad_references_and_empty_images_are_skipped_with_reasons():
     assert "category_id 99" in skips["instances_mini.json:ann 402"]
 
 
-def test_relation_chain_locates_the_anchor_then_the_candidates_then_the_relation_decides():
+def test_relation_chain_locates_the_candidates_then_the_reference_object_then_picks():
     samples, _ = _run()
     rel = [s for s in samples.values() if "_rel_" in s.id]
     assert [s.id for s in rel] == ["coco_1_rel_18_left_17"], "right/above/below are ambiguous in the fixture"
     s = rel[0]
     assert s.kind == "refexp" and s.difficulty == "hard"
     assert "dog" in s.query and "to the left of the cat" in s.query
-    assert [st.text for st in s.steps] == [f"the cat {BOX_SLOT}", f"the dogs {BOX_SLOT}, {BOX_SLOT}, {BOX_SLOT}",
-                                           f"to the left of the cat: {BOX_SLOT}"]
-    assert s.steps[0].boxes_xyxy_px == [CAT_BOX]
-    assert s.steps[1].boxes_xyxy_px == DOG_BOXES
+    assert [st.text for st in s.steps] == [f"the dogs {BOX_SLOT}, {BOX_SLOT}, {BOX_SLOT}",
+                                           f"the reference object {BOX_SLOT}", f"the one it asks for: {BOX_SLOT}"]
+    assert s.steps[0].boxes_xyxy_px == DOG_BOXES
+    assert s.steps[1].boxes_xyxy_px == [CAT_BOX]
     assert s.steps[2].boxes_xyxy_px == [DOG_BOXES[0]] == s.answer_boxes_xyxy_px
     assert s.source_ids["answer_ann_id"] == 101 and s.source_ids["anchor_ann_id"] == 104
     for step in s.steps:
@@ -102,7 +102,7 @@ def test_superlatives_pick_the_clear_winner():
     assert samples["coco_1_rightmost_18"].answer_boxes_xyxy_px == [DOG_BOXES[2]]
     largest = samples["coco_1_largest_18"]
     assert largest.steps[0].boxes_xyxy_px == DOG_BOXES and largest.steps[1].boxes_xyxy_px == [DOG_BOXES[2]]
-    assert largest.steps[1].text == f"the largest: {BOX_SLOT}"
+    assert largest.steps[1].text == f"the one it asks for: {BOX_SLOT}"
     assert not any("_largest_17" in i for i in samples), "a single cat has no superlative"
     default, _ = _run()
     assert sum("most_" in i or "_largest_" in i for i in default) == 2

@@ -95,15 +95,15 @@ def test_each_sentence_becomes_a_sample_with_official_split(tmp_path):
     assert '"tallest person"' in samples["refcoco_1_4"].query
 
 
-def test_boxes_are_exact_and_chain_locates_the_candidates_then_the_expression_decides(tmp_path):
+def test_boxes_are_exact_and_chain_locates_the_candidates_then_picks(tmp_path):
     samples, _ = _run(_refs_file(tmp_path))
     s = samples["refcoco_0_1"]
     assert s.kind == "refexp" and s.source == "refcoco"
     assert (s.image, s.width, s.height) == ("COCO_train2014_000000581857.jpg", 640, 427)
     assert s.answer_boxes_xyxy_px == [PERSON_LEFT]
-    # SCOUT's step grammar: the referent's category with every candidate's box, then the expression decides
+    # SCOUT's step grammar: the referent's category with every candidate's box, then the pick
     assert [st.text for st in s.steps] == [f"the people {BOX_SLOT}, {BOX_SLOT}, {BOX_SLOT}",
-                                           f"guy in red shirt: {BOX_SLOT}"]
+                                           f"the one it asks for: {BOX_SLOT}"]
     assert s.steps[0].boxes_xyxy_px == [PERSON_LEFT, PERSON_MIDDLE, PERSON_RIGHT], (
         "crowd region 1004 is no candidate"
     )

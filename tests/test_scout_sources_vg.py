@@ -61,8 +61,8 @@ def test_duplicate_and_ambiguous_regions_are_skipped():
 def test_refexp_region_kind_adds_a_chain():
     samples, _ = _run(regions=REGIONS, region_kind="refexp")
     s = samples["vg_region_11"]
-    assert s.kind == "refexp" and len(s.steps) == 1  # no candidates annotated: the description decides
-    assert s.steps[0].text == f"{s.expression}: {BOX_SLOT}"
+    assert s.kind == "refexp" and len(s.steps) == 1  # no candidates annotated: the pick is the chain
+    assert s.steps[0].text == f"the one it asks for: {BOX_SLOT}"
     assert s.steps[0].boxes_xyxy_px == s.answer_boxes_xyxy_px == [(200.0, 100.0, 500.0, 500.0)]
     assert record_problems(render_record(s)) == []
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from scout_data.boxes import box_xyxy_norm_to_px, iou
+from scout_data.chain import PICK, REFERENCE
 from scout_data.output import prepare_out_dir, write_dataset
 from scout_data.parse import parse_chain
 from scout_data.schema import Sample
@@ -23,7 +24,7 @@ from scout_data.sources.synthetic.records import generate, image_folder, iter_sa
 from scout_data.sources.synthetic.referring import Desc, Query, resolve, unique_desc
 from scout_data.sources.synthetic.scenes import Obj, Scene, make_scene, render_scene
 from scout_data.sources.synthetic.vocabulary import vocabulary_text
-from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, SUPERLATIVES, plural
+from scout_data.sources.synthetic.world import CLUTTER, COLOURS, SHAPES, plural
 from scout_data.validate import record_problems
 from scout_data.writer import render_record
 
@@ -234,7 +235,7 @@ def test_canvas_knobs():
 
 def test_vocabulary_covers_every_phrase_the_generator_produces():
     vocab = vocabulary_text(seed=0, n=120)
-    words = {w for t in vocab for w in re.findall(r"[A-Za-z<>]+", t)}
+    words = {w.lower() for t in vocab for w in re.findall(r"[A-Za-z<>]+", t)}  # a word at a line's start, too
     cfg = config_from_args(synth_args("--kinds", ALL_KINDS))
     fresh = 0
     for i in range(80):
@@ -243,7 +244,7 @@ def test_vocabulary_covers_every_phrase_the_generator_produces():
         rec = render_record(got)
         text = " ".join(t["value"] for t in rec["conversations"])
         # box texts are numbers; every other word must be in the corpus
-        missing = set(re.findall(r"[A-Za-z<>]+", text)) - words
+        missing = {w.lower() for w in re.findall(r"[A-Za-z<>]+", text)} - words
         assert not missing, missing
         fresh += 1
     assert fresh == 80
@@ -336,9 +337,9 @@ def _desc_fits(words: set[str], o: dict) -> bool:
 
 
 def test_decide_chains_pose_the_expressions_own_sub_questions_and_the_last_step_decides(tmp_path):
-    """The default grammar: each step is a phrase of the expression (the anchor first, then the candidates, each
-    with the boxes of exactly the objects it names, left to right), the last step states the deciding fact with the
-    target's box, and the answer copies it."""
+    """The default grammar: the candidates in the expression's words (the boxes of exactly the objects its noun
+    phrase names, left to right), a relation's reference object (the anchor's box), then the pick with the
+    target's box, which the answer copies."""
     flags = ("--num", "300", "--image-size", "64", "--grid", "4", "--min-objects", "2", "--max-objects", "4",
              "--kinds", "refexp:4,find_all:1", "--refexp-types", "attribute:1,relation:2,superlative:1",
              "--clutter", "none", "--splits", "train:1")
@@ -363,17 +364,20 @@ def test_decide_chains_pose_the_expressions_own_sub_questions_and_the_last_step_
         target = r["source_ids"]["targets"][0]
         phrase = re.split(r":", last.text)[0]
         assert on[-1] == [target]
+        if r["kind"] == "refexp" and len(chain.steps) > 1:
+            assert phrase == PICK
         for step, idx in zip(locates, on[:-1], strict=True):  # a phrase of the expression, and every object it names
+            if step.text.startswith(REFERENCE):
+                continue
             words = _words(step.text.split("[")[0])
             assert _singular(words) <= _singular(_words(expression)), (expression, step.text)
             assert all(_desc_fits(words, objects[j]) for j in idx), (step.text, objects)
         if kind == "relation":
             anchor_words = expression.split(" the ")[-1]
-            assert len(chain.steps) == 3 and chain.steps[0].text.startswith(f"the {anchor_words} [")
-            assert phrase.endswith(f" the {anchor_words}") and phrase.removesuffix(f" the {anchor_words}") in (
-                "left of", "right of", "above", "below", "nearest to")
+            assert len(chain.steps) == 3 and chain.steps[1].text.startswith(f"{REFERENCE} [")
+            assert len(on[1]) == 1 and _desc_fits(_words(anchor_words), objects[on[1][0]])
         elif kind == "superlative":
-            assert len(chain.steps) == 2 and phrase.split()[1] in SUPERLATIVES
+            assert len(chain.steps) == 2
             noun_words = _words(chain.steps[0].text.split("[")[0])
             assert len(on[0]) == sum(_desc_fits(noun_words, o) for o in objects) >= 2
         else:

@@ -3,11 +3,12 @@
 Each answer box is set against every object of its scene (right, on another object, on none). Each step is read in
 SCOUT's step grammar (:mod:`scout_data.chain`) and judged by its role:
 
-- *anchor*: a relation's first phrase (``the red square [...]``), right when its one box is on the anchor;
+- *anchor*: a relation's reference object (``the reference object [...]``; in a worded chain, a step that names
+  the anchor in its words, ``the red square [...]``), right when its one box is on the anchor;
 - *candidates*: any other step that names objects (``the triangles [...], [...]``), right when its boxes are on
   exactly the objects its words name (a singular phrase with one box, as a terse chain's steps: the box on an
   object that has every attribute the words name);
-- *decide*: a step that states the deciding fact (``left of the red square: [...]``), right when its box is on the
+- *decide*: a step that states the deciding fact (``the one it asks for: [...]``), right when its box is on the
   target.
 
 Step accuracy is the share of steps right; *consistency* the share of chains whose answer's box is the box of the
@@ -24,7 +25,7 @@ from typing import Any
 
 from llava_twist.eval.common import answers_by_id, parse_answer, question_frame
 from scout_data.boxes import iou
-from scout_data.chain import is_decide_step, step_phrase
+from scout_data.chain import REFERENCE, is_decide_step, step_phrase
 from scout_data.sources.synthetic.world import COLOURS, REL_WORDS, SHAPES, SIZES, plural
 
 HIT = 0.5
@@ -63,13 +64,14 @@ def anchor_phrase(expression: str) -> str | None:
 
 
 def _judge(step_text: str, boxes: list[list[float]], objects: list[dict[str, Any]], target: int | None,
-           anchor: int | None, anchor_words: set[str] | None, first: bool) -> tuple[str, bool]:
+           anchor: int | None, anchor_words: set[str] | None) -> tuple[str, bool]:
     """The role of one model step and whether it is right."""
     on = [_object_at(b, objects) for b in boxes]
     if is_decide_step(step_text):
         return "decide", len(on) == 1 and on[0] is not None and on[0] == target
     words = named(step_phrase(step_text))
-    if anchor is not None and first and words is not None and words == anchor_words:
+    if anchor is not None and (step_phrase(step_text).strip() == REFERENCE or words is not None
+                               and words == anchor_words):
         return "anchor", on == [anchor]
     if words is None:
         return "candidates", False
@@ -84,7 +86,7 @@ def chain_misses(questions: Sequence[dict[str, Any]], answers: Sequence[dict[str
                  records: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """Counts over the referring-expression ``questions`` whose record (by question id) lists its scene's objects
     (``source_ids.objects``, pixel boxes) and that have an answer: where each first answer box lands, each step's
-    role and whether it is right (:func:`_judge`), consistency, the anchor first, the target among the steps;
+    role and whether it is right (:func:`_judge`), consistency, the anchor found, the target among the steps;
     overall and by expression type."""
     by_id = answers_by_id(answers)
     total: dict[str, Counter[str]] = {}
@@ -110,8 +112,9 @@ def chain_misses(questions: Sequence[dict[str, Any]], answers: Sequence[dict[str
         steps = [(s.text, [next(step_boxes) for _ in s.boxes_xyxy_norm]) for s in result.chain.steps]
         steps = [(text, px) for text, px in steps if px]
         seen: set[int | None] = set()
-        for k, (text, px) in enumerate(steps):
-            role, right = _judge(text, px, objects, target, anchor, anchor_words, k == 0)
+        for text, px in steps:
+            role, right = _judge(text, px, objects, target, anchor, anchor_words)
+            c["anchor_found"] += anchor is not None and (role, right) == ("anchor", True) and not c["anchor_found"]
             c["steps"] += 1
             c["steps_right"] += right
             c[f"{role}_steps"] += 1
@@ -126,8 +129,6 @@ def chain_misses(questions: Sequence[dict[str, Any]], answers: Sequence[dict[str
         c["target_among_steps"] += bool(steps) and target in seen
         if anchor is not None:
             c["relations"] += 1
-            c["anchor_first"] += bool(steps) and _judge(*steps[0], objects, target, anchor, anchor_words, True) == (
-                "anchor", True)
         for key in ("all", str(q.get("expression_type") or "other")):
             total.setdefault(key, Counter()).update(c)
     return {key: summarise(c) for key, c in total.items()}
@@ -150,6 +151,6 @@ def summarise(c: Counter[str]) -> dict[str, Any]:
         "consistency": _share(c["consistent"], c["chains"]),
         "answer_among_steps": _share(c["answer_among_steps"], c["chains"]),
         "target_among_steps": _share(c["target_among_steps"], c["n"]),
-        "anchor_first": _share(c["anchor_first"], c["relations"]),
+        "anchor_found": _share(c["anchor_found"], c["relations"]),
     }
 

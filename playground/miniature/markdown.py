@@ -153,17 +153,17 @@ def misses_section(names: list[str], models: dict[str, dict[str, Any]]) -> list[
         return f"{pct(s['rate'])} ({s['k']}/{s['n']})" if s and s["n"] else "–"
 
     head = ["model", "answer right", "on another object", "on no object", "step accuracy", "anchor", "candidates",
-            "deciding step", "consistency", "anchor first", "target among steps", "step boxes on an object"]
+            "deciding step", "consistency", "anchor found", "target among steps", "step boxes on an object"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows:
         cells = [m["answer"]["right"], m["answer"]["on_another_object"], m["answer"]["on_no_object"],
                  m["step_accuracy"], *(m["by_role"][r] for r in ("anchor", "candidates", "decide")),
-                 m["consistency"], m["anchor_first"], m["target_among_steps"], m["step_boxes_on_an_object"]]
+                 m["consistency"], m["anchor_found"], m["target_among_steps"], m["step_boxes_on_an_object"]]
         lines.append(f"| {name} | " + " | ".join(share(c) for c in cells) + " |")
     return ["## Step diagnostics (step-by-step prompt, test split)", "",
             f"Each model's {rows[0][1]['n']} step-by-step answers, each step read by its role: the *anchor* (a "
-            "relation's first phrase: its box on the anchor), the *candidates* (a phrase of the expression: its "
-            "boxes on exactly the objects its words name), the *deciding step* (\"left of the red square: [...]\": "
+            "relation's reference object: its box on the anchor), the *candidates* (a phrase of the expression: its "
+            "boxes on exactly the objects its words name), the *deciding step* (\"the one it asks for: [...]\": "
             "its box on the target). *Consistency*: the answer's box is the box of the last step (the one that "
             "decided). A box is on an object at IoU >= 0.5 (`playground.miniature.chain_misses`).", "", *lines, ""]
 

@@ -231,8 +231,8 @@ BASE_QA_TYPES = "colour:1,shape:1,count:1,exists:1,relation:1,caption:0.5"
 # The grounding runs' records, as the paper's grounding expert learns RefCOCO and SCOUT: one-shot referring
 # expressions in LLaVA-1.5's REC form (``region``), SCOUT's terse step-by-step chains (``refexp``) and find-all
 # chains, of all three expression types; relations are weighted up as a relation fails to fit more scenes.
-# The chains are SCOUT's ``decide`` grammar: the expression's own sub-questions (the anchor, the candidates), then
-# the deciding fact with its box, which the answer copies (docs/demo-notes.md, "Steps that pay").
+# The chains are SCOUT's ``decide`` grammar: the candidates in the expression's words, a relation's reference
+# object, then the pick with its box, which the answer copies (docs/demo-notes.md, "Steps that pay").
 EXPRESSION_TYPES = "attribute:1,relation:4,superlative:1"
 GROUNDING_WORLD = SceneSpec(num=10000, kinds="region:0.65,refexp:0.3,find_all:0.05", image_size=64, min_objects=2,
                             max_objects=4, test_fraction=0, refexp_types=EXPRESSION_TYPES, seed_offset=1,

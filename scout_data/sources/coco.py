@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scout_data.boxes import Box
-from scout_data.chain import decide, locate
+from scout_data.chain import locate, pick, reference
 from scout_data.limits import PER_IMAGE
 from scout_data.schema import Sample, Skip, Step
 from scout_data.sources._annot import (
@@ -348,7 +348,7 @@ def _superlative(name: str, sup: str, insts: list[Instance], win: Instance, rng,
     query = rng.choice(
         [f"Where is the {sup} {name}?", f"Find the {sup} {name} in the image.", f"Locate the {sup} {name}."]
     )
-    steps = [_named(name, insts), decide(f"the {sup}", [win[1]])]
+    steps = [_named(name, insts), pick([win[1]])]
     return Sample(
         query=query, kind="refexp", steps=steps, answer_boxes_xyxy_px=[win[1]], difficulty="hard", **kw
     )
@@ -384,7 +384,7 @@ def _relation(
             f"Locate the {tname} that is {rel_text} the {aname}.",
         ]
     )
-    steps = [_named(aname, [anchor]), _named(tname, insts), decide(f"{rel_text} the {aname}", [win[1]])]
+    steps = [_named(tname, insts), reference(anchor[1]), pick([win[1]])]
     return Sample(
         query=query, kind="refexp", steps=steps, answer_boxes_xyxy_px=[win[1]], difficulty="hard", **kw
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box
-from scout_data.chain import decide, locate
+from scout_data.chain import locate, pick
 from scout_data.inputs import InputError, read_input
 from scout_data.limits import MAX_EXPRESSION_CHARS, PER_IMAGE
 from scout_data.schema import Sample, Skip, Step
@@ -226,16 +226,16 @@ def _iter_refs(
         )
 
 
-def decided_chain(category: str, candidates: list[Box], total: int, expression: str, target: Box) -> list[Step]:
+def decided_chain(category: str, candidates: list[Box], total: int, target: Box) -> list[Step]:
     """SCOUT's step grammar (:mod:`scout_data.chain`) as far as RefCOCO's annotations go: the objects of the
     referent's category (its candidates; the largest ones when there are more than the cap, and the step says how
-    many of how many), then the expression itself decides. RefCOCO annotates no anchor, so no anchor step. With one
+    many of how many), then the pick. RefCOCO annotates no anchor, so no anchor step. With one
     object of its category, locating it is the chain."""
     if total == 1:
         return [locate(f"the {category}", "", [target])]
     many = plural(category)
     named = f"the {many}" if len(candidates) == total else f"{len(candidates)} of the {total} {many}"
-    return [locate(named, named, candidates), decide(expression, [target])]
+    return [locate(named, named, candidates), pick([target])]
 
 
 def _ref_samples(
@@ -331,7 +331,7 @@ def _ref_samples(
                 f"Give the box of {q}.",
             ]
         )
-        steps = decided_chain(cat, cand_boxes, total, text.strip(), target)
+        steps = decided_chain(cat, cand_boxes, total, target)
         common = dict(image=file_name, width=width, height=height, expression=text.strip(),
                       answer_boxes_xyxy_px=[target], difficulty="simple" if total == 1 else "hard",
                       split=str(ref["split"]), source=name, source_ids=dict(base_ids, sent_id=sent_id))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scout_data.boxes import Box, coco_xywh_to_xyxy, iou
-from scout_data.chain import decide, locate
+from scout_data.chain import locate, pick
 from scout_data.limits import PER_IMAGE
 from scout_data.schema import Sample, Skip
 from scout_data.sources._annot import (
@@ -258,7 +258,7 @@ def _region_samples(path, index: ImageIndex, split: str, kind: str, seed: int) -
             else:
                 rng = rng_for(seed, sid)
                 q = quote(text)
-                steps = [decide(text, [box])]  # VG annotates the region alone: its description decides
+                steps = [pick([box])]  # VG annotates the region alone: no candidates, the pick is the chain
                 yield Sample(
                     query=rng.choice([f"Where is {q}?", f"Find the region described as {q}."]),
                     kind="refexp",

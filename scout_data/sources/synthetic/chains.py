@@ -1,11 +1,11 @@
 """The chain steps of a query: worded (``full``), one located object per step (``terse``), or the expression's
-own sub-questions ending in the step that decides (``decide``, the grammar of :mod:`scout_data.chain`)."""
+sub-questions ending in the step that decides (``decide``, the grammar of :mod:`scout_data.chain`)."""
 
 from __future__ import annotations
 
 import random
 
-from scout_data.chain import decide, locate
+from scout_data.chain import decide, locate, pick, reference
 from scout_data.schema import BOX_SLOT, Step
 from scout_data.sources.synthetic.referring import Desc, Query, ref_text, unique_desc
 from scout_data.sources.synthetic.scenes import Scene
@@ -57,21 +57,21 @@ def _category(desc: Desc) -> Desc:
 
 
 def _decided_refexp(scene: Scene, q: Query, anchor_desc: Desc | None, target: int) -> list[Step]:
-    """A ``decide`` chain. Relation: the anchor, the candidates, then the relation to the anchor picks one.
-    Superlative: the candidates, then the superlative picks. Attribute: the objects of its noun, then its other
-    words pick (a single step when the noun alone picks it)."""
+    """A ``decide`` chain (:mod:`scout_data.chain`). Relation: the candidates in the expression's words, the
+    reference object, then the pick. Superlative: the candidates, then the pick. Attribute: the objects of its noun,
+    then the pick (a single step when the noun alone picks it)."""
     objs = scene.objects
     box = objs[target].box
     if q.relation and q.anchor is not None and anchor_desc is not None:
-        return [named(scene, anchor_desc, [q.anchor]), named(scene, q.desc, _refexp_candidates(scene, q, target)),
-                decide(f"{REL_WORDS[q.relation]} the {anchor_desc.words()}", [box])]
+        return [named(scene, q.desc, _refexp_candidates(scene, q, target)), reference(objs[q.anchor].box),
+                pick([box])]
     if q.superlative:
-        return [named(scene, q.desc, _refexp_candidates(scene, q, target)), decide(f"the {q.superlative}", [box])]
+        return [named(scene, q.desc, _refexp_candidates(scene, q, target)), pick([box])]
     noun = _category(q.desc)
     cands = [j for j, o in enumerate(objs) if noun.matches(o)]
     if cands == [target]:
         return [named(scene, q.desc, [target])]
-    return [named(scene, noun, cands), decide(f"the {q.desc.words()}", [box])]
+    return [named(scene, noun, cands), pick([box])]
 
 
 def decided_group(scene: Scene, d: Desc, targets: list[int]) -> list[Step]:

@@ -131,9 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--chain-style", choices=CHAIN_STYLES, default="decide",
-        help="decide (the default): each step a sub-question the expression poses in its own words (the anchor, "
-        "the candidates, each with its boxes), the last step the deciding fact and its box, which the answer "
-        "copies; terse: one step per object the query is about, named by its shortest unique description, then "
+        help="decide (the default): the candidates in the expression's words with their boxes, a relation's "
+        "reference object with its box, then the pick ('the one it asks for') with the target's box, which the "
+        "answer copies; terse: one step per object the query is about, named by its shortest unique description, then "
         "the answer; full: worded steps",
     )
     g.add_argument("--image-format", choices=("png", "jpg"), default="png")
