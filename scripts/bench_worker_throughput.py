@@ -187,7 +187,8 @@ def run_burst(args: argparse.Namespace, llava: str, ours: str, tokenizer) -> Non
         same_llava.append(sum(a == b for a, b in zip(answers, llava_alone, strict=True)))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     print(f"hidden {args.hidden}, {args.layers} layers, float16 on CPU, {args.clients} clients, {args.new_tokens} "
-          f"new tokens, our worker --limit-model-concurrency {args.limit}, route {args.route or 'auto'}, "
+          f"new tokens, our worker --limit-model-concurrency {args.limit}{' --batched-decode' * args.batched_decode}, "
+          f"route {args.route or 'auto'}, "
           f"{args.rounds} rounds (medians)")
     wall = {name: statistics.median(w for w, _, _ in values) for name, values in rows.items()}
     for name, values in rows.items():
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8, help="our worker's --limit-model-concurrency")
     parser.add_argument("--route", default=None, help="twist_route of the burst's requests (default: auto)")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per worker")
+    parser.add_argument("--batched-decode", action="store_true", help="our worker's --batched-decode")
     args = parser.parse_args()
     if args.clients < 1 or args.rounds < 1 or args.limit < 1:
         parser.error("--clients, --rounds and --limit must be at least 1")
@@ -233,7 +235,8 @@ def main() -> None:
                                        ["--limit-model-concurrency", str(max(args.clients, 5))])
             procs.append(proc)
             ours, proc = start_worker("llava_twist.serve.model_worker", twist, controller, folder, args.threads,
-                                      ["--dtype", "float16", "--limit-model-concurrency", str(args.limit)])
+                                      ["--dtype", "float16", "--limit-model-concurrency", str(args.limit),
+                                       *(["--batched-decode"] if args.batched_decode else [])])
             procs.append(proc)
             if args.clients == 1:
                 run_single(args, llava, ours, tokenizer)

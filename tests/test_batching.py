@@ -13,9 +13,9 @@ from PIL import Image
 
 from llava_twist.model.routes import Route
 from llava_twist.serve.batching import Batcher, QueueFull
-from llava_twist.serve.generation import GenerationSettings, generate, stream_prompt
+from llava_twist.serve.generation import GenerationSettings, _generation_kwargs, _left_padding, generate, stream_prompt
 from llava_twist.serve.loading import LoadedModel, load_model
-from llava_twist.serve.prompting import build_prompt
+from llava_twist.serve.prompting import build_prompt, prepare_inputs
 from llava_twist.serve.result import InferenceResult
 
 QUESTIONS = ["What colour is the circle?", "Where is the red square? Answer step by step.",
@@ -151,12 +151,11 @@ def test_a_request_past_the_queue_limit_is_refused_and_the_others_go_on(tiny_lla
     assert waiting and waiting[0][2] is not None and batcher.queue_length() == 0
 
 
-def decode_scores(loaded: LoadedModel, questions: list[str], beams: int, rows_apart: bool) -> tuple:
-    from llava_twist.serve.generation import _generation_kwargs, _left_padding
-    from llava_twist.serve.prompting import prepare_inputs
-
+def decode_scores(loaded: LoadedModel, questions: list[str], beams: int, rows_apart: bool,
+                  batched_products: bool = False, tokens: int = 8) -> tuple:
     inputs = prepare_inputs(loaded, questions, [image()] * len(questions))
-    kwargs = _generation_kwargs(loaded, GenerationSettings(max_new_tokens=8, num_beams=beams), rows_apart=rows_apart)
+    kwargs = _generation_kwargs(loaded, GenerationSettings(max_new_tokens=tokens, num_beams=beams),
+                                rows_apart=rows_apart, batched_products=batched_products)
     with torch.inference_mode(), _left_padding(loaded.model):
         out = loaded.model.generate(inputs["input_ids"], images=inputs["images"], image_sizes=inputs["image_sizes"],
                                     attention_mask=inputs["attention_mask"], output_scores=True, **kwargs)
@@ -183,14 +182,43 @@ def test_decode_steps_compute_each_prompt_as_alone(tiny_llava: Path, dtype: torc
             assert torch.equal(tokens[i, :alone_tokens.shape[1]], alone_tokens[0]), question
 
 
+def test_batched_products_keep_attention_apart_and_multiply_decode_rows_together(tiny_llava: Path) -> None:
+    """``batched_products``: each decode step of the rows-apart forward keeps each row's padding (attention per row)
+    and leaves the products to one batched call (no rows per prompt), and the burst still answers every prompt."""
+    from llava_twist.model.rows_apart import RowLinear
+
+    loaded = loaded_twist(tiny_llava, "mlp")
+    ctx = loaded.model.get_model().twist_context
+    seen: list[tuple[bool, int]] = []
+    head = loaded.model.lm_head
+    assert isinstance(head, RowLinear)
+    hook = head.register_forward_pre_hook(lambda module, args: seen.append((ctx.row_padding is not None,
+                                                                          ctx.row_group)))
+    try:
+        for batched in (False, True):
+            seen.clear()
+            decode_scores(loaded, QUESTIONS, 1, rows_apart=True, batched_products=batched, tokens=3)
+            assert seen and all(apart for apart, _ in seen)
+            assert {group for _, group in seen} == ({0} if batched else {1})
+    finally:
+        hook.remove()
+    batcher = Batcher(loaded, max_batch=8, batched_products=True)
+    answers = {}
+    threads = [threading.Thread(target=lambda q=q: answers.setdefault(q, ask(batcher, q, Route.AUTO, 5)))
+               for q in QUESTIONS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(answers) == sorted(QUESTIONS) and all(a[0] == q and a[2].prompt == q for q, a in answers.items())
+    assert batcher.queue_length() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_row_attention_computes_each_prompt_as_alone(tiny_llava: Path, dtype: torch.dtype) -> None:
     """A left-padded batch with row attention: each row's logits are bit for bit its logits alone. Without it the
     batch is LLaVA's own batched computation (the frozen route bit for bit ``LlavaLlamaForCausalLM`` on it)."""
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-
-    from llava_twist.serve.generation import _left_padding
-    from llava_twist.serve.prompting import prepare_inputs
 
     loaded = load_model(str(tiny_llava), device="cpu", torch_dtype=dtype)
     base = LlavaLlamaForCausalLM.from_pretrained(str(tiny_llava), torch_dtype=dtype).eval()

@@ -139,9 +139,12 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
         twist_route: RouteArg = None,
         twist_router_mask: torch.Tensor | None = None,
         twist_rows_apart: int = 0,
+        twist_batched_products: bool = False,
     ) -> TwistModelOutput:
         """``twist_rows_apart``: the rows of each prompt (1, or its beams), which then compute bit for bit what they
-        compute alone (:mod:`llava_twist.model.rows_apart`); 0: LLaVA's batched computation."""
+        compute alone (:mod:`llava_twist.model.rows_apart`); 0: LLaVA's batched computation.
+        ``twist_batched_products``: with rows apart, keep the attention per row but multiply a decode step's rows in
+        one product (faster in float16; a row's rounding then depends on the batch)."""
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, device = ref.shape[0], ref.device
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -183,7 +186,8 @@ class TwistLlavaLlamaModel(LlavaLlamaModel):
                   compute_both=is_deepspeed_zero3_enabled() or self.training, token_gate=token_gate,
                   forced=None if all_forced else (forced, forced_route),
                   row_padding=left_padding(attention_mask) if twist_rows_apart and attention_mask is not None
-                  and attention_mask.dim() == 2 else None, row_group=int(twist_rows_apart))
+                  and attention_mask.dim() == 2 else None,
+                  row_group=0 if twist_batched_products else int(twist_rows_apart))
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -285,6 +289,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_router_labels: torch.Tensor | None = None,
         twist_step_ids: torch.Tensor | None = None,
         twist_rows_apart: int = 0,
+        twist_batched_products: bool = False,
     ) -> TwistCausalLMOutput | tuple:
         """LLaVA's forward with a route and, given ``labels``, the model's whole training loss:
         ``twist_step_ids`` (span ids of the text labels, :mod:`llava_twist.model.loss`) weigh the LM loss by
@@ -315,6 +320,7 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             twist_route=twist_route,
             twist_router_mask=twist_router_mask,
             twist_rows_apart=twist_rows_apart,
+            twist_batched_products=twist_batched_products,
         )
         hidden_states = outputs.last_hidden_state
         if self.config.pretraining_tp > 1:
@@ -447,11 +453,13 @@ class TwistLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         twist_route = kwargs.pop("twist_route", None)
         router_mask = kwargs.pop("twist_router_mask", None)
         rows_apart = kwargs.pop("twist_rows_apart", 0)
+        batched_products = kwargs.pop("twist_batched_products", False)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
         )
         inputs["twist_route"] = twist_route
         inputs["twist_rows_apart"] = rows_apart
+        inputs["twist_batched_products"] = batched_products
         if past_key_values is None:
             inputs["twist_router_mask"] = router_mask
         return inputs

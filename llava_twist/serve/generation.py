@@ -148,9 +148,10 @@ def _left_padding(model: Any) -> Iterator[None]:
 
 
 def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings, routes: Sequence[Route] | None = None,
-                       rows_apart: bool = False) -> dict[str, Any]:
+                       rows_apart: bool = False, batched_products: bool = False) -> dict[str, Any]:
     """``generate``'s keyword arguments for ``settings``; ``routes``: one per prompt instead of ``settings.route``;
-    ``rows_apart``: each prompt of a padded batch computed as alone (TWIST, :mod:`llava_twist.model.rows_apart`)."""
+    ``rows_apart``: each prompt of a padded batch computed as alone (TWIST, :mod:`llava_twist.model.rows_apart`);
+    ``batched_products``: with it, a decode step's rows multiplied in one product (faster, rounding by batch)."""
     if problem := settings.problem():  # a dataclass's fields can be reassigned after construction
         raise InferenceError(problem)
     tokenizer = loaded.tokenizer
@@ -170,6 +171,7 @@ def _generation_kwargs(loaded: LoadedModel, settings: GenerationSettings, routes
     if loaded.is_twist:
         kwargs["twist_route"] = list(routes) if routes is not None else Route.parse(settings.route)
         kwargs["twist_rows_apart"] = rows_apart
+        kwargs["twist_batched_products"] = batched_products
     return kwargs
 
 
@@ -389,10 +391,12 @@ class _Finished(StoppingCriteria):
 
 
 @torch.inference_mode()
-def stream_rows(loaded: LoadedModel, rows: Sequence[StreamRow], settings: GenerationSettings) -> None:
+def stream_rows(loaded: LoadedModel, rows: Sequence[StreamRow], settings: GenerationSettings,
+                batched_products: bool = False) -> None:
     """Generate every row in one ``generate`` call (greedy or sampled with ``settings``; rows may differ in route,
     length and stop), streaming each row's pieces and then its result to its ``emit``, in this thread. The call
-    ends when every row has ended or gone; a greedy row's text is the same as alone."""
+    ends when every row has ended or gone; a greedy row's text is the same as alone (``batched_products``: decode
+    steps multiply the rows in one product, faster, and a near tie's answer may then differ from alone)."""
     if not rows:
         return
     if settings.num_beams != 1:
@@ -402,7 +406,8 @@ def stream_rows(loaded: LoadedModel, rows: Sequence[StreamRow], settings: Genera
         raise ValueError("a streamed batch has an image for every prompt or for none")
     inputs = prepare_prompts(loaded, [row.prompt for row in rows], images)
     settings = replace(settings, max_new_tokens=max(row.max_new_tokens for row in rows))
-    kwargs = _generation_kwargs(loaded, settings, [row.route for row in rows], rows_apart=True)
+    kwargs = _generation_kwargs(loaded, settings, [row.route for row in rows], rows_apart=True,
+                                batched_products=batched_products)
     decisions: list[RouteDecision] = []
     if loaded.is_twist:
         kwargs["twist_decisions"] = decisions

@@ -82,6 +82,7 @@ class TwistModelWorker:
         stream_interval: int = 1,
         limit_queue: int = DEFAULT_LIMIT_QUEUE,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        batched_decode: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model_name = model_name
@@ -91,7 +92,7 @@ class TwistModelWorker:
         self.stream_interval = max(1, stream_interval)
         self.stopping = threading.Event()
         self.batcher = Batcher(loaded, max_batch=limit_model_concurrency, max_waiting=limit_queue,
-                               gather_s=batch_wait_ms / 1000)
+                               gather_s=batch_wait_ms / 1000, batched_products=batched_decode)
 
     # ----- controller side -----
     def status(self) -> dict[str, Any]:
@@ -302,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond those; more are refused with an error chunk")
     p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
                    help="how long a request that finds the model idle waits for others to share its generation")
+    p.add_argument("--batched-decode", action="store_true",
+                   help="multiply a batch's decode rows in one product: about twice the burst's speed in float16 on "
+                        "CPU, but a greedy answer may then leave its one-at-a-time text at a near tie (default: each "
+                        "prompt's products as alone, so batched answers are the one-at-a-time ones)")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--load-8bit", action="store_true")
@@ -338,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     worker = TwistModelWorker(loaded, model_name_of(args.model_path, args.model_name), args.worker_address,
                               args.controller_address, args.limit_model_concurrency, args.stream_interval,
-                              args.limit_queue, args.batch_wait_ms)
+                              args.limit_queue, args.batch_wait_ms, args.batched_decode)
     if not args.no_register:
         try:
             worker.register()
