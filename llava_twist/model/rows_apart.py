@@ -109,8 +109,8 @@ class RowLinear(nn.Linear):
         if not group or x.dim() != 3 or x.shape[1] != 1 or x.shape[0] <= group:
             return super().forward(x)
         if group == 1 and x.dtype == torch.float32 and self.bias is None:
-            weight = self.weight.t().unsqueeze(0).expand(x.shape[0], *self.weight.t().shape)
-            return torch.bmm(x, weight)
+            weight = self.weight.t()
+            return torch.bmm(x, weight.expand(x.shape[0], *weight.shape))
         return torch.cat([super(RowLinear, self).forward(x[i:i + group]) for i in range(0, x.shape[0], group)])
 
 
