@@ -38,7 +38,8 @@ def test_swapped_steps_keep_their_words_and_take_other_chains_boxes() -> None:
     questions = [question("a", [17, 33, 31, 47]), question("b", [18, 18, 29, 29]), question("c", [1, 1, 15, 15])]
     records = {"a": record(RELATION), "b": record(SUPERLATIVE), "c": record(ONE_STEP)}
     got = contexts(questions, records, seed=0)
-    assert set(got["right_steps"]) == set(got["swapped_boxes"]) == {"a", "b"}  # c has no deciding step
+    assert set(got["right_steps"]) == set(got["swapped_boxes"]) == set(got["no_steps"]) == {"a", "b"}  # c: no pick
+    assert got["no_steps"]["a"] == "Step 1: the one it asks for:"
     for qid, other in (("a", "b"), ("b", "a")):
         right, swapped = got["right_steps"][qid], got["swapped_boxes"][qid]
         assert BOX_TEXT.sub("[]", right) == BOX_TEXT.sub("[]", swapped)

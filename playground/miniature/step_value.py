@@ -1,10 +1,11 @@
 """What a chain's steps are worth to a model: its deciding step (``the one it asks for: [...]``) answered after the
 reference chain's own steps, right by construction (the candidates and the reference object as the held-out
-record writes them), after the same steps with every box swapped for one from another chain, and against its
-one-shot answer to the same expression; paired on the demo's test expressions, overall and by type.
+record writes them), after the same steps with every box swapped for one from another chain, and as a chain's
+first step (no steps before it), each against its one-shot answer to the same expression; paired on the demo's
+test expressions, overall and by type.
 
 If right steps lift the deciding step above the one-shot answer, a model that learns to write them gains by
-writing them. If they do not, no chain it writes can pay (docs/demo-notes.md, "What the steps are worth").
+writing them. If they do not, no chain it writes can pay (docs/demo-notes.md, "Steps that pay, third round").
 TWIST answers on its grounding route, the route its router gives each of these questions.
 
     python -m playground.miniature.step_value --out playground/data/demo [--model twist] [--limit 1200]
@@ -40,11 +41,11 @@ from playground.miniature.recipe import get_recipe
 from playground.miniature.runner import Layout
 from playground.miniature.scoring import compare, refexp_scores
 from scout_data.boxes import iou
-from scout_data.chain import DECIDE_SEPARATOR, PICK
+from scout_data.chain import DECIDE_SEPARATOR, PICK, step_line
 from scout_data.limits import OneLineParser
 from scout_data.output import atomic_write_text
 
-CONTEXTS = ("right_steps", "swapped_boxes")
+CONTEXTS = ("right_steps", "swapped_boxes", "no_steps")
 BOX_TEXT = re.compile(r"\[[^\[\]]*\]")
 DECIDING = f"{PICK}{DECIDE_SEPARATOR}"
 HIT = 0.5
@@ -64,7 +65,8 @@ def swap_boxes(text: str, pool: Sequence[str], rng: random.Random) -> str:
 def contexts(questions: Sequence[dict[str, Any]], records: dict[str, dict[str, Any]], seed: int = 0
              ) -> dict[str, dict[str, str]]:
     """Per context, the steps each question's deciding step is asked after (questions whose reference chain
-    has a deciding step); swapped boxes come from the other questions' chains."""
+    has a deciding step); swapped boxes come from the other questions' chains; with no steps, the deciding step is
+    the chain's first (a chain no source writes: what the step-by-step prompt gives without the steps)."""
     right = {}
     for q in questions:
         chain = records[str(q["question_id"])]["conversations"][1]["value"]
@@ -75,7 +77,8 @@ def contexts(questions: Sequence[dict[str, Any]], records: dict[str, dict[str, A
     for qid, steps in right.items():
         pool = [b for other, s in right.items() if other != qid for b in BOX_TEXT.findall(s)]
         swapped[qid] = swap_boxes(steps, pool, rng) if pool else steps
-    return {"right_steps": right, "swapped_boxes": swapped}
+    alone = {qid: step_line(1, DECIDING) for qid in right}
+    return {"right_steps": right, "swapped_boxes": swapped, "no_steps": alone}
 
 
 def answer_after(loaded: LoadedModel, questions: Sequence[dict[str, Any]], steps: dict[str, str], image_folder: Path,
@@ -165,8 +168,8 @@ def run(out: Path, model: str = "twist", limit: int | None = None, progress: boo
 
 def table(result: dict[str, Any]) -> str:
     """The result as a Markdown table."""
-    lines = ["| type | n | one-shot | deciding step after the right steps, against one-shot "
-             "| after the steps with swapped boxes, against one-shot |", "|---|---|---|---|---|"]
+    lines = ["| type | n | one-shot | the deciding step (each against one-shot): after the right steps "
+             "| after the steps with swapped boxes | with no steps before it |", "|---|---|---|---|---|---|"]
     for group, row in result.items():
         if group == "model":
             continue
