@@ -37,6 +37,7 @@ from playground.miniature.answering import (
     heldout_records,
     question_dir,
 )
+from playground.miniature.chain_misses import HIT
 from playground.miniature.recipe import get_recipe
 from playground.miniature.runner import Layout
 from playground.miniature.scoring import compare, refexp_scores
@@ -48,7 +49,6 @@ from scout_data.output import atomic_write_text
 CONTEXTS = ("right_steps", "swapped_boxes", "no_steps")
 BOX_TEXT = re.compile(r"\[[^\[\]]*\]")
 DECIDING = f"{PICK}{DECIDE_SEPARATOR}"
-HIT = 0.5
 
 
 def steps_before_pick(chain: str) -> str | None:
